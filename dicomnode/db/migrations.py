@@ -1,0 +1,155 @@
+"""Schema migrations: numbered steps, applied in order at start, recorded in schema_version.
+
+Each step defines the tables it creates with its own frozen Core definitions, so a step
+never changes meaning when the ORM models move on. To change the schema: change
+`models.py` and append a step here (tests/unit/test_migrations.py checks the two agree).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    DateTime,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    inspect,
+    text,
+)
+
+from dicomnode.db.engine import Database
+from dicomnode.errors import DatabaseError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    upgrade: Callable[[Connection], None]
+
+
+def _v1_studies_series_instances(conn: Connection) -> None:
+    md = MetaData()
+    Table(
+        "studies", md,
+        Column("id", Integer, primary_key=True),
+        Column("study_uid", String(64), unique=True, index=True, nullable=False),
+        Column("patient_id", String(64)),
+        Column("calling_ae", String(16)),
+        Column("called_ae", String(16)),
+        Column("state", String(16), index=True, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("updated_at", DateTime(timezone=True), nullable=False),
+        Column("last_instance_at", DateTime(timezone=True), nullable=False),
+        Column("quiet_until", DateTime(timezone=True), index=True),
+        Column("completed_at", DateTime(timezone=True)),
+        Column("completed_reason", String(32)),
+        Column("needs_reprocess", Boolean, nullable=False),
+    )
+    Table(
+        "series", md,
+        Column("id", Integer, primary_key=True),
+        Column("study_id", Integer, ForeignKey("studies.id"), index=True, nullable=False),
+        Column("series_uid", String(64), unique=True, index=True, nullable=False),
+        Column("modality", String(16)),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+    )
+    Table(
+        "instances", md,
+        Column("id", Integer, primary_key=True),
+        Column("study_id", Integer, ForeignKey("studies.id"), index=True, nullable=False),
+        Column("series_id", Integer, ForeignKey("series.id"), index=True, nullable=False),
+        Column("sop_instance_uid", String(64), unique=True, index=True, nullable=False),
+        Column("sop_class_uid", String(64), nullable=False),
+        Column("transfer_syntax_uid", String(64), nullable=False),
+        Column("modality", String(16)),
+        Column("laterality", String(2)),
+        Column("path", Text, nullable=False),
+        Column("size_bytes", BigInteger, nullable=False),
+        Column("calling_ae", String(16)),
+        Column("received_at", DateTime(timezone=True), nullable=False),
+        Column("late", Boolean, nullable=False),
+    )
+    md.create_all(conn)
+
+
+def _v2_audit_events(conn: Connection) -> None:
+    md = MetaData()
+    Table(
+        "audit_events", md,
+        Column("id", Integer, primary_key=True),
+        Column("at", DateTime(timezone=True), index=True, nullable=False),
+        Column("kind", String(32), index=True, nullable=False),
+        Column("actor", String(64)),
+        Column("calling_ae", String(16)),
+        Column("peer", String(64)),
+        Column("study_uid", String(64), index=True),
+        Column("sop_instance_uid", String(64)),
+        Column("status", Integer),
+        Column("detail", Text),
+    )
+    md.create_all(conn)
+
+
+MIGRATIONS: list[Migration] = [
+    Migration(1, "studies, series, instances", _v1_studies_series_instances),
+    Migration(2, "audit trail", _v2_audit_events),
+]
+
+HEAD = MIGRATIONS[-1].version
+
+
+def current_version(conn: Connection) -> int:
+    if not inspect(conn).has_table("schema_version"):
+        return 0
+    value = conn.execute(text("SELECT max(version) FROM schema_version")).scalar()
+    return int(value or 0)
+
+
+def upgrade(database: Database, target: int | None = None) -> int:
+    """Bring the schema up to `target` (default: head). Returns the version reached.
+
+    Runs in one transaction; on PostgreSQL an advisory lock keeps two nodes starting at
+    once from migrating together (SQLite's BEGIN IMMEDIATE does the same there).
+    """
+    goal = HEAD if target is None else target
+    try:
+        with database.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(741852963)"))
+            conn.execute(
+                text("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            )
+            version = current_version(conn)
+            if version > HEAD:
+                raise DatabaseError(
+                    f"database schema version {version} is newer than this dicomnode "
+                    f"(knows up to {HEAD}); upgrade dicomnode"
+                )
+            for step in MIGRATIONS:
+                if version < step.version <= goal:
+                    logger.info("migrating database to version %d: %s", step.version,
+                                step.description)
+                    step.upgrade(conn)
+                    conn.execute(
+                        text("INSERT INTO schema_version (version) VALUES (:v)"),
+                        {"v": step.version},
+                    )
+                    version = step.version
+            return version
+    except DatabaseError:
+        raise
+    except Exception as exc:  # any driver error: say which database, keep the cause
+        raise DatabaseError(f"cannot prepare database {database.engine.url!r}: {exc}") from exc

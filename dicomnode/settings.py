@@ -1,0 +1,170 @@
+"""Typed settings: one YAML file, validated once at start and passed in.
+
+Nothing here reads the environment at import time. Relative paths in the file are
+resolved against the folder of the file, so a config can be moved with its data.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dicomnode.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# The project root when run from a checkout (editable install); the embedded default lives here.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_PATH = PROJECT_ROOT / "config" / "dicomnode.yaml"
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
+
+
+def _check_ae_title(value: str) -> str:
+    if not value.strip() or not _AE_TITLE.match(value):
+        raise ValueError("an AE title is 1-16 printable ASCII characters, not blank, no backslash")
+    return value.strip()
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSettings(_Strict):
+    ae_title: str = "DICOMNODE"
+    host: str = "0.0.0.0"
+    port: Annotated[int, Field(ge=1, le=65535)] = 11112
+    max_associations: Annotated[int, Field(ge=1, le=1000)] = 32
+    # 0 = unlimited; a large PDU is what makes pynetdicom ingest fast (PITFALLS.md).
+    max_pdu: Annotated[int, Field(ge=0)] = 0
+    network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    shutdown_grace_seconds: Annotated[float, Field(ge=0)] = 30.0
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class CallerSettings(_Strict):
+    ae_title: str
+    host: str | None = None
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class StorageSettings(_Strict):
+    path: Path = Path("./var/storage")
+    # Below this much free space, C-STORE answers "out of resources" instead of filling the disk.
+    min_free_mb: Annotated[int, Field(ge=0)] = 1024
+    # fsync the file and its folder before acknowledging: a success status is a promise.
+    fsync: bool = True
+
+
+class DatabaseSettings(_Strict):
+    url: str = "sqlite:///./var/dicomnode.db"
+
+
+class CompletenessSettings(_Strict):
+    quiet_seconds: Annotated[float, Field(ge=0)] = 5.0
+    # A study holding an image of each of these lateralities is complete at once
+    # (checked at the end of each association). Empty = quiet period only.
+    expected_laterality: list[Literal["L", "R"]] = Field(default_factory=lambda: ["L", "R"])
+    # Safety sweep that re-checks due studies, in case a timer was missed.
+    sweep_seconds: Annotated[float, Field(gt=0)] = 10.0
+
+
+class DestinationSettings(_Strict):
+    ae_title: str
+    host: str
+    port: Annotated[int, Field(ge=1, le=65535)]
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class PathSettings(_Strict):
+    path: Path
+
+
+class LoggingSettings(_Strict):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Settings(_Strict):
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    callers: list[CallerSettings] = Field(default_factory=list)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    completeness: CompletenessSettings = Field(default_factory=CompletenessSettings)
+    destinations: dict[str, DestinationSettings] = Field(default_factory=dict)
+    registry: PathSettings = Field(default_factory=lambda: PathSettings(path=Path("./model_registry")))
+    presets: PathSettings = Field(default_factory=lambda: PathSettings(path=Path("./presets")))
+    # modality -> preset id, used when no preset's routing conditions match.
+    modality_defaults: dict[str, str] = Field(default_factory=dict)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    # Where the settings came from; relative paths were resolved against its folder.
+    source: Path | None = None
+
+
+def _format_location(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        else:
+            parts.append(("." if parts else "") + item)
+    return "".join(parts) or "(top level)"
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Resolve relative paths and a relative sqlite URL against the config file's folder."""
+    for section in ("storage", "registry", "presets"):
+        value = raw.get(section)
+        if isinstance(value, dict) and isinstance(value.get("path"), str):
+            path = Path(value["path"]).expanduser()
+            value["path"] = path if path.is_absolute() else (base / path).resolve()
+    db = raw.get("database")
+    if isinstance(db, dict) and isinstance(db.get("url"), str):
+        db["url"] = resolve_sqlite_url(db["url"], base)
+    return raw
+
+
+def resolve_sqlite_url(url: str, base: Path) -> str:
+    """Make `sqlite:///relative.db` absolute against `base`; other URLs pass unchanged."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and ":memory:" not in url:
+        return prefix + str((base / url[len(prefix):]).resolve())
+    return url
+
+
+def load_settings(path: Path | str | None = None) -> Settings:
+    """Load and validate a settings file; raise ConfigError naming the file and key."""
+    config_path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    try:
+        text = config_path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{config_path}: cannot read settings file: {exc.strerror}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" (line {mark.line + 1}, column {mark.column + 1})"
+        raise ConfigError(f"{config_path}{where}: not valid YAML: {exc}") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{config_path}: the top level must be a mapping of sections")
+    raw = _resolve_paths(raw, config_path.resolve().parent)
+    raw["source"] = config_path.resolve()
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"key '{_format_location(err['loc'])}': {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{config_path}: {problems}") from exc
+    return settings
