@@ -31,6 +31,10 @@ def _check_ae_title(value: str) -> str:
     return value.strip()
 
 
+Laterality = Literal["L", "R"]
+_BOTH_EYES: tuple[Laterality, ...] = ("L", "R")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -71,7 +75,7 @@ class CompletenessSettings(_Strict):
     quiet_seconds: Annotated[float, Field(ge=0)] = 5.0
     # A study holding an image of each of these lateralities is complete at once
     # (checked at the end of each association). Empty = quiet period only.
-    expected_laterality: list[Literal["L", "R"]] = Field(default_factory=lambda: ["L", "R"])
+    expected_laterality: list[Laterality] = Field(default_factory=lambda: list(_BOTH_EYES))
     # Safety sweep that re-checks due studies, in case a timer was missed.
     sweep_seconds: Annotated[float, Field(gt=0)] = 10.0
 
@@ -92,6 +96,37 @@ class LoggingSettings(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+ExecutionProvider = Literal[
+    "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
+]
+
+
+def _default_providers() -> list[ExecutionProvider]:
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+class InferenceSettings(_Strict):
+    """How the graph runs: execution providers, threads, job leases, batching."""
+
+    # Tried in order; ONNX Runtime falls back silently, so the one in use is read back from
+    # each session. TensorrtExecutionProvider may be listed first on request.
+    providers: list[ExecutionProvider] = Field(default_factory=_default_providers)
+    # Job worker threads in this process (each runs one job at a time).
+    workers: Annotated[int, Field(ge=0, le=64)] = 1
+    # Models of one stage run at once, at most this many per job.
+    model_threads: Annotated[int, Field(ge=1, le=64)] = 4
+    # ONNX Runtime intra-op threads per session; 0 = its default (all cores).
+    intra_op_threads: Annotated[int, Field(ge=0, le=256)] = 0
+    # A claimed job is another worker's to take once its lease lapses (worker died).
+    lease_seconds: Annotated[float, Field(gt=0)] = 300.0
+    # How often an idle worker looks for a job (a completed study also wakes it at once).
+    poll_seconds: Annotated[float, Field(gt=0)] = 2.0
+    # Largest batch per model run for inputs with a dynamic batch dimension.
+    max_batch: Annotated[int, Field(ge=1, le=1024)] = 16
+    # Where job outputs go; relative paths resolve against the storage path.
+    jobs_folder: str = "jobs"
+
+
 class Settings(_Strict):
     node: NodeSettings = Field(default_factory=NodeSettings)
     callers: list[CallerSettings] = Field(default_factory=list)
@@ -104,6 +139,7 @@ class Settings(_Strict):
     # modality -> preset id, used when no preset's routing conditions match.
     modality_defaults: dict[str, str] = Field(default_factory=dict)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
     # Where the settings came from; relative paths were resolved against its folder.
     source: Path | None = None
 

@@ -60,16 +60,34 @@ def find_field_of_view(rgb: NDArray[np.uint8], min_fraction: float = 0.01) -> Fi
     threshold = max(12.0, 0.12 * high)
     mask = red > threshold
     height, width = mask.shape
-    rows = np.flatnonzero(mask.sum(axis=1) > min_fraction * width)
-    cols = np.flatnonzero(mask.sum(axis=0) > min_fraction * height)
-    if rows.size == 0 or cols.size == 0:
+    # Cameras burn text (date, eye, logo) into the dark surround. Taking the longest run of
+    # qualifying rows, then of columns within those rows, then of rows within those columns
+    # keeps such annotations (separated from the circle by a dark gap) out of the box.
+    rows = _longest_run(mask.sum(axis=1) > min_fraction * width)
+    cols = None if rows is None else _longest_run(
+        mask[rows[0]:rows[1]].sum(axis=0) > min_fraction * height
+    )
+    if cols is not None:
+        rows = _longest_run(mask[:, cols[0]:cols[1]].sum(axis=1) > min_fraction * width)
+    if rows is None or cols is None:
         full = np.ones_like(mask)
         return FieldOfView(full, Box(0, 0, height, width))
-    box = Box(int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1)
+    box = Box(rows[0], cols[0], rows[1], cols[1])
     # Noise outside the box is not part of the field of view.
     clipped = np.zeros_like(mask)
     clipped[box.top:box.bottom, box.left:box.right] = mask[box.top:box.bottom, box.left:box.right]
     return FieldOfView(clipped, box)
+
+
+def _longest_run(flags: NDArray[np.bool_]) -> tuple[int, int] | None:
+    """Half-open (start, stop) of the longest run of True values; None when there is none."""
+    if not flags.any():
+        return None
+    padded = np.concatenate(([False], flags, [False])).astype(np.int8)
+    edges = np.flatnonzero(np.diff(padded))
+    starts, stops = edges[0::2], edges[1::2]
+    best = int(np.argmax(stops - starts))
+    return int(starts[best]), int(stops[best])
 
 
 def square_box(box: Box) -> Box:
@@ -113,11 +131,16 @@ def place_back(
 def resize_image(image: NDArray[np.uint8], size: int) -> NDArray[np.uint8]:
     """Resize an (H, W, 3) uint8 image to (size, size, 3) with area-averaging (no aliasing)."""
     pil = Image.fromarray(image)
-    return np.asarray(pil.resize((size, size), Image.Resampling.BOX if size < min(
+    # np.array, not np.asarray: an array over PIL's buffer is read-only, and callers
+    # normalise or edit the result in place.
+    return np.array(pil.resize((size, size), Image.Resampling.BOX if size < min(
         image.shape[:2]) else Image.Resampling.BILINEAR))
 
 
-def resize_probability(values: NDArray[np.floating], height: int, width: int) -> NDArray[np.float32]:
+def resize_probability(
+    values: NDArray[np.floating], height: int, width: int
+) -> NDArray[np.float32]:
     """Resize a 2-D float map (probabilities) bilinearly, keeping it float."""
     pil = Image.fromarray(values.astype(np.float32), mode="F")
-    return np.asarray(pil.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
+    # A writable copy (see resize_image): post-processing thresholds these maps in place.
+    return np.array(pil.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
