@@ -1,0 +1,162 @@
+"""Timing of study completion with APScheduler 3.x; the state itself lives in the database.
+
+- After each stored instance: make sure a quiet-period timer exists for the study. A timer
+  that fires early (more instances came) re-reads `quiet_until` and re-arms itself, so one
+  timer per study suffices however many instances arrive.
+- At the end of each association: check expected content (e.g. both eyes) at once.
+- At start: rebuild the timers from the database (a node killed during a quiet period
+  completes the study after restart) and announce completions nobody announced yet.
+- Every `sweep_seconds`: complete overdue studies (missed timers, other nodes) and announce
+  studies completed elsewhere (e.g. by `dicomnode study complete`).
+
+Hooks (`on_study_complete`) run once per completion, on a scheduler thread, after commit.
+They are notifications: the durable record is the study's `complete` state, so a consumer
+that must not miss one also reads that state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from datetime import datetime
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.base import JobLookupError
+from apscheduler.schedulers import SchedulerNotRunningError
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from dicomnode.assemble import completeness
+from dicomnode.db.engine import Database
+from dicomnode.settings import CompletenessSettings
+
+logger = logging.getLogger(__name__)
+
+StudyCompleteHook = Callable[[str], None]
+
+
+class Assembler:
+    def __init__(
+        self,
+        database: Database,
+        settings: CompletenessSettings,
+        hooks: Iterable[StudyCompleteHook] = (),
+        *,
+        workers: int = 4,
+    ) -> None:
+        self.database = database
+        self.settings = settings
+        # Injected callables, each called with the Study Instance UID of a completed study.
+        self.on_study_complete: list[StudyCompleteHook] = list(hooks)
+        # Every call into the scheduler goes through `_guard`, and none once stopping:
+        # APScheduler 3's shutdown(wait=True) holds its job-store lock while it joins the
+        # worker threads, so a job calling add_job/remove_job then would deadlock it.
+        self._guard = threading.Lock()
+        self._stopping = False
+        self._scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(workers)},
+            job_defaults={"coalesce": True, "misfire_grace_time": None, "max_instances": 1},
+            timezone="UTC",
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._scheduler.start()
+        self.rebuild()
+        self._scheduler.add_job(
+            self.sweep, "interval", seconds=self.settings.sweep_seconds, id="sweep",
+            replace_existing=True,
+        )
+
+    def stop(self, wait: bool = True) -> None:
+        """Stop timing; running jobs finish. Pending timers are rebuilt at the next start."""
+        with self._guard:
+            self._stopping = True
+        with contextlib.suppress(SchedulerNotRunningError):
+            self._scheduler.shutdown(wait=wait)
+
+    def rebuild(self) -> None:
+        studies = completeness.receiving_studies(self.database)
+        for study_uid, quiet_until in studies:
+            if quiet_until is not None:
+                self._arm(study_uid, quiet_until)
+        pending = completeness.unannounced_studies(self.database)
+        for study_uid in pending:
+            self._submit(self._announce_pending, study_uid)
+        if studies or pending:
+            logger.info("rebuilt %d quiet-period timer(s); %d completion(s) to announce",
+                        len(studies), len(pending))
+
+    # -- ReceiveListener -------------------------------------------------------------------
+
+    def instance_stored(self, study_uid: str, quiet_until: datetime) -> None:
+        with self._guard:
+            if self._stopping or self._scheduler.get_job(_timer_id(study_uid)) is not None:
+                return
+        self._arm(study_uid, quiet_until)
+
+    def association_ended(self, study_uids: set[str]) -> None:
+        self._submit(self.evaluate_expected, sorted(study_uids))
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    def evaluate_expected(self, study_uids: list[str]) -> None:
+        for study_uid in study_uids:
+            if completeness.complete_if_expected(
+                self.database, study_uid, self.settings.expected_laterality
+            ):
+                self._completed(study_uid, completeness.EXPECTED_CONTENT)
+
+    def quiet_timer(self, study_uid: str) -> None:
+        check = completeness.complete_if_quiet(self.database, study_uid)
+        if check.completed:
+            self._completed(study_uid, completeness.QUIET_PERIOD)
+        elif check.recheck_at is not None:
+            self._arm(study_uid, check.recheck_at)  # more instances came: wait again
+
+    def sweep(self) -> None:
+        try:
+            for study_uid in completeness.due_studies(self.database):
+                self.quiet_timer(study_uid)
+            for study_uid in completeness.unannounced_studies(self.database):
+                self._announce_pending(study_uid)
+        except Exception:
+            logger.exception("study sweep failed; retrying at the next sweep")
+
+    def _announce_pending(self, study_uid: str) -> None:
+        if completeness.claim_announcement(self.database, study_uid):
+            self._completed(study_uid, "completed elsewhere")
+
+    def _completed(self, study_uid: str, reason: str) -> None:
+        logger.info("study complete (%s): %s", reason, study_uid)
+        with self._guard, contextlib.suppress(JobLookupError, SchedulerNotRunningError):
+            if not self._stopping:
+                self._scheduler.remove_job(_timer_id(study_uid))  # its quiet period is moot
+        for hook in list(self.on_study_complete):
+            try:
+                hook(study_uid)
+            except Exception:
+                logger.exception("on-study-complete hook %r failed", hook)
+
+    # -- scheduling helpers ----------------------------------------------------------------
+
+    def _arm(self, study_uid: str, when: datetime) -> None:
+        with self._guard:
+            if self._stopping:
+                return  # the quiet period is rebuilt from the database at the next start
+            self._scheduler.add_job(
+                self.quiet_timer, "date", run_date=when, args=[study_uid],
+                id=_timer_id(study_uid), replace_existing=True,
+            )
+
+    def _submit(self, func: Callable[..., None], *args: object) -> None:
+        with self._guard:
+            if self._stopping:
+                return  # the sweep at the next start picks the work up
+            self._scheduler.add_job(func, args=list(args))
+
+
+def _timer_id(study_uid: str) -> str:
+    return f"quiet:{study_uid}"

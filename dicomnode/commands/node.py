@@ -1,0 +1,99 @@
+"""`dicomnode serve`, `dicomnode studies`, `dicomnode study complete UID`."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+from typing import Any
+
+from dicomnode.assemble import completeness
+from dicomnode.assemble.studies import COLUMNS, list_studies
+from dicomnode.commands.common import (
+    add_config_option,
+    add_json_option,
+    print_json,
+    print_table,
+    settings_from,
+)
+from dicomnode.db import open_database
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("serve", help="run the node in the foreground")
+    add_config_option(parser)
+    parser.set_defaults(func=_serve)
+
+    parser = subparsers.add_parser("studies", help="list received studies and their state")
+    add_config_option(parser)
+    add_json_option(parser)
+    parser.set_defaults(func=_studies)
+
+    study = subparsers.add_parser("study", help="act on one study")
+    actions = study.add_subparsers(dest="action", required=True, metavar="ACTION")
+    parser = actions.add_parser(
+        "complete", help="force a study complete (a running node picks it up at its next sweep)"
+    )
+    parser.add_argument("study_uid", metavar="UID", help="Study Instance UID")
+    add_config_option(parser)
+    parser.set_defaults(func=_study_complete)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    # Imported here: the network stack is not needed by the other commands' start-up.
+    from dicomnode.app import serve
+
+    return serve(settings_from(args))
+
+
+def _studies(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    database = open_database(settings.database.url)
+    try:
+        rows = list_studies(database)
+    finally:
+        database.dispose()
+    if args.json:
+        print_json([row.as_json() for row in rows])
+    else:
+        print_table(
+            COLUMNS,
+            [
+                (
+                    row.study_uid, row.patient_id, row.calling_ae, row.instances,
+                    ",".join(row.modalities), row.state,
+                    _short(row.created_at), _short(row.updated_at), _short(row.completed_at),
+                )
+                for row in rows
+            ],
+        )
+    return 0
+
+
+def _study_complete(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    database = open_database(settings.database.url)
+    try:
+        changed = completeness.force_complete(
+            database, args.study_uid, actor=f"cli:{_user()}"
+        )
+    finally:
+        database.dispose()
+    if changed:
+        print(f"study {args.study_uid} marked complete")
+    else:
+        print(f"study {args.study_uid} was already complete (nothing changed)")
+    return 0
+
+
+def _short(value: Any) -> str:
+    return "" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers)
+        return "unknown"

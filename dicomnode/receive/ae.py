@@ -1,0 +1,100 @@
+"""The pynetdicom Application Entity and its server: start listening, stop gracefully."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any
+
+from pynetdicom import AE
+
+from dicomnode.db.engine import Database
+from dicomnode.receive.handlers import ReceiveHandlers, ReceiveListener
+from dicomnode.receive.sop_classes import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION
+from dicomnode.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def build_ae(settings: Settings) -> Any:
+    node = settings.node
+    ae = AE(ae_title=node.ae_title)
+    ae.maximum_associations = node.max_associations
+    ae.maximum_pdu_size = node.max_pdu
+    ae.network_timeout = node.network_timeout_seconds
+    ae.acse_timeout = node.network_timeout_seconds
+    ae.dimse_timeout = node.network_timeout_seconds
+    # The handlers check called and calling AE titles themselves, to audit each rejection.
+    ae.require_called_aet = False
+    ae.require_calling_aet = []
+    ae.add_supported_context(VERIFICATION, list(TRANSFER_SYNTAXES[:2]))
+    for uid in STORAGE_SOP_CLASSES:
+        ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
+    return ae
+
+
+class Receiver:
+    """Listens for associations; `stop` stops accepting and lets stores in progress finish."""
+
+    def __init__(
+        self, settings: Settings, database: Database, listener: ReceiveListener | None = None
+    ) -> None:
+        self.settings = settings
+        self.handlers = ReceiveHandlers(settings, database, listener)
+        self._ae: Any = None
+        self._server: Any = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._server is None:
+            raise RuntimeError("the receiver is not running")
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> tuple[str, int]:
+        self.settings.storage.path.mkdir(parents=True, exist_ok=True)
+        self._ae = build_ae(self.settings)
+        self._server = self._ae.start_server(
+            (self.settings.node.host, self.settings.node.port),
+            block=False,
+            evt_handlers=self.handlers.bindings(),
+        )
+        return self.address
+
+    def active_associations(self) -> int:
+        """Established associations. A connection that never sent a request (a port probe,
+        a load balancer's health check) holds nothing worth waiting for."""
+        if self._ae is None:
+            return 0
+        return sum(1 for assoc in self._ae.active_associations if assoc.is_established)
+
+    def stop(self, grace_seconds: float) -> None:
+        """Stop accepting; wait up to `grace_seconds` for associations, then abort the rest.
+
+        Stores already inside the handler always finish (file fsync'd, row committed):
+        aborting an association only stops further requests on it.
+        """
+        if self._server is None:
+            return
+        self._server.shutdown()  # stop the accept loop and close the listening socket
+        deadline = time.monotonic() + grace_seconds
+        while self.active_associations() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        remaining = [a for a in self._ae.active_associations if a.is_established]
+        if remaining:
+            logger.warning("aborting %d association(s) still open after %.0f s",
+                           len(remaining), grace_seconds)
+        for assoc in remaining:
+            assoc.abort()
+        # A connection that never sent an association request (a port probe) cannot be
+        # aborted (pynetdicom's state machine raises), and its non-daemon thread would hold
+        # the process until the ACSE timeout: close its socket instead.
+        for assoc in self._ae.active_associations:
+            if not assoc.is_established:
+                with contextlib.suppress(Exception):
+                    assoc.dul.socket.close()
+        if not self.handlers.in_flight.close_and_wait(timeout=max(5.0, grace_seconds)):
+            logger.error("%d store(s) still running at shutdown",
+                         self.handlers.in_flight.count)
+        self._server = None

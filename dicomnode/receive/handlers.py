@@ -1,0 +1,258 @@
+"""pynetdicom event handlers: thin and guarded.
+
+C-STORE: validate identifiers, write the file atomically and durably, commit the row, and
+only then answer success. Any unexpected exception becomes a failure status plus an audit
+row; the server thread keeps serving. No inference, no slow work on the association thread:
+completion is evaluated on the scheduler's threads via the `ReceiveListener`.
+Ordinary logs carry AE titles, addresses and counts, never patient data.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from pynetdicom import evt
+from pynetdicom.dsutils import encode_file_meta
+
+from dicomnode.db import audit
+from dicomnode.db.engine import Database
+from dicomnode.receive import ingest, statuses, storage
+from dicomnode.receive.identifiers import Refused, read_identifiers
+from dicomnode.receive.policy import CallerPolicy
+from dicomnode.receive.sop_classes import is_implicit_vr
+from dicomnode.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class ReceiveListener(Protocol):
+    """What the receiver tells the study assembler (implemented by `Assembler`)."""
+
+    def instance_stored(self, study_uid: str, quiet_until: datetime) -> None: ...
+
+    def association_ended(self, study_uids: set[str]) -> None: ...
+
+
+@dataclass
+class _AssociationLog:
+    calling_ae: str
+    peer: str
+    studies: set[str] = field(default_factory=set)
+    stored: int = 0
+    late: int = 0
+    duplicates: int = 0
+    refused: int = 0
+
+
+class InFlight:
+    """Counts C-STORE handlers running, so shutdown can wait for them to finish.
+
+    Once `close` is called no new store starts: the database is about to go away.
+    """
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._closed = False
+        self._cond = threading.Condition()
+
+    def try_enter(self) -> bool:
+        with self._cond:
+            if self._closed:
+                return False
+            self._count += 1
+            return True
+
+    def exit(self) -> None:
+        with self._cond:
+            self._count -= 1
+            self._cond.notify_all()
+
+    @property
+    def count(self) -> int:
+        with self._cond:
+            return self._count
+
+    def close_and_wait(self, timeout: float) -> bool:
+        """Refuse new stores; wait up to `timeout` for running ones. True if none is left."""
+        with self._cond:
+            self._closed = True
+            return self._cond.wait_for(lambda: self._count == 0, timeout=timeout)
+
+
+class ReceiveHandlers:
+    def __init__(
+        self, settings: Settings, database: Database, listener: ReceiveListener | None = None
+    ) -> None:
+        self.settings = settings
+        self.database = database
+        self.listener = listener
+        self.policy = CallerPolicy(settings.node.ae_title, settings.callers)
+        self.root: Path = settings.storage.path
+        self.in_flight = InFlight()
+        self._associations: dict[Any, _AssociationLog] = {}
+        self._lock = threading.Lock()
+
+    def bindings(self) -> list[tuple[Any, Any]]:
+        return [
+            (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_RELEASED, self.on_ended),
+            (evt.EVT_ABORTED, self.on_ended),
+            (evt.EVT_CONN_CLOSE, self.on_ended),
+        ]
+
+    # -- association ---------------------------------------------------------------------
+
+    def on_requested(self, event: Any) -> None:
+        """Check called AE and caller before negotiation; reject with the right diagnostic."""
+        assoc = event.assoc
+        request = assoc.requestor.primitive
+        calling = str(request.calling_ae_title).strip()
+        called = str(request.called_ae_title).strip()
+        peer = str(assoc.requestor.address)
+        rejection = self.policy.check(called, calling, peer)
+        if rejection is None:
+            with self._lock:
+                self._associations[assoc] = _AssociationLog(calling, peer)
+            return
+        logger.warning("association from %s@%s to %s rejected: %s",
+                       calling, peer, called, rejection.reason)
+        assoc.acse.send_reject(0x01, 0x01, rejection.diagnostic)
+        self._audit("association-rejected", calling_ae=calling, peer=peer,
+                    detail=f"{rejection.reason} (called AE {called!r})")
+        assoc.kill()
+
+    def on_ended(self, event: Any) -> None:
+        with self._lock:
+            log = self._associations.pop(event.assoc, None)
+        if log is None:
+            return  # rejected, or already reported by an earlier end event
+        logger.info(
+            "association from %s@%s ended: %d stored, %d late, %d duplicate, %d refused",
+            log.calling_ae, log.peer, log.stored, log.late, log.duplicates, log.refused,
+        )
+        if log.studies and self.listener is not None:
+            try:
+                self.listener.association_ended(log.studies)
+            except Exception:
+                logger.exception("study assembler failed at the end of an association")
+
+    def on_echo(self, _event: Any) -> int:
+        return statuses.SUCCESS
+
+    # -- C-STORE ---------------------------------------------------------------------------
+
+    def on_store(self, event: Any) -> int:
+        if not self.in_flight.try_enter():
+            return statuses.OUT_OF_RESOURCES  # shutting down; the sender retries later
+        try:
+            log = self._log_for(event)
+            try:
+                return self._store(event, log)
+            except Refused as refusal:
+                log.refused += 1
+                logger.warning("instance from %s@%s refused (0x%04X): %s",
+                               log.calling_ae, log.peer, refusal.status, refusal.reason)
+                self._audit("refused", calling_ae=log.calling_ae, peer=log.peer,
+                            sop_instance_uid=_command_uid(event), status=refusal.status,
+                            detail=refusal.reason)
+                return refusal.status
+            except Exception as exc:
+                log.refused += 1
+                logger.exception("unexpected error storing an instance from %s@%s",
+                                 log.calling_ae, log.peer)
+                self._audit("error", calling_ae=log.calling_ae, peer=log.peer,
+                            sop_instance_uid=_command_uid(event),
+                            status=statuses.PROCESSING_FAILURE,
+                            detail=f"{type(exc).__name__}: {exc}"[:2000])
+                return statuses.PROCESSING_FAILURE
+        finally:
+            self.in_flight.exit()
+
+    def _log_for(self, event: Any) -> _AssociationLog:
+        with self._lock:
+            log = self._associations.get(event.assoc)
+            if log is None:  # an association accepted before the handler was bound
+                requestor = event.assoc.requestor
+                log = _AssociationLog(str(requestor.ae_title).strip(), str(requestor.address))
+                self._associations[event.assoc] = log
+            return log
+
+    def _store(self, event: Any, log: _AssociationLog) -> int:
+        if not storage.has_room(self.root, self.settings.storage.min_free_mb):
+            raise Refused(statuses.OUT_OF_RESOURCES,
+                          f"storage below the {self.settings.storage.min_free_mb} MB watermark")
+        request = event.request
+        transfer_syntax = str(event.context.transfer_syntax)
+        with request.DataSet.getbuffer() as data:
+            ids = read_identifiers(
+                data,
+                implicit_vr=is_implicit_vr(transfer_syntax),
+                command_sop_class_uid=str(request.AffectedSOPClassUID),
+                command_sop_instance_uid=str(request.AffectedSOPInstanceUID),
+            )
+            relative = storage.relative_path(ids.study_uid, ids.series_uid, ids.sop_instance_uid)
+            target = self.root / relative
+            # Keep the first copy: a resend must not rewrite a file a row already points to.
+            if target.exists() and ingest.is_stored(self.database, ids.sop_instance_uid):
+                log.duplicates += 1
+                self._audit("duplicate", calling_ae=log.calling_ae, peer=log.peer,
+                            study_uid=ids.study_uid, sop_instance_uid=ids.sop_instance_uid,
+                            status=statuses.SUCCESS, detail="SOP Instance already held")
+                return statuses.SUCCESS
+            meta = _PREAMBLE + encode_file_meta(event.file_meta)
+            try:
+                size = storage.write_atomic(target, (meta, data),
+                                            durable=self.settings.storage.fsync)
+            except OSError as exc:
+                if exc.errno in _NO_SPACE:
+                    raise Refused(statuses.OUT_OF_RESOURCES, f"disk full: {exc}") from exc
+                raise
+        result = ingest.record_arrival(
+            self.database,
+            ingest.Arrival(
+                ids=ids, transfer_syntax_uid=transfer_syntax, path=relative.as_posix(),
+                size_bytes=size, calling_ae=log.calling_ae,
+                called_ae=self.settings.node.ae_title, peer=log.peer,
+            ),
+            quiet_seconds=self.settings.completeness.quiet_seconds,
+        )
+        if result.outcome is ingest.Outcome.DUPLICATE:
+            log.duplicates += 1
+        elif result.outcome is ingest.Outcome.LATE:
+            log.late += 1
+        else:
+            log.stored += 1
+            log.studies.add(ids.study_uid)
+            if self.listener is not None and result.quiet_until is not None:
+                # The rows are committed; a failing timer only delays completion to the sweep.
+                try:
+                    self.listener.instance_stored(ids.study_uid, result.quiet_until)
+                except Exception:
+                    logger.exception("could not schedule the quiet period of a study")
+        return statuses.SUCCESS
+
+    def _audit(self, kind: str, **fields: Any) -> None:
+        """Write an audit row in its own transaction; never let auditing break serving."""
+        try:
+            with self.database.transaction() as session:
+                audit.record(session, kind, **fields)
+        except Exception:
+            logger.exception("could not write a %r audit row", kind)
+
+
+def _command_uid(event: Any) -> str | None:
+    try:
+        return str(event.request.AffectedSOPInstanceUID)[:64] or None
+    except Exception:  # a malformed command must not break the refusal path
+        return None

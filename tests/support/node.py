@@ -1,0 +1,93 @@
+"""Run dicomnode as a real subprocess (`python -m dicomnode.cli serve`) for integration tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.support.peers import free_port
+
+NODE_AE = "DICOMNODE"
+
+
+def write_config(directory: Path, db_url: str, **overrides: Any) -> Path:
+    """A settings file for a test node on a free loopback port; sections merge `overrides`."""
+    config: dict[str, Any] = {
+        "node": {"ae_title": NODE_AE, "host": "127.0.0.1", "port": free_port(),
+                 "shutdown_grace_seconds": 5},
+        "callers": [],
+        "storage": {"path": str(directory / "storage"), "min_free_mb": 1},
+        "database": {"url": db_url},
+        "completeness": {"quiet_seconds": 1, "sweep_seconds": 1},
+        "logging": {"level": "INFO"},
+    }
+    for section, value in overrides.items():
+        if isinstance(value, dict) and isinstance(config.get(section), dict):
+            config[section] = {**config[section], **value}
+        else:
+            config[section] = value
+    path = directory / "dicomnode.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+class NodeProcess:
+    """One `dicomnode serve` process; its log goes to a file for failure messages."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        settings = yaml.safe_load(config.read_text(encoding="utf-8"))
+        self.port: int = settings["node"]["port"]
+        self.storage = Path(settings["storage"]["path"])
+        self.log_path = config.with_suffix(f".{time.monotonic_ns()}.log")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> NodeProcess:
+        log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dicomnode.cli", "serve", "--config", str(self.config)],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log()}")
+            # The node logs its address once it listens (no probe connection needed).
+            if "listening on" in self.log():
+                return self
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"node did not listen within {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait; return the exit code."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up, as in a crash or power cut."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def __enter__(self) -> NodeProcess:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.terminate(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()

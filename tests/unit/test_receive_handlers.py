@@ -1,0 +1,108 @@
+"""The C-STORE handler's guard rails, driven with a stand-in pynetdicom event."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom.dsutils import create_file_meta
+from sqlalchemy import select
+
+from dicomnode.db import open_database
+from dicomnode.db.engine import Database
+from dicomnode.db.models import AuditEvent, Instance
+from dicomnode.receive import handlers as handlers_module
+from dicomnode.receive import statuses
+from dicomnode.receive.handlers import ReceiveHandlers
+from dicomnode.settings import Settings, StorageSettings
+from tests.support.dicom_files import dataset_bytes, write_op
+
+
+@pytest.fixture
+def database(db_url: str) -> Iterator[Database]:
+    database = open_database(db_url)
+    yield database
+    database.dispose()
+
+
+class _Association:
+    """Hashable, like pynetdicom's: the handlers key per-association state on it."""
+
+    requestor = SimpleNamespace(ae_title="CAM1", address="127.0.0.1")
+
+
+def _event(path: Path) -> Any:
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    buffer = DicomBytesIO()
+    buffer.is_implicit_VR, buffer.is_little_endian = False, True
+    write_dataset(buffer, ds)
+    request = SimpleNamespace(
+        DataSet=BytesIO(buffer.getvalue()),
+        AffectedSOPClassUID=ds.SOPClassUID,
+        AffectedSOPInstanceUID=ds.SOPInstanceUID,
+    )
+    assoc = _Association()
+    return SimpleNamespace(
+        assoc=assoc,
+        request=request,
+        context=SimpleNamespace(transfer_syntax=ExplicitVRLittleEndian),
+        file_meta=create_file_meta(sop_class_uid=ds.SOPClassUID,
+                                   sop_instance_uid=ds.SOPInstanceUID,
+                                   transfer_syntax=ExplicitVRLittleEndian),
+    )
+
+
+def _handlers(database: Database, tmp_path: Path, **storage: Any) -> ReceiveHandlers:
+    settings = Settings(storage=StorageSettings(path=tmp_path / "storage", **storage))
+    (tmp_path / "storage").mkdir()
+    return ReceiveHandlers(settings, database)
+
+
+def _kinds(database: Database) -> list[tuple[str, int | None]]:
+    with database.transaction() as session:
+        return [(e.kind, e.status) for e in session.scalars(select(AuditEvent))]
+
+
+def test_store_writes_file_then_row(database: Database, tmp_path: Path) -> None:
+    sent = write_op(tmp_path / "in.dcm")
+    handlers = _handlers(database, tmp_path, min_free_mb=0)
+    assert handlers.on_store(_event(sent)) == statuses.SUCCESS
+    with database.transaction() as session:
+        rel = session.scalar(select(Instance.path))
+    assert rel is not None
+    assert dataset_bytes(tmp_path / "storage" / rel) == dataset_bytes(sent)
+    assert _kinds(database) == [("arrived", 0)]
+
+
+def test_low_disk_is_out_of_resources(database: Database, tmp_path: Path) -> None:
+    handlers = _handlers(database, tmp_path, min_free_mb=10**12)
+    status = handlers.on_store(_event(write_op(tmp_path / "in.dcm")))
+    assert status == statuses.OUT_OF_RESOURCES
+    assert _kinds(database) == [("refused", statuses.OUT_OF_RESOURCES)]
+    assert not list((tmp_path / "storage").iterdir())
+
+
+def test_unexpected_error_is_a_failure_status_and_audited(
+    database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handlers = _handlers(database, tmp_path, min_free_mb=0)
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(handlers_module.ingest, "record_arrival", broken)
+    assert handlers.on_store(_event(write_op(tmp_path / "a.dcm"))) == statuses.PROCESSING_FAILURE
+    assert _kinds(database) == [("error", statuses.PROCESSING_FAILURE)]
+    assert handlers.in_flight.count == 0
+    monkeypatch.undo()
+    # The same handler object goes on serving.
+    assert handlers.on_store(_event(write_op(tmp_path / "b.dcm"))) == statuses.SUCCESS
