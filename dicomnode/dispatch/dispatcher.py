@@ -1,0 +1,143 @@
+"""The dispatcher: a background thread that sends due outbox rows, and its one-shot pass.
+
+The schedule is the table itself (next_attempt_at), so a restart loses nothing: a new
+dispatcher finds the pending rows, and rows a dead node left `sending` once their claim lapses.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from dicomnode.db.engine import Database
+from dicomnode.db.models import Delivery
+from dicomnode.dispatch import outbox
+from dicomnode.dispatch.sender import send_batch
+from dicomnode.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What one pass did."""
+
+    claimed: int
+    sent: int
+    retrying: int
+    failed: int
+
+
+class Dispatcher:
+    """Sends queued result objects to their destinations, retrying with backoff."""
+
+    def __init__(self, settings: Settings, database: Database) -> None:
+        self.settings = settings
+        self.database = database
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pass_lock = threading.Lock()
+
+    @property
+    def calling_ae(self) -> str:
+        return self.settings.dispatch.calling_ae_title or self.settings.node.ae_title
+
+    def enqueue(
+        self, session: Session, path: Path | str, destination_names: Iterable[str]
+    ) -> list[Delivery]:
+        """Queue `path` for each destination in `session`'s transaction; the loop is woken
+        (call after commit is not needed: a pass that misses the row finds it next poll)."""
+        rows = outbox.enqueue(session, path, destination_names,
+                              known_destinations=self.settings.destinations.keys())
+        self._wake.set()
+        return rows
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def run_once(self) -> PassResult:
+        """Claim due rows, send them per destination over one association, record outcomes."""
+        with self._pass_lock:
+            dispatch = self.settings.dispatch
+            claimed = outbox.claim_due(self.database, dispatch, self.owner)
+            by_destination: dict[str, list[outbox.Claimed]] = defaultdict(list)
+            for item in claimed:
+                by_destination[item.destination].append(item)
+            sent = retrying = failed = 0
+            for name, items in by_destination.items():
+                destination = self.settings.destinations.get(name)
+                results: list[tuple[int, bool, str | None]]
+                if destination is None:
+                    why = f"destination {name!r} is not in the settings"
+                    results = [(i.id, False, why) for i in items]
+                else:
+                    storage = self.settings.storage.path
+                    pairs = [(i.id, _resolve(i.path, storage)) for i in items]
+                    results = [(o.key, o.ok, o.error) for o in send_batch(
+                        destination, pairs, calling_ae=self.calling_ae, settings=dispatch)]
+                for key, ok, error in results:
+                    if ok:
+                        outbox.mark_sent(self.database, key)
+                        sent += 1
+                    else:
+                        state = outbox.mark_attempt_failed(
+                            self.database, dispatch, key, error or "unknown error")
+                        if state == "failed":
+                            failed += 1
+                        else:
+                            retrying += 1
+            if claimed:
+                logger.info("dispatch pass: %d claimed, %d sent, %d to retry, %d failed",
+                            len(claimed), sent, retrying, failed)
+            return PassResult(len(claimed), sent, retrying, failed)
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="dicomnode-dispatch",
+                                        daemon=True)
+        self._thread.start()
+        logger.info("dispatcher started (%s)", self.owner)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the loop after the pass in progress (a send is not cut off half-way)."""
+        thread = self._thread
+        if thread is None:
+            return
+        self._stop.set()
+        self._wake.set()
+        thread.join(timeout if timeout is not None else
+                    self.settings.dispatch.network_timeout_seconds * 2)
+        self._thread = None
+        logger.info("dispatcher stopped")
+
+    def _loop(self) -> None:
+        poll = self.settings.dispatch.poll_seconds
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                result = self.run_once()
+            except Exception:  # a database hiccup must not end the loop; the rows wait
+                logger.exception("dispatch pass failed; trying again in %.1f s", poll)
+                result = PassResult(0, 0, 0, 0)
+            # A full batch may mean more is due: go again at once.
+            if result.claimed and result.claimed >= self.settings.dispatch.batch_size:
+                continue
+            self._wake.wait(poll)
+
+
+def _resolve(path: str, storage_root: Path) -> Path:
+    candidate = Path(path)
+    return candidate if candidate.is_absolute() else storage_root / candidate

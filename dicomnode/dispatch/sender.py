@@ -1,0 +1,128 @@
+"""C-STORE and C-ECHO to a destination with pynetdicom: one association per batch."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from dicomnode.settings import DestinationSettings, DispatchSettings
+
+logger = logging.getLogger(__name__)
+
+# C-STORE statuses: 0x0000 success; 0xB000, 0xB007, 0xB006 warnings (stored, coerced).
+_SUCCESS_OR_WARNING = {0x0000, 0xB000, 0xB006, 0xB007}
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """What happened to one object: ok, or the reason it was not stored."""
+
+    key: int  # the caller's id for the object (the delivery row id)
+    ok: bool
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class EchoOutcome:
+    destination: str
+    ok: bool
+    detail: str
+    seconds: float
+
+
+def _ae(calling_ae: str, settings: DispatchSettings) -> AE:
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = settings.connect_timeout_seconds
+    ae.connection_timeout = settings.connect_timeout_seconds
+    ae.dimse_timeout = settings.network_timeout_seconds
+    ae.network_timeout = settings.network_timeout_seconds
+    return ae
+
+
+def _describe_failure(assoc: Association, where: str) -> str:
+    if assoc.is_rejected:
+        return f"association rejected by {where} (check the destination's AE title and " \
+               "whether it accepts our calling AE title)"
+    # pynetdicom reports a refused TCP connection as an abort too.
+    return f"could not connect to, or association aborted by, {where}"
+
+
+def send_batch(
+    destination: DestinationSettings,
+    items: Sequence[tuple[int, Path]],
+    *,
+    calling_ae: str,
+    settings: DispatchSettings,
+) -> list[StoreOutcome]:
+    """C-STORE `items` ((key, path) pairs) over one association; one outcome per item."""
+    where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+    datasets: list[tuple[int, pydicom.Dataset]] = []
+    outcomes: list[StoreOutcome] = []
+    for key, path in items:
+        try:
+            datasets.append((key, pydicom.dcmread(path)))
+        except (OSError, pydicom.errors.InvalidDicomError) as exc:
+            outcomes.append(StoreOutcome(key, False, f"cannot read {path}: {exc}"))
+    if not datasets:
+        return outcomes
+    ae = _ae(calling_ae, settings)
+    for sop_class in sorted({str(ds.SOPClassUID) for _, ds in datasets}):
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                         max_pdu=0)
+    if not assoc.is_established:
+        reason = _describe_failure(assoc, where)
+        return outcomes + [StoreOutcome(key, False, reason) for key, _ in datasets]
+    try:
+        for key, ds in datasets:
+            if not assoc.is_established:
+                outcomes.append(StoreOutcome(key, False, f"association to {where} was lost"))
+                continue
+            try:
+                status = assoc.send_c_store(ds)
+            except (ValueError, RuntimeError) as exc:  # no accepted context, encoding
+                outcomes.append(StoreOutcome(key, False, f"{where}: {exc}"))
+                continue
+            code = int(status.Status) if status is not None and "Status" in status else None
+            if code in _SUCCESS_OR_WARNING:
+                outcomes.append(StoreOutcome(key, True))
+            elif code is None:
+                outcomes.append(StoreOutcome(key, False, f"no C-STORE response from {where}"))
+            else:
+                outcomes.append(StoreOutcome(key, False, f"{where} answered status 0x{code:04X}"))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return outcomes
+
+
+def echo(
+    name: str, destination: DestinationSettings, *, calling_ae: str, settings: DispatchSettings
+) -> EchoOutcome:
+    """C-ECHO one destination: can we associate, and does it answer Success?"""
+    where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+    ae = _ae(calling_ae, settings)
+    ae.add_requested_context(Verification)
+    started = time.monotonic()
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        return EchoOutcome(name, False, _describe_failure(assoc, where),
+                           time.monotonic() - started)
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    elapsed = time.monotonic() - started
+    if status is not None and "Status" in status and int(status.Status) == 0:
+        return EchoOutcome(name, True, f"{where} answered C-ECHO", elapsed)
+    return EchoOutcome(name, False, f"{where} did not answer C-ECHO with Success", elapsed)

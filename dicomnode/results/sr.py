@@ -1,0 +1,316 @@
+"""TID 1500 Measurement Report (highdicom Comprehensive SR) for one study and job.
+
+Layout (docs/results.md has the full tree and every code):
+- observer: the node, as a device (DCM 121007);
+- per source image and model, a TID 1501 group: the image as source, finding site (retina, or
+  the site the model reports on) with laterality, the model as algorithm, its classifications
+  as coded qualitative evaluations and its plain measurements;
+- per segment of the image's SEG, a TID 1411 group referencing that segment (Referenced Segment,
+  DCM 121191, segment number only: dicom3tools rejects a frame number next to it, and the
+  Image Reference Macro makes the two alternatives), with the measurements made on that mask,
+  each naming the model that measured it;
+- per detection (point or box output), a TID 1410 group with the location as SCOORD on the
+  source image (a point, or a closed polyline for a box);
+- an image a gate stopped gets, in the gate's group, "Not analysed" = the gate's coded reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import highdicom as hd
+import numpy as np
+from pydicom import Dataset
+from pydicom.uid import generate_uid
+
+from dicomnode import MANUFACTURER
+from dicomnode.results.codes import (
+    DEVICE,
+    IMAGING_MEASUREMENT_REPORT,
+    NOT_ANALYSED,
+    PROCEDURE_FUNDUS_ANALYSIS,
+    RETINA,
+    concept,
+    declare_private_schemes,
+    laterality_code,
+)
+from dicomnode.results.common import MODEL_NAME, stamp_equipment
+from dicomnode.results.model import (
+    AlgorithmInfo,
+    Classification,
+    ImageFindings,
+    MeasurementResult,
+    NotAnalysed,
+)
+from dicomnode.results.uids import SEGMENTATION_STORAGE
+
+logger = logging.getLogger(__name__)
+
+SERIES_DESCRIPTION = "AI findings report (dicomnode)"
+LO_MAX = 64
+
+
+class ReportError(ValueError):
+    """The inputs cannot become a consistent report (message says which image and why)."""
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    """The node as observer device: a stable UID and its AE title."""
+
+    uid: str
+    name: str
+    serial_number: str | None = None
+    institution_name: str | None = None
+
+    @classmethod
+    def for_node(cls, ae_title: str, *, host: str | None = None,
+                 institution_name: str | None = None) -> NodeIdentity:
+        """The same Device Observer UID for the same node (AE title on this host) every time,
+        so reports from one node can be told apart from another's."""
+        where = host if host is not None else socket.gethostname()
+        uid = generate_uid(entropy_srcs=["dicomnode device observer", where, ae_title])
+        return cls(uid=str(uid), name=ae_title, institution_name=institution_name)
+
+
+@dataclass
+class _ModelGroup:
+    algorithm: AlgorithmInfo
+    classifications: list[Classification]
+    measurements: list[MeasurementResult]
+    not_analysed: NotAnalysed | None = None
+
+
+def _algorithm_id(algorithm: AlgorithmInfo) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(name=algorithm.name[:LO_MAX], version=algorithm.version)
+
+
+def _measurement(item: MeasurementResult) -> hd.sr.Measurement:
+    unit = hd.sr.CodedConcept(item.unit.code, "UCUM", item.unit.meaning)
+    return hd.sr.Measurement(
+        name=concept(item.code), value=item.value, unit=unit,
+        algorithm_id=_algorithm_id(item.algorithm),
+    )
+
+
+def _laterality(source: Dataset) -> str | None:
+    return str(source.get("ImageLaterality") or source.get("Laterality") or "") or None
+
+
+def _finding_site(findings: ImageFindings, model_id: str, source: Dataset) -> hd.sr.FindingSite:
+    site = findings.finding_sites.get(model_id)
+    return hd.sr.FindingSite(
+        anatomic_location=concept(site) if site is not None else RETINA,
+        laterality=laterality_code(_laterality(source)),
+    )
+
+
+def _label(source: Dataset, what: str) -> str:
+    side = {"R": "right eye", "L": "left eye"}.get(_laterality(source) or "", "eye ?")
+    number = source.get("InstanceNumber", "")
+    return f"{side} image {number} {what}"[:LO_MAX]
+
+
+def _model_groups(findings: ImageFindings, segment_keys: set[str]) -> list[_ModelGroup]:
+    groups: dict[str, _ModelGroup] = {}
+
+    def group(algorithm: AlgorithmInfo) -> _ModelGroup:
+        return groups.setdefault(algorithm.key, _ModelGroup(algorithm, [], []))
+
+    for classification in findings.classifications:
+        group(classification.algorithm).classifications.append(classification)
+    for item in findings.measurements:
+        if item.mask_key is None or item.mask_key not in segment_keys:
+            group(item.algorithm).measurements.append(item)
+    if findings.not_analysed is not None:
+        group(findings.not_analysed.algorithm).not_analysed = findings.not_analysed
+    return list(groups.values())
+
+
+def _image_group(
+    source: Dataset, findings: ImageFindings, group: _ModelGroup
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    evaluations = [
+        hd.sr.QualitativeEvaluation(name=concept(c.concept), value=concept(c.value))
+        for c in group.classifications
+    ]
+    if group.not_analysed is not None:
+        evaluations.append(hd.sr.QualitativeEvaluation(
+            name=NOT_ANALYSED, value=concept(group.not_analysed.reason)
+        ))
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=generate_uid(), identifier=_label(source, group.algorithm.model_id)
+        ),
+        algorithm_id=_algorithm_id(group.algorithm),
+        finding_sites=[_finding_site(findings, group.algorithm.model_id, source)],
+        source_images=[hd.sr.SourceImageForMeasurementGroup(
+            referenced_sop_class_uid=source.SOPClassUID,
+            referenced_sop_instance_uid=source.SOPInstanceUID,
+        )],
+        qualitative_evaluations=evaluations or None,
+        measurements=[_measurement(m) for m in group.measurements] or None,
+    )
+
+
+def _segment_groups(
+    source: Dataset, findings: ImageFindings, seg: Dataset, algorithms: list[AlgorithmInfo]
+) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
+    """One TID 1411 group per segment; adds the segmenting models to `algorithms`."""
+    groups = []
+    for segment in seg.SegmentSequence:
+        key = str(segment.get("TrackingID", ""))
+        model_id = key.split(".", 1)[0]
+        algorithm = segment.SegmentationAlgorithmIdentificationSequence[0]
+        measured = [m for m in findings.measurements if m.mask_key == key]
+        algorithms.append(AlgorithmInfo(model_id=model_id, name=str(algorithm.AlgorithmName),
+                                        version=str(algorithm.AlgorithmVersion)))
+        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=generate_uid(), identifier=_label(source, key)
+            ),
+            referenced_segment=hd.sr.ReferencedSegment(
+                sop_class_uid=seg.SOPClassUID,
+                sop_instance_uid=seg.SOPInstanceUID,
+                segment_number=int(segment.SegmentNumber),
+                source_images=[hd.sr.SourceImageForSegmentation(
+                    referenced_sop_class_uid=source.SOPClassUID,
+                    referenced_sop_instance_uid=source.SOPInstanceUID,
+                )],
+            ),
+            finding_type=hd.sr.CodedConcept.from_dataset(
+                segment.SegmentedPropertyTypeCodeSequence[0]
+            ),
+            algorithm_id=hd.sr.AlgorithmIdentification(
+                name=str(algorithm.AlgorithmName), version=str(algorithm.AlgorithmVersion)
+            ),
+            finding_sites=[_finding_site(findings, model_id, source)],
+            measurements=[_measurement(m) for m in measured] or None,
+        ))
+    return groups
+
+
+def _region_groups(
+    source: Dataset, findings: ImageFindings
+) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """One TID 1410 group per detection: a SCOORD point, or a closed polyline for a box."""
+    groups = []
+    for region in findings.regions:
+        if region.kind == "point":
+            graphic_type = hd.sr.GraphicTypeValues.POINT
+            data = np.array([region.coordinates], dtype=np.float64)
+        else:
+            x0, y0, x1, y1 = region.coordinates
+            graphic_type = hd.sr.GraphicTypeValues.POLYLINE
+            data = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]],
+                            dtype=np.float64)
+        groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=generate_uid(), identifier=_label(source, region.algorithm.model_id)
+            ),
+            referenced_region=hd.sr.ImageRegion(
+                graphic_type=graphic_type, graphic_data=data,
+                source_image=hd.sr.SourceImageForRegion(
+                    referenced_sop_class_uid=source.SOPClassUID,
+                    referenced_sop_instance_uid=source.SOPInstanceUID,
+                ),
+            ),
+            finding_type=concept(region.code),
+            algorithm_id=_algorithm_id(region.algorithm),
+            finding_sites=[_finding_site(findings, region.algorithm.model_id, source)],
+        ))
+    return groups
+
+
+def _segmentations_by_source(segs: Sequence[Dataset]) -> dict[str, Dataset]:
+    by_source: dict[str, Dataset] = {}
+    for seg in segs:
+        if seg.SOPClassUID != SEGMENTATION_STORAGE:
+            raise ReportError(f"{seg.SOPInstanceUID} is not a Segmentation")
+        for series in seg.ReferencedSeriesSequence:
+            for ref in series.ReferencedInstanceSequence:
+                by_source[str(ref.ReferencedSOPInstanceUID)] = seg
+    return by_source
+
+
+def build_report(
+    sources: Sequence[Dataset],
+    findings: Mapping[str, ImageFindings],
+    segs: Sequence[Dataset] = (),
+    *,
+    node: NodeIdentity,
+    series_instance_uid: str | None = None,
+    series_number: int = 901,
+    instance_number: int = 1,
+    sop_instance_uid: str | None = None,
+    predecessor: Dataset | None = None,
+    series_description: str = SERIES_DESCRIPTION,
+) -> hd.sr.ComprehensiveSR:
+    """The study's TID 1500 report. `findings` is keyed by source SOP Instance UID.
+
+    `segs` are the Segmentations built for these sources (each references its source);
+    `predecessor` is the previous report of this study, listed in Predecessor Documents.
+    """
+    if not sources:
+        raise ReportError("a report needs at least one source image")
+    studies = {str(s.StudyInstanceUID) for s in sources}
+    if len(studies) != 1:
+        raise ReportError(f"sources span {len(studies)} studies; one report is per study")
+    seg_for = _segmentations_by_source(segs)
+    groups: list[
+        hd.sr.MeasurementsAndQualitativeEvaluations
+        | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+        | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    ] = []
+    algorithms: list[AlgorithmInfo] = []
+    for source in sources:
+        uid = str(source.SOPInstanceUID)
+        image = findings.get(uid, ImageFindings())
+        seg = seg_for.get(uid)
+        keys = {str(s.get("TrackingID", "")) for s in seg.SegmentSequence} if seg else set()
+        for group in _model_groups(image, keys):
+            groups.append(_image_group(source, image, group))
+            algorithms.append(group.algorithm)
+        if seg is not None:
+            groups.extend(_segment_groups(source, image, seg, algorithms))
+        groups.extend(_region_groups(source, image))
+        algorithms.extend(r.algorithm for r in image.regions)
+        algorithms.extend(m.algorithm for m in image.measurements)
+    observer = hd.sr.ObserverContext(
+        observer_type=DEVICE,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=node.uid, name=node.name[:LO_MAX], manufacturer_name=MANUFACTURER,
+            model_name=MODEL_NAME, serial_number=node.serial_number,
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=PROCEDURE_FUNDUS_ANALYSIS,
+        imaging_measurements=groups or None,
+        title=IMAGING_MEASUREMENT_REPORT,
+        referenced_images=list(sources),  # the Image Library: what the report is about
+    )
+    sr = hd.sr.ComprehensiveSR(
+        evidence=[*sources, *segs],
+        content=report[0],
+        series_instance_uid=series_instance_uid or generate_uid(),
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid or generate_uid(),
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        # Final: the node never amends this document; re-processing writes a new one that
+        # names it as predecessor. Verification stays UNVERIFIED (no person signed it).
+        is_final=True,
+        institution_name=node.institution_name,
+        previous_versions=[predecessor] if predecessor is not None else None,
+        series_description=series_description,
+    )
+    stamp_equipment(sr, algorithms)
+    declare_private_schemes(sr)
+    logger.info("built SR %s: %d group(s) over %d image(s)%s", sr.SOPInstanceUID, len(groups),
+                len(sources), " (replaces an earlier report)" if predecessor is not None else "")
+    return sr

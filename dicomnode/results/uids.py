@@ -1,0 +1,7 @@
+"""SOP Class UIDs the result objects use."""
+
+from pydicom.uid import UID
+
+SEGMENTATION_STORAGE = UID("1.2.840.10008.5.1.4.1.1.66.4")
+COMPREHENSIVE_SR_STORAGE = UID("1.2.840.10008.5.1.4.1.1.88.33")
+SECONDARY_CAPTURE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.7")

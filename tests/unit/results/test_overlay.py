@@ -1,0 +1,67 @@
+"""Overlay Secondary Capture: valid, same study, masks visible where they are, text burned in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from dicomnode.inference.decode import decode_rgb
+from dicomnode.results.overlay import ALPHA, PALETTE, build_overlay, finding_lines
+from tests.unit.results.sources import (
+    SOURCE_KINDS,
+    SourceKind,
+    dciodvfy,
+    errors,
+    findings_for,
+    masks_for,
+    source_image,
+    ungradable,
+)
+
+
+@pytest.mark.parametrize("kind", SOURCE_KINDS)
+def test_overlay_passes_dciodvfy(tmp_path: Path, kind: SourceKind) -> None:
+    source, vessels, disc = source_image(kind, size=128)
+    sc = build_overlay(source, masks_for(vessels, disc), findings_for(vessels, disc))
+    path = tmp_path / "overlay.dcm"
+    sc.save_as(path)
+    lines = dciodvfy(path)
+    assert lines[0] == "SCImage", lines
+    assert errors(lines) == [], "\n".join(lines)
+    back = pydicom.dcmread(path)
+    assert back.StudyInstanceUID == source.StudyInstanceUID
+    assert back.PatientID == source.PatientID
+    assert back.SeriesInstanceUID != source.SeriesInstanceUID
+    assert back.BurnedInAnnotation == "YES"
+    assert back.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert "vessel-seg@1.2.0" in back.SoftwareVersions
+
+
+def test_masks_are_tinted_and_the_rest_is_the_fundus(tmp_path: Path) -> None:
+    source, vessels, disc = source_image("op", size=256)
+    sc = build_overlay(source, masks_for(vessels, disc), findings_for(vessels, disc))
+    pixels = sc.pixel_array.astype(np.float32)
+    rgb = decode_rgb(source).astype(np.float32)
+    below_text = np.zeros_like(vessels)
+    below_text[150:, :] = True  # the text band is at the top
+    plain = below_text & ~vessels & ~disc
+    assert np.array_equal(pixels[plain], rgb[plain])
+    for mask, colour in ((disc & below_text, PALETTE[1]),):
+        if not mask.any():
+            continue
+        expected = rgb[mask] * (1 - ALPHA) + np.array(colour) * ALPHA
+        assert np.abs(pixels[mask] - expected).max() <= 1.0
+    tinted = vessels & ~disc & below_text
+    assert tinted.any()
+    expected = rgb[tinted] * (1 - ALPHA) + np.array(PALETTE[0]) * ALPHA
+    assert np.abs(pixels[tinted] - expected).max() <= 1.0
+    # Text was written: the top-left band differs from the source.
+    assert not np.array_equal(pixels[:20, :120], rgb[:20, :120])
+
+
+def test_findings_text_names_the_gate() -> None:
+    lines = finding_lines([], ungradable())
+    assert "NOT ANALYSED: Ungradable" in lines
