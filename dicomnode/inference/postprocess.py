@@ -1,0 +1,122 @@
+"""Post-processing: raw model outputs -> findings in source geometry.
+
+- masks: resized back to the crop box and placed into the uncropped source frame; the
+  probability map is kept beside the thresholded binary mask;
+- probabilities: the labelled, coded class (threshold on the positive class, else argmax);
+- measurements: one float; points and boxes: source pixel coordinates;
+- gates: the reason an image is ineligible for the models that depend on this one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from dicomnode.inference.fov import place_back, resize_probability
+from dicomnode.inference.preprocess import Geometry
+from dicomnode.registry.manifest import (
+    BoxOutput,
+    MaskOutput,
+    PointOutput,
+    ProbabilitiesOutput,
+)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A classifier's answer for one image."""
+
+    label: str
+    code: dict[str, str]
+    probability: float  # of the chosen label
+    probabilities: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "code": self.code,
+            "probability": self.probability,
+            "probabilities": self.probabilities,
+        }
+
+
+def mask_to_source(values: NDArray[np.generic], geometry: Geometry) -> NDArray[np.float32]:
+    """A model-space mask ([1, h, w] or [h, w]) as a probability map over the source frame."""
+    plane = np.asarray(values, dtype=np.float32)
+    while plane.ndim > 2:
+        if plane.shape[0] != 1:
+            raise ValueError(f"a mask has one channel, got shape {values.shape}")
+        plane = plane[0]
+    box = geometry.box
+    crop = resize_probability(plane, box.height, box.width)
+    placed = place_back(crop, box, geometry.source_shape)
+    return np.asarray(placed, dtype=np.float32)
+
+
+def binary_mask(probability: NDArray[np.float32], spec: MaskOutput) -> NDArray[np.bool_]:
+    return probability >= np.float32(spec.threshold)
+
+
+def classify(values: NDArray[np.generic], spec: ProbabilitiesOutput) -> Finding:
+    probs = np.asarray(values, dtype=np.float64).reshape(-1)
+    if probs.shape[0] != len(spec.classes):
+        raise ValueError(
+            f"output '{spec.name}' has {probs.shape[0]} values for {len(spec.classes)} classes"
+        )
+    labels = [c.label for c in spec.classes]
+    if spec.threshold is not None:
+        positive = spec.positive_label
+        index = labels.index(positive)
+        if probs[index] >= spec.threshold:
+            chosen = index
+        else:
+            others = [i for i in range(len(labels)) if i != index]
+            chosen = max(others, key=lambda i: probs[i])
+    else:
+        chosen = int(np.argmax(probs))
+    code = spec.classes[chosen].code
+    return Finding(
+        label=labels[chosen],
+        code={"scheme": code.scheme, "value": code.value, "meaning": code.meaning},
+        probability=float(probs[chosen]),
+        probabilities={label: float(p) for label, p in zip(labels, probs, strict=True)},
+    )
+
+
+def gate_reason(finding: Finding, spec: ProbabilitiesOutput) -> str | None:
+    """Why the image is ineligible for dependants, or None when it passes the gate."""
+    if spec.gate is None or finding.label not in spec.gate.ineligible:
+        return None
+    return spec.gate.reason
+
+
+def measurement(values: NDArray[np.generic]) -> float:
+    flat = np.asarray(values, dtype=np.float64).reshape(-1)
+    if flat.shape[0] != 1:
+        raise ValueError(f"a measurement is one number per image, got {flat.shape[0]}")
+    return float(flat[0])
+
+
+def _to_source(x: float, y: float, normalised: bool, geometry: Geometry) -> tuple[float, float]:
+    box = geometry.box
+    h, w = geometry.size
+    fx, fy = (x, y) if normalised else (x / w, y / h)
+    return box.left + fx * box.width, box.top + fy * box.height
+
+
+def point_to_source(
+    values: NDArray[np.generic], spec: PointOutput, geometry: Geometry
+) -> list[float]:
+    x, y = (float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)[:2])
+    return list(_to_source(x, y, spec.coordinates == "normalised", geometry))
+
+
+def box_to_source(
+    values: NDArray[np.generic], spec: BoxOutput, geometry: Geometry
+) -> list[float]:
+    x0, y0, x1, y1 = (float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)[:4])
+    normalised = spec.coordinates == "normalised"
+    return [*_to_source(x0, y0, normalised, geometry), *_to_source(x1, y1, normalised, geometry)]

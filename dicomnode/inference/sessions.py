@@ -1,0 +1,141 @@
+"""ONNX Runtime sessions: one per (model, version) per process, created once, shared.
+
+`onnxruntime-gpu` on a machine without a usable GPU still lists CUDA (and TensorRT) as
+available and silently falls back to CPU (PITFALLS.md), so the provider in use is read back
+from `session.get_providers()` and recorded, never assumed from what was asked for.
+`InferenceSession.run` is thread-safe and releases the GIL, so one session serves every thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+
+from dicomnode.errors import InferenceError
+from dicomnode.registry.registry import ModelEntry
+
+logger = logging.getLogger(__name__)
+
+_GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
+_process_setup = threading.Lock()
+_process_ready = False
+
+
+def _prepare_process(wants_gpu: bool) -> None:
+    """Once per process: quiet ORT's fallback noise; load CUDA/cuDNN from pip packages."""
+    global _process_ready
+    with _process_setup:
+        if _process_ready:
+            return
+        # The global logger's severity, not the session option, silences the "CUDA libraries
+        # missing" message printed at every fallback (PITFALLS.md). It is logged at ERROR (3),
+        # so only 4 (FATAL) quiets it; run failures still raise, and the fallback itself is
+        # logged by this module from get_providers().
+        ort.set_default_logger_severity(4)
+        preload = getattr(ort, "preload_dlls", None)
+        if wants_gpu and preload is not None:
+            # preload_dlls prints "Failed to load ..." to stdout where the libraries are
+            # missing, which would corrupt `--json` output: capture it and log it instead.
+            printed = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(printed):
+                    preload()
+            except Exception as exc:  # a CPU-only machine lacks the libraries: not fatal
+                logger.info("onnxruntime.preload_dlls() failed (%s); CPU fallback likely", exc)
+            if printed.getvalue().strip():
+                logger.info("onnxruntime.preload_dlls(): %s",
+                            " | ".join(printed.getvalue().strip().splitlines()[:4]))
+        _process_ready = True
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A ready session and what it really runs on."""
+
+    key: str  # id@version
+    session: ort.InferenceSession
+    requested: tuple[str, ...]
+    provider: str  # the first provider the session actually uses
+    input_shapes: dict[str, tuple[int | str | None, ...]]
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.session.get_providers())
+
+
+class SessionPool:
+    """Lazily created sessions keyed by model@version; safe to use from many threads."""
+
+    def __init__(self, providers: Sequence[str], *, intra_op_threads: int = 0) -> None:
+        self.requested = tuple(providers) or ("CPUExecutionProvider",)
+        self.intra_op_threads = intra_op_threads
+        self._lock = threading.Lock()
+        self._key_locks: dict[str, threading.Lock] = {}
+        self._sessions: dict[str, LoadedModel] = {}
+
+    def available_providers(self) -> list[str]:
+        return list(ort.get_available_providers())
+
+    def _providers(self) -> list[str]:
+        available = set(self.available_providers())
+        usable = [p for p in self.requested if p in available]
+        missing = [p for p in self.requested if p not in available]
+        if missing:
+            logger.warning("execution providers not in this onnxruntime build: %s", missing)
+        return usable or ["CPUExecutionProvider"]
+
+    def get(self, entry: ModelEntry) -> LoadedModel:
+        """The shared session for a registry entry, created on first use."""
+        loaded = self._sessions.get(entry.key)
+        if loaded is not None:
+            return loaded
+        with self._lock:
+            key_lock = self._key_locks.setdefault(entry.key, threading.Lock())
+        # One lock per model: two threads wanting the same model create it once, while a
+        # slow model load does not hold up other models.
+        with key_lock:
+            loaded = self._sessions.get(entry.key)
+            if loaded is None:
+                loaded = self._create(entry)
+                self._sessions[entry.key] = loaded
+        return loaded
+
+    def _create(self, entry: ModelEntry) -> LoadedModel:
+        path = entry.onnx_path
+        if path is None or not Path(path).is_file():
+            raise InferenceError(f"{entry.key}: no ONNX file at {path}")
+        providers = self._providers()
+        _prepare_process(bool(_GPU_PROVIDERS & set(providers)))
+        options = ort.SessionOptions()
+        if self.intra_op_threads:
+            options.intra_op_num_threads = self.intra_op_threads
+        try:
+            session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception as exc:  # ORT raises its own untyped errors; keep the cause
+            raise InferenceError(f"{entry.key}: cannot load {path}: {exc}") from exc
+        used = session.get_providers()
+        provider = used[0] if used else "unknown"
+        if provider != providers[0]:
+            logger.warning("%s: asked for %s, running on %s", entry.key, providers[0], provider)
+        else:
+            logger.info("%s: running on %s", entry.key, provider)
+        shapes: dict[str, tuple[int | str | None, ...]] = {
+            arg.name: tuple(_dim(d) for d in arg.shape) for arg in session.get_inputs()
+        }
+        return LoadedModel(entry.key, session, tuple(providers), provider, shapes)
+
+    def loaded(self) -> list[LoadedModel]:
+        with self._lock:
+            return [self._sessions[k] for k in sorted(self._sessions)]
+
+
+def _dim(value: Any) -> int | str | None:
+    return value if isinstance(value, int | str) else None

@@ -1,0 +1,202 @@
+"""The processing service: plans completed studies into jobs and runs them on worker threads.
+
+Wiring (composition root): `service = ProcessingService(settings, database, registry, presets)`,
+pass `service.on_study_complete` to the assembler's hooks, `service.start()` / `service.stop()`;
+`on_job_finished` callables get each job id once its end is committed (e.g. wake the encoder).
+The hook only speeds things up: each worker also sweeps the database for studies that need a
+job (missed notifications, a crash between completion and planning, late instances), so
+nothing depends on the notification arriving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from dicomnode.db.engine import Database
+from dicomnode.errors import DicomNodeError
+from dicomnode.inference.executor import GraphExecutor
+from dicomnode.inference.sessions import SessionPool
+from dicomnode.jobs import queue
+from dicomnode.jobs.health import health_report
+from dicomnode.jobs.planning import plan_study, study_facts
+from dicomnode.jobs.runner import run_job
+from dicomnode.registry.registry import Registry
+from dicomnode.routing.loader import PresetSet
+from dicomnode.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class ProcessingService:
+    def __init__(
+        self,
+        settings: Settings,
+        database: Database,
+        registry: Registry,
+        presets: PresetSet,
+        *,
+        sessions: SessionPool | None = None,
+        node_id: str | None = None,
+        on_job_finished: Iterable[Callable[[int], None]] = (),
+    ) -> None:
+        self.settings = settings
+        self.database = database
+        self.registry = registry
+        self.presets = presets
+        config = settings.inference
+        self.sessions = sessions or SessionPool(
+            config.providers, intra_op_threads=config.intra_op_threads
+        )
+        self.executor = GraphExecutor(
+            registry, self.sessions, max_batch=config.max_batch,
+            model_threads=config.model_threads,
+        )
+        self.node_id = node_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        # Called with the job id after a job's end is committed (e.g. wake the encoder).
+        self.on_job_finished: list[Callable[[int], None]] = list(on_job_finished)
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._plan_lock = threading.Lock()
+
+    @property
+    def storage_root(self) -> Path:
+        return self.settings.storage.path
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._stop.clear()
+        for index in range(self.settings.inference.workers):
+            thread = threading.Thread(
+                target=self._loop, args=(f"{self.node_id}:w{index}",),
+                name=f"job-worker-{index}", daemon=True,
+            )
+            thread.start()
+            self._threads.append(thread)
+        logger.info("processing: %d job worker(s), providers %s",
+                    len(self._threads), list(self.sessions.requested))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop taking jobs; a job in progress finishes (or its lease lapses, another runs it)."""
+        self._stop.set()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(timeout)
+        self._threads.clear()
+
+    def health(self) -> dict[str, Any]:
+        """Database, providers available vs in use by this process's sessions, queue depth."""
+        return health_report(self.database, self.sessions)
+
+    # -- the hook ----------------------------------------------------------------------------
+
+    def on_study_complete(self, study_uid: str) -> None:
+        """Assembler hook: plan the study now and wake a worker."""
+        try:
+            self.plan(study_uid, queue.COMPLETE)
+        except DicomNodeError as exc:
+            logger.warning("study %s: planning failed (the sweep retries): %s", study_uid, exc)
+        self._wake.set()
+
+    # -- planning and running ------------------------------------------------------------------
+
+    def plan(self, study_uid: str, reason: str) -> int | None:
+        """Route and resolve a study and queue its job; None when not routed or already done."""
+        facts = study_facts(self.database, self.storage_root, study_uid)
+        plan = plan_study(study_uid, facts, self.registry, self.presets,
+                          self.settings.modality_defaults)
+        return queue.enqueue(self.database, plan, reason)
+
+    def plan_pending(self) -> list[int]:
+        """Queue jobs for every study that needs one; return the new job ids."""
+        created = []
+        # One planner per process at a time; across nodes `enqueue` decides.
+        with self._plan_lock:
+            for study_uid, reason in queue.studies_to_plan(self.database):
+                try:
+                    job_id = self.plan(study_uid, reason)
+                except DicomNodeError as exc:
+                    logger.warning("study %s: planning failed: %s", study_uid, exc)
+                    continue
+                if job_id is not None:
+                    created.append(job_id)
+        return created
+
+    def run_once(self, worker: str | None = None) -> int | None:
+        """Claim and run one job; return its id, or None when the queue is empty."""
+        worker = worker or f"{self.node_id}:once"
+        config = self.settings.inference
+        job = queue.claim(self.database, worker, config.lease_seconds)
+        if job is None:
+            return None
+        logger.info("job %d (study %s, attempt %d) claimed by %s",
+                    job.id, job.study_uid, job.attempt, worker)
+        heartbeat = _Heartbeat(self.database, job, config.lease_seconds)
+        heartbeat.start()
+        try:
+            try:
+                result, outcome, output = run_job(
+                    job, self.database, self.storage_root, config.jobs_folder, self.executor
+                )
+            except Exception as exc:  # an unexpected error must end the job, not the worker
+                logger.exception("job %d failed", job.id)
+                result, outcome, output = None, {
+                    "outcome": "failed", "problems": {"(job)": f"{type(exc).__name__}: {exc}"},
+                }, None
+        finally:
+            heartbeat.stop()
+        if queue.finish(self.database, job, result, outcome, output):
+            for hook in list(self.on_job_finished):
+                try:
+                    hook(job.id)
+                except Exception:  # a notification; the jobs table is the durable record
+                    logger.exception("on-job-finished hook %r failed", hook)
+        return job.id
+
+    def _loop(self, worker: str) -> None:
+        poll = self.settings.inference.poll_seconds
+        while not self._stop.is_set():
+            try:
+                self.plan_pending()
+                ran = self.run_once(worker)
+            except Exception:  # e.g. the database is briefly unreachable: retry next poll
+                logger.exception("job worker %s: error; retrying", worker)
+                ran = None
+            if ran is None:
+                self._wake.wait(poll)
+                self._wake.clear()
+
+
+class _Heartbeat:
+    """Renews a job's lease while it runs, so only a dead worker's lease lapses."""
+
+    def __init__(self, database: Database, job: queue.ClaimedJob, lease_seconds: float) -> None:
+        self.database = database
+        self.job = job
+        self.lease_seconds = lease_seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{job.id}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.lease_seconds / 3):
+            try:
+                if not queue.renew(self.database, self.job.id, self.job.worker, self.lease_seconds):
+                    logger.warning("job %d: lease lost", self.job.id)
+                    return
+            except Exception:
+                logger.exception("job %d: lease renewal failed", self.job.id)
