@@ -1,0 +1,378 @@
+"""The results pipeline: a finished job's stored outputs -> SR, SEG, overlay files -> outbox.
+
+A job that ended `done` or `partial` is encoded once: the objects are written under
+`<storage>/results/<job id>/` (staged, fsync'd, renamed into place), and in one transaction a
+`result_sets` row (encoded), one `results` row per object, and one outbox row per (object,
+destination of the preset) are committed with an audit row. The work list is the database
+(finished jobs without an encoded result set), so a crash at any point loses nothing and a job
+is never encoded into the outbox twice; a notification (`wake`) only makes it sooner.
+
+An encoding failure never stops the node: the result set is recorded `failed` with the reason
+and an audit row, and tried again after `retry_seconds`, at most `max_attempts` times.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from pydicom import Dataset, dcmread
+from sqlalchemy import and_, or_, select
+
+from dicomnode.db import audit
+from dicomnode.db.engine import Database
+from dicomnode.db.models import (
+    Instance,
+    Job,
+    JobState,
+    Result,
+    ResultSet,
+    ResultSetState,
+    as_utc,
+    utcnow,
+)
+from dicomnode.dispatch import outbox
+from dicomnode.errors import DicomNodeError
+from dicomnode.inference.outputs import read_index
+from dicomnode.registry.registry import Registry
+from dicomnode.results.encode import SR, EncodedObject, encode_objects
+from dicomnode.results.job_outputs import results_from_outputs
+from dicomnode.results.sr import NodeIdentity
+from dicomnode.results.uids import COMPREHENSIVE_SR_STORAGE
+from dicomnode.routing.loader import PresetSet
+from dicomnode.routing.preset import OutputOptions
+from dicomnode.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FOLDER = "results"
+_ENCODABLE = (JobState.DONE, JobState.PARTIAL)
+
+
+class EncodingError(DicomNodeError):
+    """A finished job's outputs cannot be encoded (the message names the job and why)."""
+
+
+@dataclass(frozen=True)
+class EncodeOutcome:
+    job_id: int
+    state: str  # encoded | failed | already (someone encoded it before)
+    objects: int = 0
+    deliveries: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class _JobInfo:
+    id: int
+    study_uid: str
+    preset: str | None
+    output_path: str
+    created_at: str
+
+
+class ResultsPipeline:
+    """Encodes finished jobs and queues the objects for the preset's destinations."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        database: Database,
+        registry: Registry,
+        presets: PresetSet,
+        *,
+        on_queued: Callable[[], None] | None = None,
+        poll_seconds: float | None = None,
+        max_attempts: int = 3,
+        retry_seconds: float = 60.0,
+    ) -> None:
+        self.settings = settings
+        self.database = database
+        self.registry = registry
+        self.presets = presets
+        self.node = NodeIdentity.for_node(settings.node.ae_title)
+        # Called after a commit that queued deliveries (the dispatcher's wake).
+        self.on_queued = on_queued
+        self.poll_seconds = poll_seconds or settings.inference.poll_seconds
+        self.max_attempts = max_attempts
+        self.retry_seconds = retry_seconds
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def storage_root(self) -> Path:
+        return self.settings.storage.path
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="dicomnode-results",
+                                        daemon=True)
+        self._thread.start()
+        logger.info("results pipeline started")
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop after the job being encoded (a half-encoded job is simply encoded again)."""
+        thread = self._thread
+        if thread is None:
+            return
+        self._stop.set()
+        self._wake.set()
+        thread.join(timeout)
+        self._thread = None
+        logger.info("results pipeline stopped")
+
+    def wake(self, _job_id: int | None = None) -> None:
+        """A job may have finished: look now rather than at the next poll."""
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                self.run_once()
+            except Exception:  # e.g. the database is briefly unreachable: the work waits
+                logger.exception("results pass failed; trying again in %.1f s",
+                                 self.poll_seconds)
+            self._wake.wait(self.poll_seconds)
+
+    # -- work --------------------------------------------------------------------------------
+
+    def pending_jobs(self) -> list[int]:
+        """Finished jobs with outputs and no encoded result set (failed ones once due)."""
+        due = utcnow() - timedelta(seconds=self.retry_seconds)
+        with self.database.transaction() as session:
+            rows = session.execute(
+                select(Job.id, ResultSet.state, ResultSet.finished_at)
+                .outerjoin(ResultSet, ResultSet.job_id == Job.id)
+                .where(Job.state.in_(_ENCODABLE), Job.output_path.is_not(None),
+                       or_(ResultSet.id.is_(None),
+                           and_(ResultSet.state == ResultSetState.FAILED,
+                                ResultSet.attempts < self.max_attempts)))
+                .order_by(Job.id)
+            ).all()
+        pending = []
+        for job_id, state, finished in rows:
+            if state == ResultSetState.FAILED and finished is not None and as_utc(finished) > due:
+                continue  # failed recently: wait before trying again
+            pending.append(int(job_id))
+        return pending
+
+    def run_once(self) -> list[EncodeOutcome]:
+        return [self.encode_job(job_id) for job_id in self.pending_jobs()
+                if not self._stop.is_set()]
+
+    def encode_job(self, job_id: int) -> EncodeOutcome:
+        """Encode one finished job; never raises for a bad job (the failure is recorded)."""
+        started = utcnow()
+        try:
+            info = self._job(job_id)
+            if self._already_encoded(job_id):
+                return EncodeOutcome(job_id, "already")
+            outputs, destinations = self._preset_options(info)
+            objects = self._build(info, outputs)
+            folder, paths = self._write(job_id, objects)
+            try:
+                queued = self._commit(info, objects, paths, folder, destinations, started)
+            except BaseException:
+                self._tidy(folder, keep=False)
+                raise
+            self._tidy(folder, keep=queued is not None)
+        except Exception as exc:  # any encoder or file error: record it, keep the node up
+            logger.exception("job %d: encoding results failed", job_id)
+            error = f"{type(exc).__name__}: {exc}"
+            self._record_failure(job_id, error, started)
+            return EncodeOutcome(job_id, ResultSetState.FAILED, error=error)
+        if queued is None:
+            return EncodeOutcome(job_id, "already")
+        if queued and self.on_queued is not None:
+            self.on_queued()
+        logger.info("job %d: %d result object(s) encoded, %d deliveries queued", job_id,
+                    len(objects), queued)
+        return EncodeOutcome(job_id, ResultSetState.ENCODED, len(objects), queued)
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def _job(self, job_id: int) -> _JobInfo:
+        with self.database.transaction() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                raise EncodingError(f"no job {job_id}")
+            if job.state not in _ENCODABLE or job.output_path is None:
+                raise EncodingError(f"job {job_id} is {job.state} with no outputs to encode")
+            return _JobInfo(job.id, job.study_uid, job.preset, job.output_path,
+                            job.created_at.isoformat())
+
+    def _already_encoded(self, job_id: int) -> bool:
+        with self.database.transaction() as session:
+            state = session.scalar(select(ResultSet.state).where(ResultSet.job_id == job_id))
+        return state == ResultSetState.ENCODED
+
+    def _preset_options(self, info: _JobInfo) -> tuple[OutputOptions, list[str]]:
+        if info.preset is None:
+            return OutputOptions(), []
+        preset = self.presets.presets.get(info.preset)
+        if preset is None:
+            # Without the preset the destinations are unknown; failing visibly beats
+            # silently keeping results from the PACS.
+            raise EncodingError(f"job {info.id}: preset '{info.preset}' is no longer loaded")
+        return preset.outputs, list(preset.destinations)
+
+    def _build(self, info: _JobInfo, outputs: OutputOptions) -> list[EncodedObject]:
+        folder = self.storage_root / info.output_path
+        index = read_index(folder)
+        uids = [str(u) for u in index.get("images", [])]
+        sources = self._sources(info, uids)
+        results = results_from_outputs(folder, self.registry)
+        return encode_objects(
+            sources, results, outputs, node=self.node,
+            seed=f"{info.study_uid}|job {info.id}|{info.created_at}",
+            predecessor=self._predecessor(info),
+        )
+
+    def _sources(self, info: _JobInfo, uids: list[str]) -> list[Dataset]:
+        with self.database.transaction() as session:
+            paths = dict(session.execute(
+                select(Instance.sop_instance_uid, Instance.path)
+                .where(Instance.sop_instance_uid.in_(uids))
+            ).all())
+        missing = [u for u in uids if u not in paths]
+        if missing or not uids:
+            raise EncodingError(f"job {info.id}: source images not on record: "
+                                f"{missing or 'none listed'}")
+        return [dcmread(self.storage_root / paths[u]) for u in uids]
+
+    def _predecessor(self, info: _JobInfo) -> Dataset | None:
+        """The SR of the latest earlier job of the study, as the reference needs it (from the
+        row, so a previous file removed by retention does not block the new report)."""
+        with self.database.transaction() as session:
+            row = session.execute(
+                select(Result.sop_instance_uid, Result.series_instance_uid)
+                .where(Result.study_uid == info.study_uid, Result.kind == SR,
+                       Result.job_id < info.id)
+                .order_by(Result.job_id.desc()).limit(1)
+            ).first()
+        if row is None:
+            return None
+        previous = Dataset()
+        previous.StudyInstanceUID = info.study_uid
+        previous.SeriesInstanceUID = row.series_instance_uid
+        previous.SOPInstanceUID = row.sop_instance_uid
+        previous.SOPClassUID = COMPREHENSIVE_SR_STORAGE
+        return previous
+
+    def _write(self, job_id: int, objects: list[EncodedObject]) -> tuple[Path, list[Path]]:
+        """Write the objects to a folder of this attempt: `results/<job id>/<token>/`.
+
+        Nothing refers to the folder until the commit records it, so an attempt that dies
+        leaves only an unreferenced folder (removed by the next successful attempt), and two
+        nodes racing on one job never overwrite the files of the one that committed.
+        """
+        folder = self.storage_root / RESULTS_FOLDER / str(job_id) / uuid.uuid4().hex[:12]
+        folder.mkdir(parents=True)
+        try:
+            names = [f"{o.kind}-{o.sop_instance_uid}.dcm" for o in objects]
+            for obj, name in zip(objects, names, strict=True):
+                obj.dataset.save_as(folder / name, enforce_file_format=True)
+                _fsync(folder / name)
+            _fsync(folder)
+            _fsync(folder.parent)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return folder, [folder / name for name in names]
+
+    @staticmethod
+    def _tidy(folder: Path, *, keep: bool) -> None:
+        """After the commit: drop other attempts' folders (keep=True), or this one."""
+        if not keep:
+            shutil.rmtree(folder, ignore_errors=True)
+            return
+        for other in folder.parent.iterdir():
+            if other != folder:
+                shutil.rmtree(other, ignore_errors=True)
+
+    def _commit(
+        self, info: _JobInfo, objects: list[EncodedObject], paths: list[Path], folder: Path,
+        destinations: list[str], started: datetime,
+    ) -> int | None:
+        """Record the objects and queue them, in one transaction; None if already encoded."""
+        relative_folder = folder.relative_to(self.storage_root).as_posix()
+        with self.database.transaction() as session:
+            result_set = session.scalar(select(ResultSet).where(ResultSet.job_id == info.id))
+            if result_set is not None and result_set.state == ResultSetState.ENCODED:
+                return None  # another worker or node finished it first
+            if result_set is None:
+                result_set = ResultSet(job_id=info.id, study_uid=info.study_uid, attempts=0)
+                session.add(result_set)
+            now = utcnow()
+            result_set.state = ResultSetState.ENCODED
+            result_set.attempts = (result_set.attempts or 0) + 1
+            result_set.error = None
+            result_set.folder = relative_folder
+            result_set.started_at = started
+            result_set.finished_at = now
+            queued = 0
+            for obj, path in zip(objects, paths, strict=True):
+                session.add(Result(
+                    job_id=info.id, study_uid=info.study_uid, kind=obj.kind,
+                    sop_instance_uid=obj.sop_instance_uid,
+                    sop_class_uid=str(obj.dataset.SOPClassUID),
+                    series_instance_uid=str(obj.dataset.SeriesInstanceUID),
+                    source_uid=obj.source_uid,
+                    path=path.relative_to(self.storage_root).as_posix(), created_at=now,
+                ))
+                if destinations:
+                    queued += len(outbox.enqueue(
+                        session, path, destinations,
+                        known_destinations=self.settings.destinations.keys(), now=now))
+            kinds = ", ".join(f"{sum(o.kind == k for o in objects)} {k}"
+                              for k in ("seg", "sr", "overlay"))
+            audit.record(session, "results-encoded", actor="results", study_uid=info.study_uid,
+                         detail=f"job {info.id}: {kinds}; queued for "
+                                f"{', '.join(destinations) or 'no destination'}")
+        return queued
+
+    def _record_failure(self, job_id: int, error: str, started: datetime) -> None:
+        try:
+            with self.database.transaction() as session:
+                job = session.get(Job, job_id)
+                study_uid = job.study_uid if job is not None else ""
+                result_set = session.scalar(
+                    select(ResultSet).where(ResultSet.job_id == job_id))
+                if result_set is None:
+                    if job is None:
+                        return
+                    result_set = ResultSet(job_id=job_id, study_uid=study_uid, attempts=0)
+                    session.add(result_set)
+                elif result_set.state == ResultSetState.ENCODED:
+                    return
+                result_set.state = ResultSetState.FAILED
+                result_set.attempts = (result_set.attempts or 0) + 1
+                result_set.error = error[:4000]
+                result_set.started_at = started
+                result_set.finished_at = utcnow()
+                audit.record(session, "results-failed", actor="results", study_uid=study_uid,
+                             detail=f"job {job_id} (attempt {result_set.attempts} of "
+                                    f"{self.max_attempts}): {error}"[:4000])
+        except Exception:  # the database itself is failing: the next pass tries again
+            logger.exception("job %d: cannot record the encoding failure", job_id)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
