@@ -1,0 +1,193 @@
+"""Measure one model on a dataset, running it the node's way.
+
+Each image goes through the real executor (`GraphExecutor`) on the graph that model needs
+(its `requires` and `from:` upstream models included), so pre-processing (field-of-view crop,
+resize, normalisation) and post-processing (masks mapped back onto the source frame,
+thresholds, class decisions) are exactly what the node does. An image a gate upstream stops is
+reported as skipped and left out of the figures.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from dicomnode.evaluate.dataset import Dataset, DatasetError, Row, load_mask, load_rgb
+from dicomnode.evaluate.metrics import (
+    Counts,
+    bias,
+    classification_metrics,
+    mean_absolute_error,
+    roc_auc,
+    segmentation_counts,
+    segmentation_figures,
+)
+from dicomnode.graph import Selection, resolve
+from dicomnode.inference.executor import GraphExecutor, ModelResult
+from dicomnode.inference.fov import find_field_of_view
+from dicomnode.inference.postprocess import mask_to_source, measurement
+from dicomnode.inference.preprocess import SourceImage
+from dicomnode.inference.sessions import SessionPool
+from dicomnode.registry.manifest import (
+    MaskOutput,
+    MeasurementOutput,
+    ProbabilitiesOutput,
+)
+from dicomnode.registry.registry import ModelEntry, Registry
+
+logger = logging.getLogger(__name__)
+
+_YES = {"1", "yes", "true", "positive"}
+_NO = {"0", "no", "false", "negative"}
+
+
+@dataclass
+class Evaluation:
+    model: str
+    version: str
+    dataset: str
+    kind: str
+    output: str
+    figures: dict[str, Any]
+    images: int
+    skipped: dict[str, str] = field(default_factory=dict)  # image path -> reason
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "version": self.version, "dataset": self.dataset,
+            "task": self.kind, "output": self.output, "images": self.images,
+            "skipped": self.skipped, **self.figures,
+        }
+
+
+class ModelRunner:
+    """Runs one model (and what it needs) on one image at a time."""
+
+    def __init__(self, registry: Registry, entry: ModelEntry, providers: list[str]) -> None:
+        self.entry = entry
+        key = f"{entry.manifest.id}@{entry.manifest.version}"
+        self.graph = resolve(Selection.of([key], modality=entry.manifest.modalities[0]),
+                             registry)
+        self.executor = GraphExecutor(registry, SessionPool(providers), model_threads=1)
+
+    def run(self, rgb: NDArray[np.uint8], uid: str) -> tuple[ModelResult, str | None]:
+        """The model's result for one image, and why it was skipped (None when it ran)."""
+        result = self.executor.run(self.graph, [SourceImage(uid, rgb)])
+        mine = result.models[self.entry.manifest.id]
+        if mine.status == "failed":
+            raise DatasetError(f"{self.entry.manifest.key} failed: {mine.error}")
+        if uid in mine.skipped or mine.status == "skipped":
+            return mine, mine.skipped.get(uid) or mine.error or "skipped"
+        return mine, None
+
+
+def _pick(entry: ModelEntry, kind: type, name: str | None) -> Any:
+    outputs = [o for o in entry.manifest.outputs if isinstance(o, kind)]
+    if name is not None:
+        outputs = [o for o in outputs if o.name == name]
+    if not outputs:
+        wanted = f"'{name}'" if name else kind.__name__
+        raise DatasetError(f"{entry.manifest.key} has no {wanted} output for this dataset")
+    return outputs[0]
+
+
+_OUTPUT_KIND: dict[str, type] = {
+    "segmentation": MaskOutput,
+    "classification": ProbabilitiesOutput,
+    "measurement": MeasurementOutput,
+}
+
+
+def evaluate(dataset: Dataset, registry: Registry, entry: ModelEntry, *,
+             output: str | None = None, providers: list[str] | None = None) -> Evaluation:
+    spec = _pick(entry, _OUTPUT_KIND[dataset.kind], output)
+    runner = ModelRunner(registry, entry, providers or ["CPUExecutionProvider"])
+    skipped: dict[str, str] = {}
+    ran: list[tuple[Row, NDArray[np.uint8], ModelResult, str]] = []
+    for index, row in enumerate(dataset.rows):
+        uid = f"2.25.{index + 1}"
+        rgb = load_rgb(row.image)
+        result, reason = runner.run(rgb, uid)
+        if reason is not None:
+            skipped[str(row.image)] = reason
+            continue
+        ran.append((row, rgb, result, uid))
+    if not ran:
+        raise DatasetError(f"no image of {dataset.path} was run: {skipped}")
+    if isinstance(spec, MaskOutput):
+        figures = _segmentation(ran, spec)
+    elif isinstance(spec, ProbabilitiesOutput):
+        figures = _classification(ran, spec)
+    else:
+        figures = _measurement(ran, spec)
+    m = entry.manifest
+    return Evaluation(m.id, m.version, dataset.name, dataset.kind, spec.name, figures,
+                      len(ran), skipped)
+
+
+def _segmentation(ran: list[tuple[Row, NDArray[np.uint8], ModelResult, str]],
+                  spec: MaskOutput) -> dict[str, Any]:
+    total = Counts()
+    scores: list[NDArray[np.float32]] = []
+    labels: list[NDArray[np.bool_]] = []
+    for row, rgb, result, uid in ran:
+        assert row.truth is not None
+        truth = load_mask(row.truth)
+        fov = load_mask(row.fov) if row.fov is not None else find_field_of_view(rgb).mask
+        if truth.shape != rgb.shape[:2] or fov.shape != rgb.shape[:2]:
+            raise DatasetError(f"line {row.line}: truth {truth.shape} / fov {fov.shape} do not "
+                               f"match the image {rgb.shape[:2]}")
+        probability = mask_to_source(result.raw[spec.name][uid], result.geometry[uid])
+        counts = segmentation_counts(probability >= np.float32(spec.threshold), truth, fov)
+        total = Counts(total.tp + counts.tp, total.fp + counts.fp,
+                       total.fn + counts.fn, total.tn + counts.tn)
+        scores.append(probability[fov])
+        labels.append(truth[fov])
+    figures: dict[str, Any] = dict(segmentation_figures(total))
+    figures["auc"] = roc_auc(np.concatenate(scores), np.concatenate(labels))
+    figures["threshold"] = spec.threshold
+    figures["pooling"] = "pixels inside the field of view of all images, at source resolution"
+    return figures
+
+
+def _positive(label: str, spec: ProbabilitiesOutput, line: int) -> bool:
+    text = label.strip().lower()
+    labels = [c.label.lower() for c in spec.classes]
+    positive = spec.positive_label.lower()
+    if text in labels:
+        return text == positive
+    if text in _YES:
+        return True
+    if text in _NO:
+        return False
+    raise DatasetError(f"line {line}: label '{label}' is not one of {labels} (or 1/0)")
+
+
+def _classification(ran: list[tuple[Row, NDArray[np.uint8], ModelResult, str]],
+                    spec: ProbabilitiesOutput) -> dict[str, Any]:
+    index = [c.label for c in spec.classes].index(spec.positive_label)
+    scores, truth = [], []
+    for row, _rgb, result, uid in ran:
+        assert row.label is not None
+        values = np.asarray(result.raw[spec.name][uid], dtype=np.float64).reshape(-1)
+        scores.append(float(values[index]))
+        truth.append(_positive(row.label, spec, row.line))
+    threshold = spec.threshold if spec.threshold is not None else 0.5
+    figures = classification_metrics(scores, truth, threshold)
+    figures["positive"] = spec.positive_label
+    return figures
+
+
+def _measurement(ran: list[tuple[Row, NDArray[np.uint8], ModelResult, str]],
+                 spec: MeasurementOutput) -> dict[str, Any]:
+    predicted, truth = [], []
+    for row, _rgb, result, uid in ran:
+        assert row.value is not None
+        predicted.append(measurement(result.raw[spec.name][uid]))
+        truth.append(row.value)
+    return {"mae": mean_absolute_error(predicted, truth), "bias": bias(predicted, truth),
+            "unit": spec.unit.code}

@@ -1,0 +1,190 @@
+"""`dicomnode evaluate` on tiny hand-made datasets whose figures are computed by hand.
+
+The models are the tiny fixture graphs (tests/support/onnx_models.py) in a temporary registry:
+a segmenter (mask = green > 0.5), a classifier (p(gradable) = sigmoid(16 * mean green - 8)) and
+a measurement (fraction of the segmenter's mask that is set). No field-of-view crop, and the
+images are the models' 32 x 32 size, so every pixel's prediction is known.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from sqlalchemy import select
+
+from dicomnode.cli import main
+from dicomnode.db import open_database
+from dicomnode.db.models import ModelEvaluation
+from tests.support.onnx_models import (
+    RegistryWriter,
+    classifier_manifest,
+    mean_colour_classifier,
+    measurement_manifest,
+    segmenter_manifest,
+)
+
+SIZE = 32
+
+
+def _no_crop(manifest: dict[str, Any]) -> dict[str, Any]:
+    for spec in manifest["inputs"]:
+        if "size" in spec:
+            spec["crop_fov"] = False
+    return manifest
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    writer = RegistryWriter(tmp_path / "registry")
+    writer.add(_no_crop(segmenter_manifest("green-seg")))
+    quality = _no_crop(classifier_manifest("green-quality", gate=False))
+    writer.add(quality, mean_colour_classifier(bias=[4.0, -4.0]))
+    writer.add(measurement_manifest("mask-fraction", source="green-seg.mask"))
+    (tmp_path / "presets").mkdir()
+    path = tmp_path / "dicomnode.yaml"
+    path.write_text(yaml.safe_dump({
+        "storage": {"path": str(tmp_path / "storage")},
+        "database": {"url": f"sqlite:///{tmp_path / 'node.db'}"},
+        "registry": {"path": str(tmp_path / "registry")},
+        "presets": {"path": str(tmp_path / "presets")},
+    }), encoding="utf-8")
+    return path
+
+
+def _image(path: Path, green: np.ndarray) -> str:
+    rgb = np.zeros((SIZE, SIZE, 3), np.uint8)
+    rgb[..., 0] = 120
+    rgb[..., 1] = green
+    Image.fromarray(rgb).save(path)
+    return path.name
+
+
+def _columns_mask(path: Path, columns: list[range]) -> str:
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    for cols in columns:
+        mask[:, cols.start:cols.stop] = 255
+    Image.fromarray(mask).save(path)
+    return path.name
+
+
+def _csv(path: Path, header: str, rows: list[str]) -> Path:
+    path.write_text("\n".join([header, *rows]) + "\n", encoding="utf-8")
+    return path
+
+
+def _evaluate(config: Path, capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
+    assert main(["evaluate", *args, "--json", "--config", str(config)]) == 0
+    result: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return result
+
+
+def _segmentation_data(folder: Path, with_fov: bool) -> Path:
+    folder.mkdir()
+    green = np.zeros((SIZE, SIZE), np.uint8)
+    green[:, 0:16] = 255  # predicted vessel: columns 0-15
+    image = _image(folder / "a.png", green)
+    truth = _columns_mask(folder / "a_truth.gif", [range(0, 12), range(16, 20)])
+    if not with_fov:
+        return _csv(folder / "seg.csv", "image,truth", [f"{image},{truth}"])
+    fov = _columns_mask(folder / "a_fov.png", [range(0, 28)])
+    return _csv(folder / "seg.csv", "image,truth,fov", [f"{image},{truth},{fov}"])
+
+
+def test_segmentation_figures_match_hand_counts(
+    tmp_path: Path, config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # TP = 12 cols, FP = 4, FN = 4, TN = 12 (x 32 rows)
+    result = _evaluate(config, capsys, "green-seg",
+                       "--dataset", str(_segmentation_data(tmp_path / "d", False)))
+    assert result["images"] == 1
+    assert result["dice"] == pytest.approx(0.75)
+    assert result["iou"] == pytest.approx(0.6)
+    assert result["sensitivity"] == pytest.approx(0.75)
+    assert result["specificity"] == pytest.approx(0.75)
+    assert result["accuracy"] == pytest.approx(0.75)
+    # binary scores: P(pos > neg) = 0.75 * 0.75, ties 0.375 count half
+    assert result["auc"] == pytest.approx(0.75)
+
+
+def test_segmentation_with_a_fov_column_counts_only_inside(
+    tmp_path: Path, config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the FOV drops columns 28-31 (true negatives): TN = 8 cols
+    result = _evaluate(config, capsys, "green-seg@1.0.0",
+                       "--dataset", str(_segmentation_data(tmp_path / "d", True)))
+    assert result["dice"] == pytest.approx(0.75)
+    assert result["specificity"] == pytest.approx(8 / 12)
+    assert result["accuracy"] == pytest.approx((12 + 8) / 28)
+
+
+def test_classification_auc_sensitivity_specificity(
+    tmp_path: Path, config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "c"
+    folder.mkdir()
+    rows = []
+    for index, (green, label) in enumerate(
+        [(0.2, "ungradable"), (0.4, "gradable"), (0.6, "0"), (0.8, "1")]
+    ):
+        plane = np.full((SIZE, SIZE), round(green * 255), np.uint8)
+        rows.append(f"{_image(folder / f'i{index}.ppm', plane)},{label}")
+    csv_path = _csv(folder / "labels.csv", "image,label", rows)
+    result = _evaluate(config, capsys, "green-quality", "--dataset", str(csv_path))
+    # predicted gradable (green > 0.5): 0.6 and 0.8; truly gradable: 0.4 and 0.8
+    assert result["sensitivity"] == pytest.approx(0.5)
+    assert result["specificity"] == pytest.approx(0.5)
+    assert result["confusion_matrix"] == [[1, 1], [1, 1]]
+    assert result["auc"] == pytest.approx(0.75)  # 3 of 4 (positive, negative) pairs ordered
+
+
+def test_measurement_mae_and_bias_and_record(
+    tmp_path: Path, config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    rows = []
+    for columns, truth in ((8, 0.2), (16, 0.6)):  # measured fractions 0.25 and 0.5
+        plane = np.zeros((SIZE, SIZE), np.uint8)
+        plane[:, :columns] = 255
+        rows.append(f"{_image(folder / f'm{columns}.tif', plane)},{truth}")
+    csv_path = _csv(folder / "fractions.csv", "image,value", rows)
+    result = _evaluate(config, capsys, "mask-fraction", "--dataset", str(csv_path), "--record")
+    assert result["mae"] == pytest.approx(0.075)
+    assert result["bias"] == pytest.approx(-0.025)
+    manifest = yaml.safe_load(
+        (tmp_path / "registry" / "mask-fraction" / "1.0.0" / "manifest.yaml").read_text())
+    record = manifest["metrics"][-1]
+    assert record["dataset"] == "fractions"
+    assert record["dataset_sha256"] == result["dataset_sha256"]
+    assert len(record["dataset_sha256"]) == 64
+    assert record["figures"]["mae"] == pytest.approx(0.075)
+    assert main(["models", "check", "--config", str(config)]) == 0  # still a valid manifest
+    database = open_database(f"sqlite:///{tmp_path / 'node.db'}")
+    try:
+        with database.transaction() as session:
+            rows_db = session.scalars(select(ModelEvaluation)).all()
+            assert [(r.model_id, r.dataset) for r in rows_db] == [("mask-fraction", "fractions")]
+            assert json.loads(rows_db[0].figures)["bias"] == pytest.approx(-0.025)
+    finally:
+        database.dispose()
+
+
+def test_bad_datasets_are_refused_with_the_line(
+    tmp_path: Path, config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = _csv(tmp_path / "missing.csv", "image,truth", ["nothere.png,alsonot.png"])
+    assert main(["evaluate", "green-seg", "--dataset", str(missing),
+                 "--config", str(config)]) == 2
+    assert "missing.csv:2" in capsys.readouterr().err
+    no_kind = _csv(tmp_path / "nokind.csv", "image,other", ["a.png,1"])
+    assert main(["evaluate", "green-seg", "--dataset", str(no_kind),
+                 "--config", str(config)]) == 2
+    assert "'truth', 'label' or 'value'" in capsys.readouterr().err
+    assert main(["evaluate", "no-such-model", "--dataset", str(no_kind),
+                 "--config", str(config)]) == 2
