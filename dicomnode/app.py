@@ -1,4 +1,5 @@
-"""Composition root: wires the database, the receiver and the study assembler.
+"""Composition root: wires the database, the receiver, the study assembler, processing (jobs),
+the results pipeline (SR, SEG, overlay) and the dispatcher (outbox to the PACS).
 
 `Node(settings).start()` / `.stop()` for embedding and tests; `serve()` runs in the
 foreground until SIGINT or SIGTERM and then shuts down cleanly.
@@ -13,13 +14,35 @@ import threading
 from dicomnode.assemble.assembler import Assembler, StudyCompleteHook
 from dicomnode.db import open_database
 from dicomnode.db.engine import Database
+from dicomnode.dispatch import Dispatcher
 from dicomnode.errors import DicomNodeError
+from dicomnode.jobs import ProcessingService
 from dicomnode.receive.ae import Receiver
+from dicomnode.results.pipeline import ResultsPipeline
+from dicomnode.routing import load_catalog
 from dicomnode.settings import Settings
+from dicomnode.web.server import WebServer, start_web
 
 logger = logging.getLogger(__name__)
 
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+class _Processing(ProcessingService):
+    """Wakes the results pipeline as soon as a worker finishes a job.
+
+    ProcessingService has no job-finished callback; this seam lives here, in the composition
+    root, rather than in the jobs package. The pipeline also polls the jobs table, so a missed
+    wake only delays encoding by one poll, never loses it.
+    """
+
+    results: ResultsPipeline | None = None
+
+    def run_once(self, worker: str | None = None) -> int | None:
+        job_id = super().run_once(worker)
+        if job_id is not None and self.results is not None:
+            self.results.wake()
+        return job_id
 
 
 class Node:
@@ -28,6 +51,10 @@ class Node:
         self.database: Database | None = None
         self.assembler: Assembler | None = None
         self.receiver: Receiver | None = None
+        self.processing: ProcessingService | None = None
+        self.results: ResultsPipeline | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.web: WebServer | None = None
         self._hooks = list(hooks or [])
         self._stopped = threading.Event()
 
@@ -40,10 +67,24 @@ class Node:
                 "under 'callers' to restrict who may send"
             )
         self.database = open_database(settings.database.url)
-        self.assembler = Assembler(self.database, settings.completeness, self._hooks)
+        # Bad models and presets are reported and left out here; they never stop the node.
+        catalog = load_catalog(settings)
+        self.dispatcher = Dispatcher(settings, self.database)
+        self.dispatcher.start()
+        self.results = ResultsPipeline(settings, self.database, catalog.registry,
+                                       catalog.presets, on_queued=self.dispatcher.wake)
+        self.results.start()
+        processing = _Processing(settings, self.database, catalog.registry, catalog.presets)
+        processing.results = self.results
+        self.processing = processing
+        processing.start()
+        hooks = [*self._hooks, processing.on_study_complete]
+        self.assembler = Assembler(self.database, settings.completeness, hooks)
         self.assembler.start()
         self.receiver = Receiver(settings, self.database, self.assembler)
         host, port = self.receiver.start()
+        # Console/API last: preset edits reach the processing service and results pipeline.
+        self.web = start_web(settings, self.database, catalog, (processing, self.results))
         logger.info("dicomnode %s listening on %s:%d (storage %s)",
                     settings.node.ae_title, host, port, settings.storage.path)
         return host, port
@@ -53,11 +94,21 @@ class Node:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if self.web is not None:
+            self.web.stop()
         grace = self.settings.node.shutdown_grace_seconds
         if self.receiver is not None:
             self.receiver.stop(grace)
         if self.assembler is not None:
             self.assembler.stop(wait=True)
+        # Downstream stages stop in flow order: a job in progress finishes, its results are
+        # encoded or left for the next start, then the send in progress completes.
+        if self.processing is not None:
+            self.processing.stop()
+        if self.results is not None:
+            self.results.stop()
+        if self.dispatcher is not None:
+            self.dispatcher.stop()
         if self.database is not None:
             self.database.dispose()
         logger.info("dicomnode stopped")

@@ -16,6 +16,15 @@ logger = logging.getLogger(__name__)
 # Each module has `register(subparsers)`, adding its parsers with `func(args) -> int`.
 COMMAND_MODULES: tuple[str, ...] = (
     "dicomnode.commands.node",
+    "dicomnode.commands.demo",
+    "dicomnode.commands.models",
+    "dicomnode.commands.presets",
+    "dicomnode.commands.graph",
+    "dicomnode.commands.route",
+    "dicomnode.commands.jobs",
+    "dicomnode.commands.deliveries",
+    "dicomnode.commands.users",
+    "dicomnode.commands.evaluate",
 )
 
 EXIT_ERROR = 2
@@ -26,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dicomnode", description="DICOM AI gateway for retinal (fundus) imaging"
     )
     parser.add_argument("--version", action="version", version=f"dicomnode {__version__}")
+    parser.set_defaults(config=None, json=False)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
@@ -43,6 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Output piped into e.g. `head`, which closed early: not an error of ours.
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -73,3 +73,15 @@ class InferenceError(DicomNodeError):
 
 class JobNotFoundError(DicomNodeError):
     """An operation named a job the database does not hold."""
+
+
+class DispatchError(DicomNodeError):
+    """A result object cannot be queued or sent (message names the file or destination)."""
+
+
+class DeliveryNotFoundError(DicomNodeError):
+    """An operation named a delivery (outbox row) the database does not hold."""
+
+
+class UserError(DicomNodeError):
+    """A console/API user cannot be created or found (message names the user and the reason)."""

@@ -127,6 +127,46 @@ class InferenceSettings(_Strict):
     jobs_folder: str = "jobs"
 
 
+class DispatchSettings(_Strict):
+    """The outbox: how results are sent to destinations and retried (state lives in the DB)."""
+
+    # Retry n (n = 1, 2, ...) waits first_delay * factor**(n-1), at most max_delay.
+    first_delay_seconds: Annotated[float, Field(ge=0)] = 30.0
+    factor: Annotated[float, Field(ge=1)] = 2.0
+    max_delay_seconds: Annotated[float, Field(gt=0)] = 3600.0
+    # After this many attempts a delivery is `failed` until an operator retries it.
+    max_attempts: Annotated[int, Field(ge=1, le=1000)] = 10
+    # Objects sent per destination over one association.
+    batch_size: Annotated[int, Field(ge=1, le=10000)] = 50
+    # How often the dispatcher looks for due deliveries (enqueue also wakes it at once).
+    poll_seconds: Annotated[float, Field(gt=0)] = 5.0
+    # A delivery left `sending` by a node that died is retried once this has passed.
+    lease_seconds: Annotated[float, Field(gt=0)] = 300.0
+    # Calling AE title for C-STORE/C-ECHO; empty = the node's own AE title.
+    calling_ae_title: str | None = None
+    connect_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
+    network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+
+    @field_validator("calling_ae_title")
+    @classmethod
+    def _calling(cls, value: str | None) -> str | None:
+        return None if value is None or not value.strip() else _check_ae_title(value)
+
+
+class WebSettings(_Strict):
+    """The admin console and REST API (dicomnode.web), served inside the node."""
+
+    enabled: bool = True
+    # Loopback by default: the console changes what runs on patient images; expose it on
+    # purpose (behind TLS termination) rather than by accident.
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080  # 0 = any free port (tests)
+    # A console login lasts this long without being renewed.
+    session_minutes: Annotated[int, Field(ge=1, le=60 * 24 * 30)] = 480
+    # Mark the session cookie Secure (set when the console is only reached over HTTPS).
+    secure_cookies: bool = False
+
+
 class Settings(_Strict):
     node: NodeSettings = Field(default_factory=NodeSettings)
     callers: list[CallerSettings] = Field(default_factory=list)
@@ -140,6 +180,8 @@ class Settings(_Strict):
     modality_defaults: dict[str, str] = Field(default_factory=dict)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
     # Where the settings came from; relative paths were resolved against its folder.
     source: Path | None = None
 

@@ -13,18 +13,24 @@ from typing import Any
 from dicomnode.settings import Settings, load_settings
 
 
+# Options may be given at a command group and again at its subcommand; SUPPRESS keeps a
+# subcommand's parser from overwriting a value given earlier with its own default.
+# `cli.build_parser` sets the real defaults once, at the top.
 def add_config_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
         type=Path,
-        default=None,
+        default=argparse.SUPPRESS,
         metavar="PATH",
         help="settings file (default: config/dicomnode.yaml, the embedded default)",
     )
 
 
 def add_json_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS,
+        help="print JSON instead of a table",
+    )
 
 
 def settings_from(args: argparse.Namespace) -> Settings:

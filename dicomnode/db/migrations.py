@@ -17,12 +17,14 @@ from sqlalchemy import (
     Column,
     Connection,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     MetaData,
     String,
     Table,
     Text,
+    UniqueConstraint,
     inspect,
     text,
 )
@@ -103,9 +105,174 @@ def _v2_audit_events(conn: Connection) -> None:
     md.create_all(conn)
 
 
+def _v3_study_announced_at(conn: Connection) -> None:
+    column_type = DateTime(timezone=True).compile(dialect=conn.dialect)
+    conn.execute(text(f"ALTER TABLE studies ADD COLUMN announced_at {column_type}"))
+
+
+def _v4_jobs_model_runs(conn: Connection) -> None:
+    md = MetaData()
+    Table("studies", md, Column("id", Integer, primary_key=True))  # FK target only
+    Table(
+        "jobs", md,
+        Column("id", Integer, primary_key=True),
+        Column("study_id", Integer, ForeignKey("studies.id"), index=True, nullable=False),
+        Column("study_uid", String(64), index=True, nullable=False),
+        Column("preset", String(64)),
+        Column("graph_json", Text, nullable=False),
+        Column("state", String(16), index=True, nullable=False),
+        Column("reason", String(32), nullable=False),
+        Column("attempts", Integer, nullable=False),
+        Column("claimed_by", String(128)),
+        Column("lease_until", DateTime(timezone=True), index=True),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("started_at", DateTime(timezone=True)),
+        Column("finished_at", DateTime(timezone=True)),
+        Column("outcome_json", Text),
+        Column("output_path", Text),
+    )
+    Table(
+        "model_runs", md,
+        Column("id", Integer, primary_key=True),
+        Column("job_id", Integer, ForeignKey("jobs.id"), index=True, nullable=False),
+        Column("model_id", String(64), nullable=False),
+        Column("version", String(32), nullable=False),
+        Column("provider", String(64)),
+        Column("images", Integer, nullable=False),
+        Column("batch_size", Integer, nullable=False),
+        Column("started_at", DateTime(timezone=True)),
+        Column("finished_at", DateTime(timezone=True)),
+        Column("duration_ms", Float),
+        Column("status", String(16), nullable=False),
+        Column("error", Text),
+        Column("skipped_json", Text),
+    )
+    md.create_all(conn, tables=[md.tables["jobs"], md.tables["model_runs"]])
+
+
+def _v5_deliveries(conn: Connection) -> None:
+    md = MetaData()
+    Table(
+        "deliveries", md,
+        Column("id", Integer, primary_key=True),
+        Column("path", Text, nullable=False),
+        Column("sop_instance_uid", String(64), index=True, nullable=False),
+        Column("sop_class_uid", String(64), nullable=False),
+        Column("study_uid", String(64), index=True),
+        Column("destination", String(64), nullable=False),
+        Column("state", String(16), index=True, nullable=False),
+        Column("attempts", Integer, nullable=False),
+        Column("next_attempt_at", DateTime(timezone=True), index=True, nullable=False),
+        Column("last_error", Text),
+        Column("claimed_by", String(128)),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("updated_at", DateTime(timezone=True), nullable=False),
+        Column("sent_at", DateTime(timezone=True)),
+        UniqueConstraint("sop_instance_uid", "destination"),
+    )
+    md.create_all(conn)
+
+
+def _v6_results(conn: Connection) -> None:
+    md = MetaData()
+    Table("jobs", md, Column("id", Integer, primary_key=True))  # FK target only
+    Table(
+        "result_sets", md,
+        Column("id", Integer, primary_key=True),
+        Column("job_id", Integer, ForeignKey("jobs.id"), unique=True, index=True,
+               nullable=False),
+        Column("study_uid", String(64), index=True, nullable=False),
+        Column("state", String(16), index=True, nullable=False),
+        Column("attempts", Integer, nullable=False),
+        Column("error", Text),
+        Column("folder", Text),
+        Column("started_at", DateTime(timezone=True)),
+        Column("finished_at", DateTime(timezone=True)),
+    )
+    Table(
+        "results", md,
+        Column("id", Integer, primary_key=True),
+        Column("job_id", Integer, ForeignKey("jobs.id"), index=True, nullable=False),
+        Column("study_uid", String(64), index=True, nullable=False),
+        Column("kind", String(16), nullable=False),
+        Column("sop_instance_uid", String(64), unique=True, index=True, nullable=False),
+        Column("sop_class_uid", String(64), nullable=False),
+        Column("series_instance_uid", String(64), nullable=False),
+        Column("source_uid", String(64)),
+        Column("path", Text, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+    )
+    md.create_all(conn, tables=[md.tables["result_sets"], md.tables["results"]])
+
+
+def _v7_users_sessions_preset_revisions(conn: Connection) -> None:
+    md = MetaData()
+    Table(
+        "users", md,
+        Column("id", Integer, primary_key=True),
+        Column("name", String(64), unique=True, index=True, nullable=False),
+        Column("role", String(16), nullable=False),
+        Column("password_hash", String(256), nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("disabled", Boolean, nullable=False),
+    )
+    Table(
+        "api_tokens", md,
+        Column("id", Integer, primary_key=True),
+        Column("user_id", Integer, ForeignKey("users.id"), index=True, nullable=False),
+        Column("token_hash", String(64), unique=True, index=True, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("last_used_at", DateTime(timezone=True)),
+    )
+    Table(
+        "web_sessions", md,
+        Column("id", Integer, primary_key=True),
+        Column("user_id", Integer, ForeignKey("users.id"), index=True, nullable=False),
+        Column("token_hash", String(64), unique=True, index=True, nullable=False),
+        Column("csrf_token", String(64), nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("expires_at", DateTime(timezone=True), index=True, nullable=False),
+    )
+    Table(
+        "preset_revisions", md,
+        Column("id", Integer, primary_key=True),
+        Column("preset_id", String(64), index=True, nullable=False),
+        Column("action", String(16), nullable=False),
+        Column("actor", String(64), nullable=False),
+        Column("at", DateTime(timezone=True), index=True, nullable=False),
+        Column("previous", Text),
+        Column("content", Text),
+    )
+    md.create_all(conn)
+
+
+def _v8_model_evaluations(conn: Connection) -> None:
+    md = MetaData()
+    Table(
+        "model_evaluations", md,
+        Column("id", Integer, primary_key=True),
+        Column("model_id", String(64), index=True, nullable=False),
+        Column("version", String(64), nullable=False),
+        Column("dataset", String(256), nullable=False),
+        Column("dataset_sha256", String(64), nullable=False),
+        Column("task", String(16), nullable=False),
+        Column("images", Integer, nullable=False),
+        Column("figures", Text, nullable=False),
+        Column("measured_at", DateTime(timezone=True), nullable=False),
+    )
+    md.create_all(conn)
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "studies, series, instances", _v1_studies_series_instances),
     Migration(2, "audit trail", _v2_audit_events),
+    Migration(3, "studies.announced_at (completion hooks run)", _v3_study_announced_at),
+    Migration(4, "jobs and model runs (graph execution)", _v4_jobs_model_runs),
+    Migration(5, "deliveries (outbox of result objects)", _v5_deliveries),
+    Migration(6, "result sets and results (encoded SR, SEG, overlay)", _v6_results),
+    Migration(7, "users, API tokens, console sessions, preset revisions",
+              _v7_users_sessions_preset_revisions),
+    Migration(8, "model evaluations (dicomnode evaluate --record)", _v8_model_evaluations),
 ]
 
 HEAD = MIGRATIONS[-1].version

@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -35,6 +35,16 @@ def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
             return True
         time.sleep(0.2)
     return predicate()
+
+
+# A completed study moves on at once to processing (routed, or recorded not-routed): for the
+# receiving stage, any of these states means "completed".
+_COMPLETED = {StudyState.COMPLETE, StudyState.PROCESSING, StudyState.DONE, StudyState.PARTIAL,
+              StudyState.FAILED, StudyState.NOT_ROUTED}
+
+
+def _all_completed(states: dict[str, str], uids: Iterable[str]) -> bool:
+    return set(states) == set(uids) and all(state in _COMPLETED for state in states.values())
 
 
 def _states(database: Database) -> dict[str, str]:
@@ -71,7 +81,7 @@ def test_twenty_concurrent_senders_every_instance_lands_every_study_completes(
         try:
             # Both eyes arrived: each completes at the end of its association, not after 30 s.
             assert _wait(
-                lambda: _states(database) == dict.fromkeys(studies, StudyState.COMPLETE), 20
+                lambda: _all_completed(_states(database), studies), 20
             ), _states(database)
             with database.transaction() as session:
                 assert session.scalar(select(func.count()).select_from(Instance)) == 40
@@ -97,7 +107,7 @@ def test_kill_9_during_quiet_period_then_restart_completes(db_url: str, tmp_path
         assert _states(database) == {uid: StudyState.RECEIVING}
         # The restarted node rebuilds the timer from the database (nothing else re-sends).
         with NodeProcess(config) as restarted:
-            assert _wait(lambda: _states(database) == {uid: StudyState.COMPLETE}, 15), \
+            assert _wait(lambda: _all_completed(_states(database), [uid]), 15), \
                 restarted.log()
         with database.transaction() as session:
             study = session.execute(select(Study)).scalar_one()
@@ -134,7 +144,9 @@ def _cli_here(capsys: pytest.CaptureFixture[str], config: Path, *args: str
 
 
 def test_study_commands(db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    config = write_config(tmp_path, db_url, completeness={"quiet_seconds": 600})
+    # No job workers: their sweep would re-plan the late instance below before it is checked.
+    config = write_config(tmp_path, db_url, completeness={"quiet_seconds": 600},
+                          inference={"workers": 0})
     uid, files = write_study(tmp_path / "study", lateralities="R")
     with NodeProcess(config) as node:
         subprocess.run(_storescu_cmd(node.port, files), check=True, capture_output=True,
@@ -163,7 +175,7 @@ def test_study_commands(db_url: str, tmp_path: Path, capsys: pytest.CaptureFixtu
             def announced() -> bool:  # the running node's sweep picked the forced study up
                 with database.transaction() as session:
                     study = session.execute(select(Study)).scalar_one()
-                return study.state == StudyState.COMPLETE and study.announced_at is not None
+                return study.state in _COMPLETED and study.announced_at is not None
 
             assert _wait(announced, 10), node.log()
         finally:
@@ -177,7 +189,7 @@ def test_study_commands(db_url: str, tmp_path: Path, capsys: pytest.CaptureFixtu
             with database.transaction() as session:
                 study = session.execute(select(Study)).scalar_one()
                 flags = sorted(session.scalars(select(Instance.late)))
-            assert study.state == StudyState.COMPLETE and study.needs_reprocess
+            assert study.state in _COMPLETED and study.needs_reprocess
             assert flags == [False, True]
         finally:
             database.dispose()
@@ -185,7 +197,7 @@ def test_study_commands(db_url: str, tmp_path: Path, capsys: pytest.CaptureFixtu
         assert code == 0 and "already complete" in out
         code, out, _err = _cli_here(capsys, config, "studies", "--json")
         rows = json.loads(out)
-        assert rows[0]["state"] == "complete" and rows[0]["completed_at"] is not None
+        assert rows[0]["state"] in _COMPLETED and rows[0]["completed_at"] is not None
         assert rows[0]["instances"] == 2
 
 

@@ -27,6 +27,8 @@ def write_config(directory: Path, db_url: str, **overrides: Any) -> Path:
         "database": {"url": db_url},
         "completeness": {"quiet_seconds": 1, "sweep_seconds": 1},
         "logging": {"level": "INFO"},
+        # Off unless a test asks: nodes of concurrent test runs would all want port 8080.
+        "web": {"enabled": False},
     }
     for section, value in overrides.items():
         if isinstance(value, dict) and isinstance(config.get(section), dict):

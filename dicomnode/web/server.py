@@ -1,0 +1,95 @@
+"""Run the web application with uvicorn on a thread inside the node process."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Sequence
+
+import uvicorn
+
+from dicomnode.db.engine import Database
+from dicomnode.errors import DicomNodeError
+from dicomnode.routing.catalog import Catalog
+from dicomnode.settings import Settings, WebSettings
+from dicomnode.web.app import create_app
+from dicomnode.web.state import CatalogHolder, WebState
+
+logger = logging.getLogger(__name__)
+
+
+class WebServer:
+    """`start()` binds (so a taken port fails the node's start, loudly) and serves on a thread."""
+
+    def __init__(self, state: WebState, settings: WebSettings) -> None:
+        self._settings = settings
+        config = uvicorn.Config(
+            create_app(state), host=settings.host, port=settings.port, log_level="warning",
+            access_log=False, lifespan="off",
+        )
+        self._server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+        self._socket: socket.socket | None = None
+        self.address: tuple[str, int] | None = None
+
+    def start(self, timeout: float = 10.0) -> tuple[str, int]:
+        sock = socket.socket(socket.AF_INET6 if ":" in self._settings.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self._settings.host, self._settings.port))
+        except OSError as exc:
+            sock.close()
+            raise DicomNodeError(
+                f"web console cannot listen on {self._settings.host}:{self._settings.port}: "
+                f"{exc.strerror or exc} (settings: web.host / web.port, or web.enabled: false)"
+            ) from exc
+        self._socket = sock
+        host, port = sock.getsockname()[:2]
+        self.address = (str(host), int(port))
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, name="web", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise DicomNodeError("web console did not start (see the log)")
+            time.sleep(0.02)
+        logger.info("web console and API on http://%s:%d/", host, port)
+        return self.address
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self._socket is not None:
+            self._socket.close()
+
+
+def start_web(
+    settings: Settings, database: Database, catalog: Catalog, consumers: Sequence[object] = ()
+) -> WebServer | None:
+    """Start the console/API if `web.enabled`; preset edits reach `consumers` on reload.
+
+    Each consumer holding a `presets` attribute (the processing service, the results pipeline)
+    gets the reloaded PresetSet, so an edited preset routes the next study without a restart.
+    """
+    if not settings.web.enabled:
+        logger.info("web console disabled (web.enabled: false)")
+        return None
+    holder = CatalogHolder(settings, catalog)
+
+    def _hand_over(new: Catalog) -> None:
+        for consumer in consumers:
+            if consumer is not None and hasattr(consumer, "presets"):
+                consumer.presets = new.presets
+
+    holder.subscribe(_hand_over)
+    # The processing service knows which execution provider its sessions really use.
+    probes = [h for c in consumers if callable(h := getattr(c, "health", None))]
+    state = WebState(settings, database, holder, health_probe=probes[0] if probes else None)
+    server = WebServer(state, settings.web)
+    server.start()
+    return server
