@@ -22,7 +22,8 @@ logger = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "config" / "dicomnode.yaml"
 
-_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
+# The default character repertoire, without backslash (the value separator).
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 
 
 def _check_ae_title(value: str) -> str:
@@ -174,7 +175,9 @@ class Settings(_Strict):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     completeness: CompletenessSettings = Field(default_factory=CompletenessSettings)
     destinations: dict[str, DestinationSettings] = Field(default_factory=dict)
-    registry: PathSettings = Field(default_factory=lambda: PathSettings(path=Path("./model_registry")))
+    registry: PathSettings = Field(
+        default_factory=lambda: PathSettings(path=Path("./model_registry"))
+    )
     presets: PathSettings = Field(default_factory=lambda: PathSettings(path=Path("./presets")))
     # modality -> preset id, used when no preset's routing conditions match.
     modality_defaults: dict[str, str] = Field(default_factory=dict)

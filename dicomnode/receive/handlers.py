@@ -127,9 +127,10 @@ class ReceiveHandlers:
             return
         logger.warning("association from %s@%s to %s rejected: %s",
                        calling, peer, called, rejection.reason)
-        assoc.acse.send_reject(0x01, 0x01, rejection.diagnostic)
+        # Audit first: once the caller sees the rejection, its record is already committed.
         self._audit("association-rejected", calling_ae=calling, peer=peer,
                     detail=f"{rejection.reason} (called AE {called!r})")
+        assoc.acse.send_reject(0x01, 0x01, rejection.diagnostic)
         assoc.kill()
 
     def on_ended(self, event: Any) -> None:
