@@ -7,8 +7,9 @@ Models (each `model_registry/<id>/1.0.0/model.onnx`; the manifests and cards sit
 - optic-disc: the brightest compact region inside the field of view (local contrast of the
   smoothed luminance at 64x64, arg-max), then a mask of the bright pixels in a window around it
   (closed so vessels crossing the disc do not punch holes), its centroid and its diameter.
-- laterality: the same disc locator; the disc right of the image centre means a right eye
-  (the usual macula-centred fundus view), as probabilities [left, right].
+- laterality: the same disc locator, then the macula (the darkest vessel-free spot beside the
+  disc, relative to its surroundings) to the left or right of the disc: left of the disc means a
+  right eye, as probabilities [left, right]. Independent of where the disc sits in the frame.
 - fundus-quality: four soft checks (field-of-view coverage, illumination, contrast, sharpness),
   multiplied into p(gradable); outputs [gradable, ungradable] and the raw features.
 - vessel-metrics: vessel density in the field of view (%) and mean vessel calibre
@@ -46,6 +47,17 @@ QUALITY_CHECKS: tuple[tuple[int, float, float], ...] = (
     (3, 0.030, 250.0),
     (4, -0.10, 60.0),
 )
+
+
+# laterality (macula side of the disc), at 64x64 over the field-of-view crop. Chosen on CHASE_DB1
+# images 01-07 (both eyes) with the synthetic fundus as a check; 08-14 held out (see its CARD.md).
+LATERALITY_DISC_CELLS = 6.25  # a typical disc diameter: 25 px of the 256 crop
+LATERALITY_BAND = (1.5, 3.0)  # |dx| from the disc centre, in disc diameters
+LATERALITY_HALF_HEIGHT = 1.5  # |dy| from the disc centre, in disc diameters
+LATERALITY_EXCLUDE = 1.5  # disc radius left out of the background, in disc diameters
+LATERALITY_ERODE = 5  # cells of field-of-view edge left out of the bands
+LATERALITY_SCALES = tuple((s, w) for s in (3, 5, 7) for w in (21, 31, 41))  # (spot, background)
+LATERALITY_SLOPE = 20.0
 
 
 class _Graph:
@@ -201,11 +213,73 @@ def optic_disc() -> onnx.ModelProto:
 
 
 def laterality() -> onnx.ModelProto:
+    """Which side of the disc the macula lies on, not where the disc sits in the frame.
+
+    Around the detected disc, at 64x64, the vessel-free luminance (vessels closed out) is divided
+    by its local background (disc excluded, so it does not brighten its surroundings); the
+    darkest spot in each of two horizontal bands, LATERALITY_BAND disc diameters to the left and
+    to the right of the disc, is found. The macula is the darker one: to the viewer's left of the
+    disc in a right eye, to the right in a left eye. The difference, averaged over
+    LATERALITY_SCALES, gives p(right) = sigmoid(LATERALITY_SLOPE * (min_right - min_left)).
+    """
     g = _Graph()
     _, centre, _ = _disc_locator(g, "image")
-    x = g.op("Slice", [centre, g.const([0], np.int64), g.const([1], np.int64),
-                       g.const([1], np.int64)])
-    p_right = g.op("Sigmoid", [g.op("Mul", [g.op("Sub", [x, g.const(0.5)]), g.const(25.0)])])
+    lum = _luminance(g, "image")
+    fov = _fov(g, "image")
+    closed = g.erode(g.dilate(lum, 9), 9)
+    l64 = g.avg(g.op("Mul", [closed, fov]), 4, 4)
+    f64 = g.avg(fov, 4, 4)
+    inner = g.erode(g.op("Cast", [g.op("Greater", [f64, g.const(0.99)])], to=TensorProto.FLOAT),
+                    LATERALITY_ERODE)
+    edge = (LATERALITY_ERODE - 1) // 2  # the crop's border counts as outside the field of view
+    border = np.zeros((1, 1, 64, 64), np.float32)
+    border[..., edge:64 - edge, edge:64 - edge] = 1.0
+    inner = g.op("Mul", [inner, g.const(border)])
+    xs, ys = _grid(g, 64, 1.0)
+    c64 = g.op("Mul", [centre, g.const(64.0)])
+    shape4 = g.const([-1, 1, 1, 1], np.int64)
+    cx4 = g.op("Reshape", [g.op("Slice", [c64, g.const([0], np.int64), g.const([1], np.int64),
+                                          g.const([1], np.int64)]), shape4])
+    cy4 = g.op("Reshape", [g.op("Slice", [c64, g.const([1], np.int64), g.const([2], np.int64),
+                                          g.const([1], np.int64)]), shape4])
+    dx = g.op("Sub", [xs, cx4])
+    dy = g.op("Sub", [ys, cy4])
+    adx = g.op("Abs", [dx])
+    dd = LATERALITY_DISC_CELLS
+    d2 = g.op("Add", [g.op("Mul", [dx, dx]), g.op("Mul", [dy, dy])])
+    keep = g.op("Cast", [g.op("Greater", [d2, g.const((LATERALITY_EXCLUDE * dd) ** 2)])],
+                to=TensorProto.FLOAT)  # the background leaves the disc out
+
+    def flag(cond: str) -> str:
+        return g.op("Cast", [cond], to=TensorProto.FLOAT)
+
+    lo, hi = LATERALITY_BAND
+    band = g.op("Mul", [flag(g.op("LessOrEqual", [g.op("Abs", [dy]),
+                                                   g.const(LATERALITY_HALF_HEIGHT * dd)])),
+                        g.op("Mul", [flag(g.op("GreaterOrEqual", [adx, g.const(lo * dd)])),
+                                     flag(g.op("LessOrEqual", [adx, g.const(hi * dd)]))])])
+    band = g.op("Mul", [band, inner])
+    left = g.op("Mul", [band, flag(g.op("Less", [dx, g.const(0.0)]))])
+    right = g.op("Mul", [band, flag(g.op("Greater", [dx, g.const(0.0)]))])
+
+    def band_min(score: str, where: str) -> str:  # (N,1); 2.0 where the band is empty
+        outside = g.op("Mul", [g.op("Sub", [g.const(1.0), where]), g.const(2.0)])
+        return g.op("ReduceMin", [g.op("Add", [g.op("Mul", [score, where]), outside])],
+                    axes=[2, 3], keepdims=0)
+
+    diffs = []
+    lw = g.op("Mul", [l64, keep])
+    fw = g.op("Mul", [f64, keep])
+    for spot, wide in LATERALITY_SCALES:
+        bg = g.op("Div", [g.avg(lw, wide), g.op("Max", [g.avg(fw, wide), g.const(1e-3)])])
+        sp = g.op("Div", [g.avg(l64, spot), g.op("Max", [g.avg(f64, spot), g.const(1e-3)])])
+        score = g.op("Div", [sp, g.op("Max", [bg, g.const(1e-3)])])
+        diffs.append(g.op("Sub", [band_min(score, right), band_min(score, left)]))
+    total = diffs[0]
+    for d in diffs[1:]:
+        total = g.op("Add", [total, d])
+    mean = g.op("Div", [total, g.const(float(len(diffs)))])
+    p_right = g.op("Sigmoid", [g.op("Mul", [mean, g.const(LATERALITY_SLOPE)])])
     p_left = g.op("Sub", [g.const(1.0), p_right])
     g.op("Concat", [p_left, p_right], "laterality", axis=1)
     outs = [helper.make_tensor_value_info("laterality", TensorProto.FLOAT, ["batch", 2])]

@@ -6,7 +6,9 @@ Runs each ONNX model the way the node does (FOV square crop, resize, normalise: 
 input spec through `dicomnode.inference.preprocess.prepare`) on:
 - the synthetic fundus (`dicomnode.synthetic`), both eyes, `--seeds` seeds: disc centre error
   and mask Dice against the generator's disc, laterality accuracy, quality on clean images;
-- CHASE_DB1 (28 images, L/R in the names): laterality accuracy and AUC, disc found inside FOV;
+- CHASE_DB1 (28 images, L/R in the names): laterality accuracy and AUC (all, and split into
+  01-07, where the laterality constants were chosen, and the held-out 08-14), disc found inside
+  FOV; the laterality the NEMA VL4 fundus gets (its eye is not recorded);
 - fundus-quality on CHASE + the NEMA VL4 fundus (gradable) and controlled degradations of
   them (blur, under-/over-exposure, off-centre, partial field; ungradable): AUC, sensitivity,
   specificity at the manifest threshold.
@@ -141,6 +143,8 @@ def measure(data: Path | None, seeds: int) -> dict[str, Any]:
     in_fov: list[bool] = []
     for name, rgb in gradable:
         if not name.startswith("Image_"):
+            lraw, _ = lat(rgb)  # VL4: laterality not recorded, so only the prediction
+            out["vl4_laterality_p_right"] = float(lraw["laterality"][1])
             continue
         lraw, _ = lat(rgb)
         p_right.append(float(lraw["laterality"][1]))
@@ -153,10 +157,19 @@ def measure(data: Path | None, seeds: int) -> dict[str, Any]:
                     float(np.asarray(raw["disc_diameter"]).reshape(-1)[0]))
     pr = np.array(p_right)
     tr = np.array(truth_right)
+    number = np.array([int(p.stem[6:8]) for p in chase])
     out["chase_laterality"] = {
         "images": len(pr), "accuracy": float(np.mean((pr >= 0.5) == tr)),
         "auc": roc_auc(pr, tr), "disc_centre_inside_fov": float(np.mean(in_fov)),
     }
+    # the laterality constants were chosen on 01-07 (both eyes); 08-14 are held out
+    for split, sel in (("chase_laterality_01_07", number <= 7),
+                       ("chase_laterality_08_14", number >= 8)):
+        out[split] = {"images": int(sel.sum()),
+                      "accuracy": float(np.mean((pr[sel] >= 0.5) == tr[sel])),
+                      "auc": roc_auc(pr[sel], tr[sel]),
+                      "wrong": [p.stem for p, ok, s in zip(chase, (pr >= 0.5) == tr, sel,
+                                                           strict=True) if s and not ok]}
     scores: list[float] = []
     labels: list[bool] = []
     per_kind: dict[str, list[float]] = {}

@@ -182,6 +182,21 @@ def test_chase_image_is_gradable_with_its_disc_inside_the_fov(executor: GraphExe
     assert 0.05 <= ratio <= 0.3
 
 
+@pytest.mark.parametrize("name", ["Image_01L", "Image_01R"])
+def test_laterality_on_a_real_chase_image_of_each_eye(executor: GraphExecutor,
+                                                      registry: Registry, name: str) -> None:
+    """CHASE_DB1 is disc-centred: the disc's place in the frame does not tell the eye, the
+    macula's side of the disc does (p_right measured 0.05 for 01L, 0.87 for 01R)."""
+    path = CHASE / "images" / f"{name}.jpg"
+    if not path.is_file():
+        unavailable(f"{path} not found (../shared/data)")
+    rgb = np.array(Image.open(path).convert("RGB"))
+    image = SourceImage("1.2.3.21", rgb)
+    result = _run(executor, registry, ["laterality"], [image])
+    found = result.models["laterality"].findings["laterality"]["1.2.3.21"]
+    assert found.label == ("right" if name.endswith("R") else "left")
+
+
 def _session(registry: Registry, model_id: str) -> ort.InferenceSession:
     return ort.InferenceSession(str(registry.get(model_id).onnx_path),
                                 providers=["CPUExecutionProvider"])
