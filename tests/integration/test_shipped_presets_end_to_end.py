@@ -1,0 +1,108 @@
+"""Each shipped preset, with the shipped models, end to end on the demo study.
+
+storescu sends the synthetic two-eye study to a real `dicomnode serve` that loads the shipped
+`model_registry/` and `presets/`; the demo study's description matches no preset's
+conditions, so the modality default (set per run) picks the preset under test. The job must
+end `done` with every model of the preset's graph run on both images, and the SR and SEGs
+must reach Orthanc and pass dciodvfy.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from dicomnode.db.engine import Database
+from dicomnode.db.models import Delivery, DeliveryState, Job, ModelRun, Result
+from dicomnode.graph import Selection, resolve
+from dicomnode.registry.loader import load_registry
+from dicomnode.routing import load_presets
+from dicomnode.synthetic import demo_study
+from tests.support.node import NODE_AE, NodeProcess, write_config
+from tests.support.orthanc import ORTHANC_AET, Orthanc
+from tests.support.peers import free_port, require_tool
+from tests.unit.results.sources import dciodvfy, errors
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+PRESETS = ["diabetic-screening", "ophthalmology-comprehensive", "glaucoma-clinic",
+           "vascular-health-check"]
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    peer = Orthanc(tmp_path_factory.mktemp("pacs"), free_port(), free_port())
+    peer.start()
+    yield peer
+    peer.stop()
+
+
+def _expected_models(preset_id: str) -> dict[str, str]:
+    registry = load_registry(ROOT / "model_registry")
+    presets = load_presets(ROOT / "presets", registry=registry, destinations={"pacs"})
+    preset = next(p for p in presets.ordered() if p.id == preset_id)
+    graph = resolve(Selection.of(preset.models, modality="OP", preset=preset_id), registry)
+    return dict(graph.models)
+
+
+@pytest.mark.parametrize("preset_id", PRESETS)
+def test_shipped_preset_runs_on_the_demo_study_and_reaches_the_pacs(
+    tmp_path: Path, orthanc: Orthanc, preset_id: str
+) -> None:
+    require_tool("dciodvfy", "dicom3tools")
+    storescu = require_tool("storescu", "dcmtk")
+    db_url = f"sqlite:///{tmp_path / 'node.db'}"
+    config = write_config(
+        tmp_path, db_url,
+        destinations={"pacs": {"ae_title": ORTHANC_AET, "host": "127.0.0.1",
+                               "port": orthanc.dicom_port}},
+        registry={"path": str(ROOT / "model_registry")},
+        presets={"path": str(ROOT / "presets")},
+        modality_defaults={"OP": preset_id},
+        inference={"providers": ["CPUExecutionProvider"], "poll_seconds": 0.5},
+        dispatch={"first_delay_seconds": 0.5, "poll_seconds": 0.2},
+    )
+    study = demo_study(tmp_path / "demo", size=768, seed=7)
+    database = Database(db_url)
+    try:
+        with NodeProcess(config) as node:
+            subprocess.run([storescu, "-aet", "CAM1", "-aec", NODE_AE, "127.0.0.1",
+                            str(node.port), *map(str, study)],
+                           check=True, capture_output=True, timeout=120)
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline:
+                with database.transaction() as session:
+                    deliveries = list(session.scalars(select(Delivery)))
+                if deliveries and all(d.state == DeliveryState.SENT for d in deliveries):
+                    break
+                time.sleep(0.5)
+            else:
+                pytest.fail(f"results not delivered; node log:\n{node.log()[-6000:]}")
+        with database.transaction() as session:
+            [job] = list(session.scalars(select(Job)))
+            runs = list(session.scalars(select(ModelRun).where(ModelRun.job_id == job.id)))
+            results = list(session.scalars(select(Result).where(Result.job_id == job.id)))
+            job_state, job_preset = job.state, job.preset
+    finally:
+        database.dispose()
+
+    assert (job_preset, job_state) == (preset_id, "done")
+    expected = _expected_models(preset_id)
+    assert {(r.model_id, r.version) for r in runs} == set(expected.items())
+    assert all(r.status == "ok" and r.images == 2 for r in runs), [
+        (r.model_id, r.status, r.images, r.error) for r in runs]
+    kinds = sorted(r.kind for r in results)
+    assert kinds.count("sr") == 1
+    # Every shipped preset holds a mask model (vessels or disc): one SEG per eye.
+    assert kinds.count("seg") == 2
+    held = set(orthanc.sop_instance_uids())
+    for row in results:
+        assert row.sop_instance_uid in held, (row.kind, "not in the PACS")
+        path = tmp_path / "storage" / row.path
+        assert errors(dciodvfy(path)) == [], (row.kind, dciodvfy(path))
