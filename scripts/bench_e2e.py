@@ -55,7 +55,7 @@ from dicomnode.db.models import (  # noqa: E402
 from dicomnode.synthetic import demo_study  # noqa: E402
 from tests.support.node import NodeProcess, write_config  # noqa: E402
 from tests.support.orthanc import ORTHANC_AET, Orthanc  # noqa: E402
-from tests.support.peers import free_port  # noqa: E402
+from tests.support.peers import free_port, system_tool  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,8 @@ def wait_for(database: Database, count: int, timeout: float, node: NodeProcess) 
 
 
 def send(port: int, files: list[Path]) -> None:
-    subprocess.run(["storescu", "-aet", "CAM1", "-aec", "DICOMNODE", "127.0.0.1", str(port),
+    storescu = system_tool("storescu") or "storescu"
+    subprocess.run([storescu, "-aet", "CAM1", "-aec", "DICOMNODE", "127.0.0.1", str(port),
                     *map(str, files)], check=True, capture_output=True, timeout=300)
 
 

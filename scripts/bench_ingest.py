@@ -27,6 +27,9 @@ from pydicom.uid import generate_uid
 
 from dicomnode.synthetic import op_dataset, synthetic_fundus
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/support is shared
+from tests.support.peers import system_tool
+
 
 @dataclass(frozen=True)
 class Result:
@@ -182,8 +185,9 @@ def main() -> int:
                         help="where files go (default: a temporary folder, removed after)")
     parser.add_argument("--only-dicomnode", action="store_true",
                         help="measure dicomnode alone (for profiling)")
-    parser.add_argument("--storescu", default=shutil.which("storescu") or "storescu")
-    parser.add_argument("--storescp", default=shutil.which("storescp") or "storescp")
+    # DCMTK's tools, not the same-named pynetdicom console scripts of an activated venv.
+    parser.add_argument("--storescu", default=system_tool("storescu") or "storescu")
+    parser.add_argument("--storescp", default=system_tool("storescp") or "storescp")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=args.workdir))

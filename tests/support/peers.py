@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sysconfig
+from pathlib import Path
 
 import pytest
 
@@ -20,9 +22,21 @@ def unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
+def system_tool(name: str) -> str | None:
+    """Path of a system executable (a Debian package's), never the Python environment's own.
+
+    pynetdicom installs console scripts named `echoscu`, `storescu` and `storescp`; with the
+    virtual environment activated they come first on PATH and would stand in for DCMTK.
+    """
+    own = Path(sysconfig.get_path("scripts")).resolve()
+    search = [p for p in os.environ.get("PATH", os.defpath).split(os.pathsep)
+              if p and Path(p).resolve() != own]
+    return shutil.which(name, path=os.pathsep.join(search))
+
+
 def require_tool(name: str, package: str) -> str:
-    """Path of an executable, e.g. require_tool('storescu', 'dcmtk')."""
-    path = shutil.which(name)
+    """Path of a peer's executable, e.g. require_tool('storescu', 'dcmtk')."""
+    path = system_tool(name)
     if path is None:
         unavailable(f"{name} not found (apt-get install {package})")
     assert path is not None
