@@ -28,23 +28,6 @@ logger = logging.getLogger(__name__)
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
-class _Processing(ProcessingService):
-    """Wakes the results pipeline as soon as a worker finishes a job.
-
-    ProcessingService has no job-finished callback; this seam lives here, in the composition
-    root, rather than in the jobs package. The pipeline also polls the jobs table, so a missed
-    wake only delays encoding by one poll, never loses it.
-    """
-
-    results: ResultsPipeline | None = None
-
-    def run_once(self, worker: str | None = None) -> int | None:
-        job_id = super().run_once(worker)
-        if job_id is not None and self.results is not None:
-            self.results.wake()
-        return job_id
-
-
 class Node:
     def __init__(self, settings: Settings, hooks: list[StudyCompleteHook] | None = None) -> None:
         self.settings = settings
@@ -74,8 +57,12 @@ class Node:
         self.results = ResultsPipeline(settings, self.database, catalog.registry,
                                        catalog.presets, on_queued=self.dispatcher.wake)
         self.results.start()
-        processing = _Processing(settings, self.database, catalog.registry, catalog.presets)
-        processing.results = self.results
+        # Wake the encoder as soon as a job's end is committed; it also polls the jobs
+        # table, so a missed wake only delays encoding by one poll, never loses it.
+        processing = ProcessingService(
+            settings, self.database, catalog.registry, catalog.presets,
+            on_job_finished=[self.results.wake],
+        )
         self.processing = processing
         processing.start()
         hooks = [*self._hooks, processing.on_study_complete]
