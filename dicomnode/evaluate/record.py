@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import yaml
 
 from dicomnode.db.engine import Database
 from dicomnode.db.models import ModelEvaluation
+from dicomnode.durable import write_text_atomic
 from dicomnode.evaluate.dataset import Dataset
 from dicomnode.evaluate.run import Evaluation
 from dicomnode.registry.manifest import Manifest
@@ -68,16 +67,7 @@ def write_manifest_record(entry: ModelEntry, record: dict[str, Any]) -> Path:
             break
         lead.append(line)
     body = "".join(lead) + yaml.safe_dump(data, sort_keys=False, width=100, allow_unicode=True)
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".yaml", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(body)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, body)
     logger.info("recorded %s on %s in %s", entry.manifest.key, record["dataset"], path)
     return path
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from dicomnode.durable import fsync_path
 from dicomnode.inference.executor import GraphResult, ModelResult
 from dicomnode.inference.postprocess import (
     binary_mask,
@@ -173,13 +173,8 @@ def _swap(staging: Path, target: Path, token: str) -> None:
 
 def _fsync_tree(folder: Path) -> None:
     for path in folder.iterdir():
-        with path.open("rb") as handle:
-            os.fsync(handle.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_path(path)
+    fsync_path(folder)
 
 
 def read_index(folder: Path) -> dict[str, Any]:

@@ -14,7 +14,6 @@ and an audit row, and tried again after `retry_seconds`, at most `max_attempts` 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import threading
 import uuid
@@ -39,6 +38,7 @@ from dicomnode.db.models import (
     utcnow,
 )
 from dicomnode.dispatch import outbox
+from dicomnode.durable import fsync_path
 from dicomnode.errors import DicomNodeError
 from dicomnode.inference.outputs import read_index
 from dicomnode.registry.registry import Registry
@@ -285,9 +285,9 @@ class ResultsPipeline:
             names = [f"{o.kind}-{o.sop_instance_uid}.dcm" for o in objects]
             for obj, name in zip(objects, names, strict=True):
                 obj.dataset.save_as(folder / name, enforce_file_format=True)
-                _fsync(folder / name)
-            _fsync(folder)
-            _fsync(folder.parent)
+                fsync_path(folder / name)
+            fsync_path(folder)
+            fsync_path(folder.parent)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -368,11 +368,3 @@ class ResultsPipeline:
                                     f"{self.max_attempts}): {error}"[:4000])
         except Exception:  # the database itself is failing: the next pass tries again
             logger.exception("job %d: cannot record the encoding failure", job_id)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

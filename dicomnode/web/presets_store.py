@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from sqlalchemy import select
 
 from dicomnode.db.audit import record
 from dicomnode.db.models import PresetRevision, as_utc
+from dicomnode.durable import fsync_path, write_text_atomic
 from dicomnode.errors import DicomNodeError, PresetError
 from dicomnode.routing import Preset, dump_preset, parse_preset, validate_preset_data
 from dicomnode.routing.preset import PRESET_ID_PATTERN
@@ -97,29 +97,6 @@ def unified_diff(preset_id: str, before: str | None, after: str | None) -> str:
     return "".join(lines)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Temp file in the same folder (dot-named, so the loader never reads it), fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
 def _read(path: Path | None) -> str | None:
     if path is None or not path.is_file():
         return None
@@ -130,7 +107,7 @@ def _restore(path: Path, previous: str | None) -> None:
     if previous is None:
         path.unlink(missing_ok=True)
     else:
-        write_atomically(path, previous)
+        write_text_atomic(path, previous)
 
 
 def _commit(
@@ -152,9 +129,9 @@ def _commit(
                    detail=f"preset {preset_id} ({path.name})\n{diff}")
             if content is None:
                 path.unlink()
-                _fsync_dir(path.parent)
+                fsync_path(path.parent)
             else:
-                write_atomically(path, content)
+                write_text_atomic(path, content)
             revision_id = revision.id
     except BaseException:
         if _read(path) != previous:
