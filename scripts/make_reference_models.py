@@ -7,9 +7,12 @@ Models (each `model_registry/<id>/1.0.0/model.onnx`; the manifests and cards sit
 - optic-disc: the brightest compact region inside the field of view (local contrast of the
   smoothed luminance at 64x64, arg-max), then a mask of the bright pixels in a window around it
   (closed so vessels crossing the disc do not punch holes), its centroid and its diameter.
-- laterality: the same disc locator, then the macula (the darkest vessel-free spot beside the
-  disc, relative to its surroundings) to the left or right of the disc: left of the disc means a
-  right eye, as probabilities [left, right]. Independent of where the disc sits in the frame.
+- laterality: the same disc locator, then two cues on which side of the disc the temporal
+  retina lies: the macula (the darkest vessel-free spot beside the disc, relative to its
+  surroundings) and the vessel arcades (a green-channel black top-hat vessel map: more vessel
+  above and below the disc, less in the horizontal band beside it, on the temporal side). The
+  two standardised side differences are added; temporal to the viewer's left of the disc means
+  a right eye, as probabilities [left, right]. Independent of where the disc sits in the frame.
 - fundus-quality: four soft checks (field-of-view coverage, illumination, contrast, sharpness),
   multiplied into p(gradable); outputs [gradable, ungradable] and the raw features.
 - vessel-metrics: vessel density in the field of view (%) and mean vessel calibre
@@ -49,15 +52,30 @@ QUALITY_CHECKS: tuple[tuple[int, float, float], ...] = (
 )
 
 
-# laterality (macula side of the disc), at 64x64 over the field-of-view crop. Chosen on CHASE_DB1
-# images 01-07 (both eyes) with the synthetic fundus as a check; 08-14 held out (see its CARD.md).
+# laterality: the macula cue at 64x64 over the field-of-view crop. Everything below was chosen on
+# CHASE_DB1 images 01-07 (both eyes) with the synthetic fundus as a check; 08-14 held out (see
+# its CARD.md).
 LATERALITY_DISC_CELLS = 6.25  # a typical disc diameter: 25 px of the 256 crop
 LATERALITY_BAND = (1.5, 3.0)  # |dx| from the disc centre, in disc diameters
 LATERALITY_HALF_HEIGHT = 1.5  # |dy| from the disc centre, in disc diameters
 LATERALITY_EXCLUDE = 1.5  # disc radius left out of the background, in disc diameters
 LATERALITY_ERODE = 5  # cells of field-of-view edge left out of the bands
 LATERALITY_SCALES = tuple((s, w) for s in (3, 5, 7) for w in (21, 31, 41))  # (spot, background)
-LATERALITY_SLOPE = 20.0
+# The vessel-arcade cue, at 256x256: a black top-hat (grey closing minus image, LATERALITY_TOPHAT
+# px) of the green channel is the vessel map; per side of the disc, its mean in the arcade boxes
+# (above and below the disc) minus its mean in the horizontal band beside the disc. Regions in
+# disc diameters (LATERALITY_DISC_CELLS * 4 px at 256): |dx| in LATERALITY_ARCADE_DX, |dy| in
+# LATERALITY_ARCADE_DY for the arcades, |dy| <= LATERALITY_ARCADE_BAND for the band.
+LATERALITY_TOPHAT = 9
+LATERALITY_ARCADE_DX = (0.5, 3.5)
+LATERALITY_ARCADE_DY = (1.5, 4.0)
+LATERALITY_ARCADE_BAND = 1.0
+# Each cue's side difference is divided by its root mean square over CHASE_DB1 01-07 (the only
+# fitted numbers), the two are added and p(right) = sigmoid(LATERALITY_SLOPE * sum); the slope
+# is set by hand (the 0.5 threshold, i.e. a sum of 0, does not depend on it).
+LATERALITY_MACULA_SCALE = 0.137
+LATERALITY_ARCADE_SCALE = 0.0145
+LATERALITY_SLOPE = 2.0
 
 
 class _Graph:
@@ -212,18 +230,14 @@ def optic_disc() -> onnx.ModelProto:
     return _model(g, "optic_disc", [_image_input(DISC_SIZE)], outs)
 
 
-def laterality() -> onnx.ModelProto:
-    """Which side of the disc the macula lies on, not where the disc sits in the frame.
+def _laterality_macula(g: _Graph, centre: str) -> str:
+    """(N,1) darkest-spot difference, right band minus left band (> 0: macula left, right eye).
 
-    Around the detected disc, at 64x64, the vessel-free luminance (vessels closed out) is divided
-    by its local background (disc excluded, so it does not brighten its surroundings); the
-    darkest spot in each of two horizontal bands, LATERALITY_BAND disc diameters to the left and
-    to the right of the disc, is found. The macula is the darker one: to the viewer's left of the
-    disc in a right eye, to the right in a left eye. The difference, averaged over
-    LATERALITY_SCALES, gives p(right) = sigmoid(LATERALITY_SLOPE * (min_right - min_left)).
+    At 64x64 the vessel-free luminance (vessels closed out) is divided by its local background
+    (disc excluded, so it does not brighten its surroundings); the darkest spot in each of two
+    horizontal bands, LATERALITY_BAND disc diameters to the left and to the right of the disc, is
+    found, and the difference is averaged over LATERALITY_SCALES.
     """
-    g = _Graph()
-    _, centre, _ = _disc_locator(g, "image")
     lum = _luminance(g, "image")
     fov = _fov(g, "image")
     closed = g.erode(g.dilate(lum, 9), 9)
@@ -235,15 +249,7 @@ def laterality() -> onnx.ModelProto:
     border = np.zeros((1, 1, 64, 64), np.float32)
     border[..., edge:64 - edge, edge:64 - edge] = 1.0
     inner = g.op("Mul", [inner, g.const(border)])
-    xs, ys = _grid(g, 64, 1.0)
-    c64 = g.op("Mul", [centre, g.const(64.0)])
-    shape4 = g.const([-1, 1, 1, 1], np.int64)
-    cx4 = g.op("Reshape", [g.op("Slice", [c64, g.const([0], np.int64), g.const([1], np.int64),
-                                          g.const([1], np.int64)]), shape4])
-    cy4 = g.op("Reshape", [g.op("Slice", [c64, g.const([1], np.int64), g.const([2], np.int64),
-                                          g.const([1], np.int64)]), shape4])
-    dx = g.op("Sub", [xs, cx4])
-    dy = g.op("Sub", [ys, cy4])
+    dx, dy = _disc_offsets(g, centre, 64)
     adx = g.op("Abs", [dx])
     dd = LATERALITY_DISC_CELLS
     d2 = g.op("Add", [g.op("Mul", [dx, dx]), g.op("Mul", [dy, dy])])
@@ -278,8 +284,80 @@ def laterality() -> onnx.ModelProto:
     total = diffs[0]
     for d in diffs[1:]:
         total = g.op("Add", [total, d])
-    mean = g.op("Div", [total, g.const(float(len(diffs)))])
-    p_right = g.op("Sigmoid", [g.op("Mul", [mean, g.const(LATERALITY_SLOPE)])])
+    return g.op("Div", [total, g.const(float(len(diffs)))], "laterality_macula")
+
+
+def _disc_offsets(g: _Graph, centre: str, size: int) -> tuple[str, str]:
+    """Column and row offsets from the disc centre, in cells of a size x size grid."""
+    xs, ys = _grid(g, size, 1.0)
+    c = g.op("Mul", [centre, g.const(float(size))])
+    shape4 = g.const([-1, 1, 1, 1], np.int64)
+    cx4 = g.op("Reshape", [g.op("Slice", [c, g.const([0], np.int64), g.const([1], np.int64),
+                                          g.const([1], np.int64)]), shape4])
+    cy4 = g.op("Reshape", [g.op("Slice", [c, g.const([1], np.int64), g.const([2], np.int64),
+                                          g.const([1], np.int64)]), shape4])
+    return g.op("Sub", [xs, cx4]), g.op("Sub", [ys, cy4])
+
+
+def _laterality_arcade(g: _Graph, centre: str) -> str:
+    """(N,1) vessel-arcade difference, left side minus right side (> 0: temporal left, right eye).
+
+    The vessel map is a black top-hat of the green channel at 256x256 (grey closing minus the
+    image: dark, thin structures), inside the field of view shrunk by 9 px. On each side of the
+    disc the temporal pattern scores high: much vessel in the arcade boxes above and below the
+    disc (|dy| in LATERALITY_ARCADE_DY), little in the horizontal band beside it
+    (|dy| <= LATERALITY_ARCADE_BAND), both |dx| in LATERALITY_ARCADE_DX disc diameters.
+    """
+    start, stop, axis = (g.const([k], np.int64) for k in (1, 2, 1))
+    green = g.op("Slice", ["image", start, stop, axis])
+    k = LATERALITY_TOPHAT
+    tophat = g.op("Sub", [g.erode(g.dilate(green, k), k), green])
+    inner = g.erode(_fov(g, "image"), 9)
+    vessels = g.op("Mul", [tophat, inner])
+    dx, dy = _disc_offsets(g, centre, DISC_SIZE)
+    dd = LATERALITY_DISC_CELLS * DISC_SIZE / 64.0
+    adx = g.op("Abs", [dx])
+    ady = g.op("Abs", [dy])
+
+    def flag(cond: str) -> str:
+        return g.op("Cast", [cond], to=TensorProto.FLOAT)
+
+    def within(value: str, lo: float, hi: float) -> str:
+        return g.op("Mul", [flag(g.op("GreaterOrEqual", [value, g.const(lo * dd)])),
+                            flag(g.op("LessOrEqual", [value, g.const(hi * dd)]))])
+
+    columns = g.op("Mul", [within(adx, *LATERALITY_ARCADE_DX), inner])
+    arcade_rows = within(ady, *LATERALITY_ARCADE_DY)
+    band_rows = flag(g.op("LessOrEqual", [ady, g.const(LATERALITY_ARCADE_BAND * dd)]))
+
+    def mean_in(where: str) -> str:  # (N,1); 0 where the region is empty
+        return g.op("Div", [g.sum_hw(g.op("Mul", [vessels, where])),
+                            g.op("Max", [g.sum_hw(where), g.const(1.0)])])
+
+    def temporal_score(side: str) -> str:  # arcades minus band on one side
+        cols = g.op("Mul", [columns, flag(g.op(side, [dx, g.const(0.0)]))])
+        return g.op("Sub", [mean_in(g.op("Mul", [cols, arcade_rows])),
+                            mean_in(g.op("Mul", [cols, band_rows]))])
+
+    return g.op("Sub", [temporal_score("Less"), temporal_score("Greater")], "laterality_arcade")
+
+
+def laterality() -> onnx.ModelProto:
+    """Which side of the disc the temporal retina lies on, not where the disc sits in the frame.
+
+    Two cues around the detected disc, each a side difference that is positive when the temporal
+    side is to the viewer's left of the disc (a right eye): the macula (`_laterality_macula`, the
+    darker band beside the disc) and the vessel arcades (`_laterality_arcade`). Each is divided by
+    its scale (LATERALITY_MACULA_SCALE, LATERALITY_ARCADE_SCALE), the two are added and
+    p(right) = sigmoid(LATERALITY_SLOPE * sum). The raw cues stay in the graph as the tensors
+    `laterality_macula` and `laterality_arcade` (not graph outputs) for measurement.
+    """
+    g = _Graph()
+    _, centre, _ = _disc_locator(g, "image")
+    macula = g.op("Div", [_laterality_macula(g, centre), g.const(LATERALITY_MACULA_SCALE)])
+    arcade = g.op("Div", [_laterality_arcade(g, centre), g.const(LATERALITY_ARCADE_SCALE)])
+    total = g.op("Add", [macula, arcade])
+    p_right = g.op("Sigmoid", [g.op("Mul", [total, g.const(LATERALITY_SLOPE)])])
     p_left = g.op("Sub", [g.const(1.0), p_right])
     g.op("Concat", [p_left, p_right], "laterality", axis=1)
     outs = [helper.make_tensor_value_info("laterality", TensorProto.FLOAT, ["batch", 2])]

@@ -7,8 +7,11 @@ input spec through `dicomnode.inference.preprocess.prepare`) on:
 - the synthetic fundus (`dicomnode.synthetic`), both eyes, `--seeds` seeds: disc centre error
   and mask Dice against the generator's disc, laterality accuracy, quality on clean images;
 - CHASE_DB1 (28 images, L/R in the names): laterality accuracy and AUC (all, and split into
-  01-07, where the laterality constants were chosen, and the held-out 08-14), disc found inside
-  FOV; the laterality the NEMA VL4 fundus gets (its eye is not recorded);
+  01-07, where the laterality constants were chosen, and the held-out 08-14), also of each of its
+  two cues alone (macula, vessel arcades: the graph's `laterality_macula` / `laterality_arcade`
+  tensors, read as extra outputs) and leave-one-subject-out with the two cue scales refitted on
+  the other 13 subjects; disc found inside FOV; the laterality the NEMA VL4 fundus gets (its eye
+  is not recorded);
 - fundus-quality on CHASE + the NEMA VL4 fundus (gradable) and controlled degradations of
   them (blur, under-/over-exposure, off-centre, partial field; ungradable): AUC, sensitivity,
   specificity at the manifest threshold.
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pydicom
 from numpy.typing import NDArray
@@ -59,6 +63,38 @@ class Runner:
     def output(self, name: str) -> Any:
         return next(o for o in self.entry.manifest.outputs if o.name == name)
 
+    def expose(self, tensors: tuple[str, ...]) -> None:
+        """Also return these intermediate tensors of the graph (measurement only)."""
+        model = onnx.load(str(self.entry.onnx_path))
+        for name in tensors:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(
+                name, onnx.TensorProto.FLOAT, None))
+        self.session = ort.InferenceSession(model.SerializeToString(),
+                                            providers=["CPUExecutionProvider"])
+
+
+LATERALITY_CUES = ("laterality_macula", "laterality_arcade")  # > 0: right eye
+
+
+def _cue_figures(cues: NDArray[np.float64], right: NDArray[np.bool_]) -> dict[str, Any]:
+    """Accuracy (sign) and AUC of each laterality cue alone."""
+    return {name.removeprefix("laterality_"): {"accuracy": float(np.mean((c > 0) == right)),
+                                               "auc": roc_auc(c, right)}
+            for name, c in zip(LATERALITY_CUES, cues.T, strict=True)}
+
+
+def _loso(cues: NDArray[np.float64], right: NDArray[np.bool_],
+          subject: NDArray[np.int64]) -> dict[str, Any]:
+    """Leave one subject (both eyes) out: the cue scales (root mean square) refitted on the rest."""
+    z = np.zeros(len(right))
+    for s in np.unique(subject):
+        test = subject == s
+        scale = np.sqrt(np.mean(cues[~test] ** 2, axis=0))
+        z[test] = (cues[test] / scale).sum(axis=1)
+    return {"images": len(right), "subjects": len(np.unique(subject)),
+            "accuracy": float(np.mean((z > 0) == right)), "auc": roc_auc(z, right),
+            "wrong": [int(s) for s, ok in zip(subject, (z > 0) == right, strict=True) if not ok]}
+
 
 def degradations(rgb: NDArray[np.uint8]) -> dict[str, NDArray[np.uint8]]:
     h, w = rgb.shape[:2]
@@ -87,6 +123,7 @@ def measure(data: Path | None, seeds: int) -> dict[str, Any]:
     registry = load_registry(ROOT / "model_registry")
     disc = Runner(registry, "optic-disc")
     lat = Runner(registry, "laterality")
+    lat.expose(LATERALITY_CUES)
     qual = Runner(registry, "fundus-quality")
     q_spec = qual.output("quality")
     assert isinstance(q_spec, ProbabilitiesOutput)
@@ -101,6 +138,8 @@ def measure(data: Path | None, seeds: int) -> dict[str, Any]:
     dices: list[float] = []
     inside: list[bool] = []
     lat_ok: list[bool] = []
+    syn_cues: list[list[float]] = []
+    syn_right: list[bool] = []
     q_syn: list[float] = []
     for seed in range(seeds):
         for side in ("L", "R"):
@@ -118,6 +157,8 @@ def measure(data: Path | None, seeds: int) -> dict[str, Any]:
             lraw, _ = lat(rgb)
             synthetic_right = float(lraw["laterality"][1])
             lat_ok.append((synthetic_right >= 0.5) == (side == "R"))
+            syn_cues.append([float(lraw[c][0]) for c in LATERALITY_CUES])
+            syn_right.append(side == "R")
             qraw, _ = qual(rgb)
             q_syn.append(float(qraw["quality"][0]))
     out["synthetic"] = {
@@ -126,6 +167,7 @@ def measure(data: Path | None, seeds: int) -> dict[str, Any]:
         "disc_centre_inside_true_disc": float(np.mean(inside)),
         "disc_mask_dice": {"mean": float(np.mean(dices)), "min": float(np.min(dices))},
         "laterality_accuracy": float(np.mean(lat_ok)),
+        "laterality_cues": _cue_figures(np.array(syn_cues), np.array(syn_right)),
         "quality_p_gradable_min": float(np.min(q_syn)),
     }
 
@@ -139,29 +181,37 @@ def measure(data: Path | None, seeds: int) -> dict[str, Any]:
     if vl4.is_file():
         gradable.append(("VL4", decode_rgb(pydicom.dcmread(vl4))))
     p_right: list[float] = []
+    cue_rows: list[list[float]] = []
     truth_right: list[bool] = []
     in_fov: list[bool] = []
     for name, rgb in gradable:
         if not name.startswith("Image_"):
             lraw, _ = lat(rgb)  # VL4: laterality not recorded, so only the prediction
             out["vl4_laterality_p_right"] = float(lraw["laterality"][1])
+            out["vl4_laterality_cues"] = {c.removeprefix("laterality_"): float(lraw[c][0])
+                                          for c in LATERALITY_CUES}
             continue
         lraw, _ = lat(rgb)
         p_right.append(float(lraw["laterality"][1]))
+        cue_rows.append([float(lraw[c][0]) for c in LATERALITY_CUES])
         truth_right.append(name.endswith("R"))
         raw, geo = disc(rgb)
         x, y = point_to_source(raw["disc_centre"], c_spec, geo)
         fov = np.asarray(rgb).max(axis=2) > 15
         in_fov.append(bool(fov[round(y), round(x)]))
-        logger.info("%s p_right=%.2f disc=(%.0f,%.0f) d=%.1f", name, p_right[-1], x, y,
+        logger.info("%s p_right=%.2f macula=%+.4f arcade=%+.4f disc=(%.0f,%.0f) d=%.1f", name,
+                    p_right[-1], *cue_rows[-1], x, y,
                     float(np.asarray(raw["disc_diameter"]).reshape(-1)[0]))
     pr = np.array(p_right)
     tr = np.array(truth_right)
+    cues = np.array(cue_rows)
     number = np.array([int(p.stem[6:8]) for p in chase])
     out["chase_laterality"] = {
         "images": len(pr), "accuracy": float(np.mean((pr >= 0.5) == tr)),
         "auc": roc_auc(pr, tr), "disc_centre_inside_fov": float(np.mean(in_fov)),
+        "cues": _cue_figures(cues, tr),
     }
+    out["chase_laterality_loso"] = _loso(cues, tr, number)
     # the laterality constants were chosen on 01-07 (both eyes); 08-14 are held out
     for split, sel in (("chase_laterality_01_07", number <= 7),
                        ("chase_laterality_08_14", number >= 8)):
@@ -169,7 +219,8 @@ def measure(data: Path | None, seeds: int) -> dict[str, Any]:
                       "accuracy": float(np.mean((pr[sel] >= 0.5) == tr[sel])),
                       "auc": roc_auc(pr[sel], tr[sel]),
                       "wrong": [p.stem for p, ok, s in zip(chase, (pr >= 0.5) == tr, sel,
-                                                           strict=True) if s and not ok]}
+                                                           strict=True) if s and not ok],
+                      "cues": _cue_figures(cues[sel], tr[sel])}
     scores: list[float] = []
     labels: list[bool] = []
     per_kind: dict[str, list[float]] = {}
