@@ -28,6 +28,9 @@ def register(subparsers: Any) -> None:
                         help="random seed; the same seed gives the same pictures (default 0)")
     parser.add_argument("--patient-id", default="DEMO0001", metavar="ID",
                         help="Patient ID (default DEMO0001)")
+    parser.add_argument("--pixel-spacing", type=_spacing, default=None, metavar="MM",
+                        help="write Pixel Spacing (mm per pixel, e.g. 0.012) so measurements "
+                             "are also reported in mm (default: absent, as on most cameras)")
     parser.set_defaults(func=run)
 
 
@@ -38,8 +41,17 @@ def _positive_size(text: str) -> int:
     return value
 
 
+def _spacing(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"pixel spacing is mm per pixel in (0, 1), got {text}")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
-    paths = demo_study(args.out, size=args.size, seed=args.seed, patient_id=args.patient_id)
+    spacing = None if args.pixel_spacing is None else (args.pixel_spacing, args.pixel_spacing)
+    paths = demo_study(args.out, size=args.size, seed=args.seed, patient_id=args.patient_id,
+                       pixel_spacing=spacing)
     for path in paths:
         print(path)
     return 0

@@ -37,6 +37,11 @@ def register(subparsers: Any) -> None:
                              "to the CSV")
     parser.add_argument("--output", default=None,
                         help="the model output to measure (default: the first that fits)")
+    parser.add_argument("--with", dest="with_models", action="append", default=[],
+                        metavar="ID[@VERSION]",
+                        help="also put this model in the graph (repeatable): an input with "
+                             "alternatives then takes from it, e.g. vessel-metrics --with "
+                             "vessel-seg-classic")
     parser.add_argument("--record", action="store_true",
                         help="write the figures into the manifest's metrics and the database")
     add_config_option(parser)
@@ -60,7 +65,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     model_id, _, version = str(args.model).partition("@")
     entry = registry.get(model_id, version or None)  # RegistryLookupError names the problem
     dataset = read_dataset(args.dataset)
-    result = evaluate(dataset, registry, entry, output=args.output)
+    result = evaluate(dataset, registry, entry, output=args.output,
+                      with_models=args.with_models)
     payload = result.to_dict()
     if args.record:
         sha = dataset.sha256()
@@ -77,6 +83,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         return 0
     print(f"{result.model}@{result.version} on {result.dataset} ({result.kind}, output "
           f"{result.output}): {result.images} images, {len(result.skipped)} skipped")
+    print(f"  graph: {', '.join(f'{m}@{v}' for m, v in sorted(result.graph.items()))}")
     for key, value in result.figures.items():
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
         print(f"  {key:<18} {shown}")

@@ -43,6 +43,9 @@ def metric_record(evaluation: Evaluation, dataset: Dataset, sha256: str,
                   when: datetime | None = None) -> dict[str, Any]:
     date = (when or datetime.now(UTC)).date().isoformat()
     notes = f"dicomnode evaluate; {evaluation.images} images"
+    sources = sorted(f"{m}@{v}" for m, v in evaluation.graph.items() if m != evaluation.model)
+    if sources:
+        notes += f"; with {', '.join(sources)}"
     if evaluation.skipped:
         notes += f", {len(evaluation.skipped)} skipped"
     return {"dataset": dataset.name, "split": "evaluation", "date": date,

@@ -10,6 +10,7 @@ reported as skipped and left out of the figures.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +30,7 @@ from dicomnode.evaluate.metrics import (
 from dicomnode.graph import Selection, resolve
 from dicomnode.inference.executor import GraphExecutor, ModelResult
 from dicomnode.inference.fov import find_field_of_view
-from dicomnode.inference.postprocess import mask_to_source, measurement
+from dicomnode.inference.postprocess import mask_to_source, measured_values
 from dicomnode.inference.preprocess import SourceImage
 from dicomnode.inference.sessions import SessionPool
 from dicomnode.registry.manifest import (
@@ -55,23 +56,28 @@ class Evaluation:
     figures: dict[str, Any]
     images: int
     skipped: dict[str, str] = field(default_factory=dict)  # image path -> reason
+    # every model of the graph that ran, id -> version: a measurement depends on its sources
+    graph: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model, "version": self.version, "dataset": self.dataset,
             "task": self.kind, "output": self.output, "images": self.images,
-            "skipped": self.skipped, **self.figures,
+            "skipped": self.skipped, "graph": self.graph, **self.figures,
         }
 
 
 class ModelRunner:
     """Runs one model (and what it needs) on one image at a time."""
 
-    def __init__(self, registry: Registry, entry: ModelEntry, providers: list[str]) -> None:
+    def __init__(self, registry: Registry, entry: ModelEntry, providers: list[str],
+                 with_models: Sequence[str] = ()) -> None:
         self.entry = entry
         key = f"{entry.manifest.id}@{entry.manifest.version}"
-        self.graph = resolve(Selection.of([key], modality=entry.manifest.modalities[0]),
-                             registry)
+        # `with_models` join the graph, so an input with alternatives takes from them (e.g.
+        # vessel-metrics fed by vessel-seg-classic instead of the default vessel-seg).
+        selection = Selection.of([key, *with_models], modality=entry.manifest.modalities[0])
+        self.graph = resolve(selection, registry)
         self.executor = GraphExecutor(registry, SessionPool(providers), model_threads=1)
 
     def run(self, rgb: NDArray[np.uint8], uid: str) -> tuple[ModelResult, str | None]:
@@ -103,9 +109,10 @@ _OUTPUT_KIND: dict[str, type] = {
 
 
 def evaluate(dataset: Dataset, registry: Registry, entry: ModelEntry, *,
-             output: str | None = None, providers: list[str] | None = None) -> Evaluation:
+             output: str | None = None, providers: list[str] | None = None,
+             with_models: Sequence[str] = ()) -> Evaluation:
     spec = _pick(entry, _OUTPUT_KIND[dataset.kind], output)
-    runner = ModelRunner(registry, entry, providers or ["CPUExecutionProvider"])
+    runner = ModelRunner(registry, entry, providers or ["CPUExecutionProvider"], with_models)
     skipped: dict[str, str] = {}
     ran: list[tuple[Row, NDArray[np.uint8], ModelResult, str]] = []
     for index, row in enumerate(dataset.rows):
@@ -126,7 +133,7 @@ def evaluate(dataset: Dataset, registry: Registry, entry: ModelEntry, *,
         figures = _measurement(ran, spec)
     m = entry.manifest
     return Evaluation(m.id, m.version, dataset.name, dataset.kind, spec.name, figures,
-                      len(ran), skipped)
+                      len(ran), skipped, dict(runner.graph.models))
 
 
 def _segmentation(ran: list[tuple[Row, NDArray[np.uint8], ModelResult, str]],
@@ -187,7 +194,9 @@ def _measurement(ran: list[tuple[Row, NDArray[np.uint8], ModelResult, str]],
     predicted, truth = [], []
     for row, _rgb, result, uid in ran:
         assert row.value is not None
-        predicted.append(measurement(result.raw[spec.name][uid]))
+        # The first reported value: the declared unit, or source pixels for a pixel measure.
+        reported = measured_values(result.raw[spec.name][uid], spec, result.geometry.get(uid))
+        predicted.append(reported[0].value)
         truth.append(row.value)
     return {"mae": mean_absolute_error(predicted, truth), "bias": bias(predicted, truth),
-            "unit": spec.unit.code}
+            "unit": spec.reported_unit.code}

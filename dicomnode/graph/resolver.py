@@ -19,7 +19,12 @@ from collections.abc import Iterable
 from dicomnode.errors import RegistryLookupError, ResolutionError
 from dicomnode.graph.model import Edge, ResolvedGraph
 from dicomnode.graph.selection import Selection
-from dicomnode.registry.manifest import Manifest, OutputRef, UpstreamInput
+from dicomnode.registry.manifest import (
+    Manifest,
+    OutputRef,
+    UpstreamInput,
+    input_source_problem,
+)
 from dicomnode.registry.registry import ModelEntry, Registry, parse_model_ref
 
 logger = logging.getLogger(__name__)
@@ -315,15 +320,16 @@ def _check_inputs(
 ) -> None:
     # The registry checked against the latest version; a pinned source may be older.
     for consumer, inputs in sorted(bindings.items()):
+        specs = {spec.name: spec for spec in chosen[consumer].manifest.upstream_inputs}
         for name, ref in sorted(inputs.items()):
             source = chosen[ref.model].manifest
-            if source.output(ref.output) is None:
+            problem = input_source_problem(specs[name], ref, source)
+            if problem is not None:
                 raise ResolutionError(
-                    f"input '{name}' of {consumer} takes {ref}, but {source.key} has no output "
-                    f"'{ref.output}'; pick a version of {ref.model} that has it",
+                    f"{consumer}: {problem}; pick a version of {ref.model} that fits",
                     kind="input",
                     models=(consumer, ref.model),
-                    short=f"{ref.model}@{source.version} lacks output {ref.output}",
+                    short=f"{ref.model}@{source.version} cannot feed {name}",
                 )
 
 

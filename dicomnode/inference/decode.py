@@ -126,3 +126,26 @@ def _to_uint8(array: NDArray[np.generic], ds: Dataset, where: str) -> NDArray[np
         logger.info("%s: values use %d of %d stored bits; scaling to those", where, used, bits)
         full_scale = float((1 << used) - 1)
     return np.clip(np.rint(values * (255.0 / full_scale)), 0, 255).astype(np.uint8)
+
+
+def pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
+    """(row, column) Pixel Spacing in mm, or None when absent or unusable.
+
+    Most fundus cameras leave it out; a malformed value is logged and treated as absent, so
+    measurements are reported in pixels only rather than in wrong millimetres.
+    """
+    try:
+        value = ds.get("PixelSpacing")  # a received file's bad DS text fails here, lazily
+        if value is None:
+            return None
+        row, column = (float(v) for v in value)
+    except (TypeError, ValueError):
+        logger.warning("SOP Instance %s: Pixel Spacing is not two numbers; ignored",
+                       ds.get("SOPInstanceUID", "?"))
+        return None
+    if not (math.isfinite(row) and math.isfinite(column) and row > 0 and column > 0):
+        logger.warning("SOP Instance %s: Pixel Spacing %r is not positive; ignored",
+                       ds.get("SOPInstanceUID", "?"), value)
+        return None
+    return row, column
+

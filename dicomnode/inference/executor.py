@@ -1,7 +1,8 @@
 """Run a resolved graph over a study's images: stages in order, one stage's models at once.
 
 - Data flows through `graph.inputs` (consumer -> input -> "source.output"): a downstream model
-  gets the upstream model's raw output for the same image, in the upstream model's space.
+  gets the upstream model's raw output for the same image, in the upstream model's space (or,
+  for an input that says `binarise`, that mask thresholded at the upstream's own threshold).
 - Gating: an image a model skipped, or that one of its gates marked ineligible, is skipped by
   every model that depends on it (directly or through others), with the reason.
 - Failure: a model that raises fails; what depends on it is not run ("skipped", naming the
@@ -24,11 +25,12 @@ import numpy as np
 from numpy.typing import NDArray
 
 from dicomnode.graph.model import ResolvedGraph
-from dicomnode.inference.postprocess import Finding, classify, gate_reason
+from dicomnode.inference.postprocess import Finding, binary_mask, classify, gate_reason
 from dicomnode.inference.preprocess import Geometry, SourceImage, prepare
 from dicomnode.inference.sessions import LoadedModel, SessionPool
 from dicomnode.registry.manifest import (
     Manifest,
+    MaskOutput,
     ProbabilitiesOutput,
     TensorInput,
     UpstreamInput,
@@ -224,8 +226,8 @@ class GraphExecutor:
                 )
             result.raw[name] = {uid: stacked[i] for i, uid in enumerate(uids)}
 
-    @staticmethod
     def _feeds(
+        self,
         graph: ResolvedGraph,
         manifest: Manifest,
         chunk: list[SourceImage],
@@ -243,7 +245,8 @@ class GraphExecutor:
                 if isinstance(spec, TensorInput):
                     tensor, found = cache.get(image, spec)
                 else:
-                    tensor, found = _upstream(graph, result.model_id, spec, uid, done)
+                    tensor, found = _upstream(self.registry, graph, result.model_id, spec,
+                                              uid, done)
                 geometry = geometry or found
                 per_input[spec.name].append(tensor)
             if geometry is not None:
@@ -314,6 +317,7 @@ def _is_grey(rgb: NDArray[np.uint8]) -> bool:
 
 
 def _upstream(
+    registry: Registry,
     graph: ResolvedGraph,
     model_id: str,
     spec: UpstreamInput,
@@ -328,7 +332,13 @@ def _upstream(
     values = source.raw.get(output)
     if values is None or uid not in values:
         raise ValueError(f"input '{spec.name}': {ref} has no value for an image")
-    return values[uid].astype(spec.dtype, copy=False), source.geometry.get(uid)
+    value = values[uid]
+    if spec.binarise:
+        mask = registry.get(source_id, source.version).manifest.output(output)
+        if not isinstance(mask, MaskOutput):  # the registry and resolver refuse this earlier
+            raise ValueError(f"input '{spec.name}' binarises {ref}, which is not a mask")
+        value = binary_mask(np.asarray(value, dtype=np.float32), mask)
+    return value.astype(spec.dtype, copy=False), source.geometry.get(uid)
 
 
 def _first_line(exc: BaseException) -> str:

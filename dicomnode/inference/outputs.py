@@ -10,6 +10,9 @@ maps onto the source frame with the geometry in the index. `source__<output>__<k
 thresholded mask over the k-th image's source frame, bit-packed (`np.unpackbits(a,
 count=h*w).reshape(h, w)` with `shape` from the index): 1 bit a pixel keeps 4000 x 4000
 frames small without compression, which was slower than inference.
+
+A measurement's entry holds `values`: what it reports, each `{value, unit}` (a pixel measure:
+source pixels, then mm / mm2 where the image has Pixel Spacing); `value`/`unit` repeat the first.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from dicomnode.inference.postprocess import (
     binary_mask,
     box_to_source,
     mask_to_source,
-    measurement,
+    measured_values,
     point_to_source,
 )
 from dicomnode.registry.manifest import (
@@ -90,7 +93,9 @@ def _model_entry(
             if isinstance(spec, ProbabilitiesOutput):
                 per[uid] = result.findings[spec.name][uid].to_dict()
             elif isinstance(spec, MeasurementOutput):
-                per[uid] = {"value": measurement(value), "unit": spec.unit.code}
+                reported = measured_values(value, spec, geometry)
+                per[uid] = {"value": reported[0].value, "unit": reported[0].unit.code,
+                            "values": [m.to_dict() for m in reported]}
             elif isinstance(spec, MaskOutput) and uid in masks[spec.name]:
                 binary = masks[spec.name][uid]
                 key = f"source__{spec.name}__{k}"

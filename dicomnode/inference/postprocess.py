@@ -3,12 +3,15 @@
 - masks: resized back to the crop box and placed into the uncropped source frame; the
   probability map is kept beside the thresholded binary mask;
 - probabilities: the labelled, coded class (threshold on the positive class, else argmax);
-- measurements: one float; points and boxes: source pixel coordinates;
+- measurements: one float, or for a `pixel_measure` the size rescaled from the model's input
+  grid to source pixels, plus mm / mm2 where the image has Pixel Spacing;
+- points and boxes: source pixel coordinates;
 - gates: the reason an image is ineligible for the models that depend on this one.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,10 +21,14 @@ from numpy.typing import NDArray
 from dicomnode.inference.fov import place_back, resize_probability
 from dicomnode.inference.preprocess import Geometry
 from dicomnode.registry.manifest import (
+    PHYSICAL_UNITS,
+    PIXEL_UNITS,
     BoxOutput,
     MaskOutput,
+    MeasurementOutput,
     PointOutput,
     ProbabilitiesOutput,
+    UcumUnit,
 )
 
 
@@ -98,6 +105,48 @@ def measurement(values: NDArray[np.generic]) -> float:
     if flat.shape[0] != 1:
         raise ValueError(f"a measurement is one number per image, got {flat.shape[0]}")
     return float(flat[0])
+
+
+@dataclass(frozen=True)
+class MeasuredValue:
+    value: float
+    unit: UcumUnit
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"value": self.value,
+                "unit": {"code": self.unit.code, "meaning": self.unit.meaning}}
+
+
+def measured_values(
+    values: NDArray[np.generic], spec: MeasurementOutput, geometry: Geometry | None
+) -> list[MeasuredValue]:
+    """What a measurement output reports for one image: the value in its declared unit; or,
+    for a `pixel_measure`, source pixels first and then mm / mm2 when Pixel Spacing is known.
+
+    A length is scaled by the geometric mean of the row and column factors: exact for an
+    equivalent diameter (what area-derived lengths are), close for square-ish pixels.
+    """
+    raw = measurement(values)
+    if spec.pixel_measure is None:
+        return [MeasuredValue(raw, spec.reported_unit)]
+    if geometry is None:
+        raise ValueError(f"output '{spec.name}' is a size in the model's input pixels, but "
+                         "the model's input geometry is unknown")
+    rows, columns = geometry.size
+    row_factor = geometry.box.height / rows
+    column_factor = geometry.box.width / columns
+    area = spec.pixel_measure == "area"
+
+    def scaled(value: float, row: float, column: float) -> float:
+        return value * (row * column if area else math.sqrt(row * column))
+
+    in_source = scaled(raw, row_factor, column_factor)
+    reported = [MeasuredValue(in_source, PIXEL_UNITS[spec.pixel_measure])]
+    if geometry.pixel_spacing is not None:
+        row_mm, column_mm = geometry.pixel_spacing
+        reported.append(MeasuredValue(scaled(in_source, row_mm, column_mm),
+                                      PHYSICAL_UNITS[spec.pixel_measure]))
+    return reported
 
 
 def _to_source(x: float, y: float, normalised: bool, geometry: Geometry) -> tuple[float, float]:

@@ -28,6 +28,7 @@ class Geometry:
     source_shape: tuple[int, int]  # (H, W) of the decoded source
     box: Box
     size: tuple[int, int]
+    pixel_spacing: tuple[float, float] | None = None  # source (row, column) mm, when known
 
     def to_dict(self) -> dict[str, object]:
         b = self.box
@@ -35,6 +36,7 @@ class Geometry:
             "source_shape": list(self.source_shape),
             "box": [b.top, b.left, b.bottom, b.right],
             "size": list(self.size),
+            "pixel_spacing": list(self.pixel_spacing) if self.pixel_spacing else None,
         }
 
 
@@ -45,6 +47,7 @@ class SourceImage:
     sop_instance_uid: str
     rgb: NDArray[np.uint8]
     laterality: str | None = None
+    pixel_spacing: tuple[float, float] | None = None  # (row, column) mm, from the header
     _fov_box: Box | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -100,4 +103,5 @@ def prepare(image: SourceImage, spec: TensorInput) -> tuple[NDArray[np.generic],
         out: NDArray[np.generic] = np.clip(np.rint(values), 0, 255).astype(np.uint8)
     else:
         out = values.astype(spec.dtype)
-    return np.ascontiguousarray(out), Geometry(image.shape, box, (height, width))
+    return np.ascontiguousarray(out), Geometry(image.shape, box, (height, width),
+                                               image.pixel_spacing)

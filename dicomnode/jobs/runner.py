@@ -22,7 +22,7 @@ from dicomnode.db.engine import Database
 from dicomnode.db.models import Instance, Job, JobState, Study
 from dicomnode.errors import DecodeError
 from dicomnode.graph.model import ResolvedGraph
-from dicomnode.inference.decode import decode_rgb
+from dicomnode.inference.decode import decode_rgb, pixel_spacing
 from dicomnode.inference.executor import GraphExecutor, GraphResult
 from dicomnode.inference.outputs import write_outputs
 from dicomnode.inference.preprocess import SourceImage
@@ -48,9 +48,10 @@ def load_study(database: Database, storage_root: Path, study_uid: str) -> Loaded
             .where(Study.study_uid == study_uid)
             .order_by(Instance.id)
         ).all()
-    def decode(path: str) -> NDArray[np.uint8] | str:
+    def decode(path: str) -> tuple[NDArray[np.uint8], tuple[float, float] | None] | str:
         try:
-            return decode_rgb(dcmread(storage_root / path))
+            dataset = dcmread(storage_root / path)
+            return decode_rgb(dataset), pixel_spacing(dataset)
         except (DecodeError, InvalidDicomError, OSError, ValueError) as exc:
             return str(exc)
 
@@ -59,12 +60,13 @@ def load_study(database: Database, storage_root: Path, study_uid: str) -> Loaded
     with ThreadPoolExecutor(_DECODE_THREADS, thread_name_prefix="decode") as pool:
         decoded = list(pool.map(decode, [path for _, path, _ in rows]))
     loaded = LoadedStudy()
-    for (uid, _, laterality), rgb in zip(rows, decoded, strict=True):
-        if isinstance(rgb, str):
-            logger.warning("study %s: image %s unreadable: %s", study_uid, uid, rgb)
-            loaded.unreadable[uid] = rgb
+    for (uid, _, laterality), item in zip(rows, decoded, strict=True):
+        if isinstance(item, str):
+            logger.warning("study %s: image %s unreadable: %s", study_uid, uid, item)
+            loaded.unreadable[uid] = item
             continue
-        loaded.images.append(SourceImage(uid, rgb, laterality))
+        rgb, spacing = item
+        loaded.images.append(SourceImage(uid, rgb, laterality, spacing))
     return loaded
 
 

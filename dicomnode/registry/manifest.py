@@ -175,6 +175,9 @@ class UpstreamInput(_Strict):
     name: str  # the ONNX graph input name
     sources: tuple[OutputRef, ...] = Field(alias="from", min_length=1)
     dtype: DType = "float32"
+    # True: the source mask thresholded at the source's own threshold (1 / 0), not its
+    # probability; a consumer then agrees with what the source reports, whichever model feeds it.
+    binarise: bool = False
 
     @field_validator("sources", mode="before")
     @classmethod
@@ -263,13 +266,54 @@ class MaskOutput(_Strict):
     threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
 
 
+PixelMeasure = Literal["length", "area"]
+
+# The units the node reports a `pixel_measure` in (UCUM annotations for pixels).
+PIXEL_UNITS: dict[str, UcumUnit] = {
+    "length": UcumUnit(code="{px}", meaning="pixels of the source image"),
+    "area": UcumUnit(code="{px2}", meaning="square pixels of the source image"),
+}
+PHYSICAL_UNITS: dict[str, UcumUnit] = {
+    "length": UcumUnit(code="mm", meaning="millimeter"),
+    "area": UcumUnit(code="mm2", meaning="square millimeter"),
+}
+
+
 class MeasurementOutput(_Strict):
-    """One number per image, shape [N] or [N, 1]."""
+    """One number per image, shape [N] or [N, 1].
+
+    Either `unit` (the value is reported as it is) or `pixel_measure`: the value is a length or
+    an area in pixels of the model's input grid, which the node rescales to pixels of the source
+    image and, where the image has Pixel Spacing, to mm / mm2 (a model never sees the spacing).
+    """
 
     kind: Literal["measurement"]
     name: str
     code: Code
-    unit: UcumUnit
+    unit: UcumUnit | None = None
+    pixel_measure: PixelMeasure | None = None
+
+    @model_validator(mode="after")
+    def _one_unit(self) -> MeasurementOutput:
+        if self.pixel_measure is not None and self.unit is not None:
+            raise ValueError(
+                f"output '{self.name}': leave 'unit' out with 'pixel_measure' (the node reports "
+                "pixels of the source image, and mm where Pixel Spacing is known)"
+            )
+        if self.pixel_measure is None and self.unit is None:
+            raise ValueError(
+                f"output '{self.name}' needs a 'unit' (or 'pixel_measure: length' / 'area' for a "
+                "size in pixels of the model's input)"
+            )
+        return self
+
+    @property
+    def reported_unit(self) -> UcumUnit:
+        """The unit of the value the node reports first (source pixels for a pixel measure)."""
+        if self.pixel_measure is not None:
+            return PIXEL_UNITS[self.pixel_measure]
+        assert self.unit is not None  # the validator guarantees one of the two
+        return self.unit
 
 
 class PointOutput(_Strict):
@@ -413,3 +457,20 @@ class Manifest(_Strict):
         for spec in self.upstream_inputs:
             ids.update(ref.model for ref in spec.sources)
         return ids
+
+
+def input_source_problem(spec: UpstreamInput, ref: OutputRef, source: Manifest) -> str | None:
+    """Why `source` cannot feed `spec` through `ref`, or None when it can."""
+    output = source.output(ref.output)
+    if output is None:
+        return (
+            f"input '{spec.name}' takes {ref}, but {source.key} has no output "
+            f"'{ref.output}' (outputs: {', '.join(o.name for o in source.outputs)})"
+        )
+    if spec.binarise and not isinstance(output, MaskOutput):
+        return (
+            f"input '{spec.name}' binarises {ref}, but that is a {output.kind} output; "
+            "only a mask has a threshold"
+        )
+    return None
+

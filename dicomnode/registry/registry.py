@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dicomnode.errors import RegistryLookupError
-from dicomnode.registry.manifest import Manifest
+from dicomnode.registry.manifest import Manifest, input_source_problem
 from dicomnode.registry.version import LATEST, sort_versions
 
 logger = logging.getLogger(__name__)
@@ -231,11 +231,9 @@ def _reference_problem(
                 problems.append(_unavailable(ref.model, accepted, refused))
                 continue
             source = accepted[ref.model][sort_versions(list(accepted[ref.model]))[-1]].manifest
-            if source.output(ref.output) is None:
-                return (
-                    f"input '{spec.name}' takes {ref}, but {source.key} has no output "
-                    f"'{ref.output}' (outputs: {', '.join(o.name for o in source.outputs)})"
-                )
+            problem = input_source_problem(spec, ref, source)
+            if problem is not None:
+                return problem
             usable.append(ref)
         if not usable:
             return f"input '{spec.name}' has no source: {'; '.join(problems)}"

@@ -96,3 +96,9 @@ def declare_private_schemes(dataset: Dataset, extra: Iterable[str] = ()) -> list
     if items:
         dataset.CodingSchemeIdentificationSequence = items
     return used
+
+
+def unit_label(ucum_code: str) -> str:
+    """A UCUM code as people read it beside a number: no "1", no annotation braces ({px} -> px)."""
+    return "" if ucum_code == "1" else ucum_code.replace("{", "").replace("}", "")
+

@@ -26,6 +26,7 @@ from dicomnode.registry.manifest import (
     MeasurementOutput,
     PointOutput,
     ProbabilitiesOutput,
+    UcumUnit,
 )
 from dicomnode.registry.registry import Registry
 from dicomnode.results.codes import PRIVATE_SCHEME
@@ -138,8 +139,14 @@ def _add(
             c.sites.setdefault(manifest.id, segment.type)
     elif isinstance(spec, MeasurementOutput):
         mask_key = _mask_source(manifest, ran, registry)
-        c.measurements.append(MeasurementResult(
-            algorithm, spec.code, float(value["value"]), spec.unit, mask_key=mask_key))
+        # Each reported value (source pixels, then mm where Pixel Spacing is known); outputs
+        # written before "values" existed hold one value in the declared unit.
+        reported = value.get("values") or [
+            {"value": value["value"], "unit": spec.reported_unit.model_dump()}]
+        for item in reported:
+            c.measurements.append(MeasurementResult(
+                algorithm, spec.code, float(item["value"]), UcumUnit(**item["unit"]),
+                mask_key=mask_key))
         if mask_key is not None:
             mask_model = mask_key.split(".", 1)[0]
             mask_spec = registry.get(mask_model, ran[mask_model]["version"]).manifest.output(

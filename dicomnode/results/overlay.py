@@ -16,6 +16,7 @@ from pydicom.uid import generate_uid
 
 from dicomnode import MANUFACTURER
 from dicomnode.inference.decode import decode_rgb
+from dicomnode.results.codes import unit_label
 from dicomnode.results.common import patient_orientation, stamp_equipment
 from dicomnode.results.model import AlgorithmInfo, ImageFindings, MaskResult
 
@@ -50,7 +51,7 @@ def finding_lines(masks: Sequence[MaskResult], findings: ImageFindings) -> list[
         probability = "" if c.probability is None else f" ({c.probability:.2f})"
         lines.append(f"{c.concept.meaning}: {c.value.meaning}{probability}")
     for m in findings.measurements:
-        lines.append(f"{m.code.meaning}: {m.value:.4g} {m.unit.code}")
+        lines.append(f"{m.code.meaning}: {m.value:.4g} {unit_label(m.unit.code)}".rstrip())
     return lines
 
 

@@ -193,8 +193,12 @@ def demo_study(
     seed: int = 0,
     patient_id: str = "DEMO0001",
     study_uid: str | None = None,
+    pixel_spacing: Sequence[float] | None = None,
 ) -> list[Path]:
-    """Write a two-eye study (R then L, one series per eye) into `out_dir`; return the paths."""
+    """Write a two-eye study (R then L, one series per eye) into `out_dir`; return the paths.
+
+    `pixel_spacing` (row, column mm) is written into both images when given (off by default,
+    as on most cameras)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     study = _uid(study_uid)
@@ -208,6 +212,7 @@ def demo_study(
             patient_id=patient_id,
             study_uid=study,
             study_date=when,
+            pixel_spacing=pixel_spacing,
         )
         # The Patient ID may hold characters a file name cannot (e.g. '/').
         safe_id = re.sub(r"[^A-Za-z0-9._-]", "_", patient_id)

@@ -17,6 +17,7 @@ from pydicom.errors import InvalidDicomError
 
 from dicomnode.errors import DecodeError, DicomNodeError
 from dicomnode.inference.decode import decode_rgb
+from dicomnode.results.codes import unit_label
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +115,7 @@ def _value(item: Dataset) -> str | None:
         if measured is None:
             return "(no value)"
         unit = measured.MeasurementUnitsCodeSequence[0]
-        unit_text = "" if unit.CodeValue == "1" else f" {unit.CodeValue}"
-        return f"{float(measured.NumericValue):.4g}{unit_text}"
+        return f"{float(measured.NumericValue):.4g} {unit_label(str(unit.CodeValue))}".rstrip()
     if kind == "CODE":
         return str(item.ConceptCodeSequence[0].CodeMeaning)
     return None

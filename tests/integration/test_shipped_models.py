@@ -17,11 +17,11 @@ from PIL import Image, ImageFilter
 from dicomnode.graph import Selection, resolve
 from dicomnode.inference.decode import decode_rgb
 from dicomnode.inference.executor import GraphExecutor, GraphResult
-from dicomnode.inference.postprocess import mask_to_source, point_to_source
+from dicomnode.inference.postprocess import mask_to_source, measured_values, point_to_source
 from dicomnode.inference.preprocess import SourceImage
 from dicomnode.inference.sessions import SessionPool
 from dicomnode.registry import Registry, load_registry
-from dicomnode.registry.manifest import MaskOutput, PointOutput
+from dicomnode.registry.manifest import MaskOutput, MeasurementOutput, PointOutput
 from dicomnode.routing import load_presets
 from dicomnode.settings import load_settings
 from dicomnode.synthetic import demo_study, synthetic_fundus_with_truth
@@ -40,6 +40,7 @@ DISC_CENTRE_TOLERANCE_PX = 4.0
 DISC_DICE_MIN = 0.8
 # Measured on seeds 0-2, both eyes: vessel-seg Dice 0.81-0.83, vessel-seg-classic 0.78-0.80.
 VESSEL_DICE_MIN = {"vessel-seg": 0.7, "vessel-seg-classic": 0.65}
+SPACING = (0.012, 0.012)  # mm per pixel: a 512-px synthetic image over about 6 mm of retina
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +98,7 @@ def test_the_four_presets_load_and_resolve(registry: Registry) -> None:
 def test_disc_quality_and_laterality_on_synthetic(executor: GraphExecutor, registry: Registry,
                                                   side: str) -> None:
     rgb, truth = synthetic_fundus_with_truth(SIZE, side, seed=3)  # type: ignore[arg-type]
-    image = SourceImage("1.2.826.0.1.3680043.10.1", rgb)
+    image = SourceImage("1.2.826.0.1.3680043.10.1", rgb, pixel_spacing=SPACING)
     result = _run(executor, registry,
                   ["fundus-quality", "laterality", "optic-disc", "disc-metrics"], [image])
     uid = image.sop_instance_uid
@@ -117,11 +118,22 @@ def test_disc_quality_and_laterality_on_synthetic(executor: GraphExecutor, regis
     yy, xx = np.mgrid[0:SIZE, 0:SIZE]
     true_disc = np.hypot(yy - row, xx - col) <= truth.disc_radius
     assert _dice(mask, true_disc) >= DISC_DICE_MIN
-    # disc-metrics measures the same mask: equivalent diameter in 256-px crop pixels
-    crop = disc.geometry[uid].box.width
-    expected = 2.0 * truth.disc_radius * 256.0 / crop
-    diameter = float(result.models["disc-metrics"].raw["disc_diameter"][uid].reshape(-1)[0])
-    assert diameter == pytest.approx(expected, rel=0.12)
+    # disc-metrics measures the same mask; the node reports it in source pixels and mm
+    metrics = result.models["disc-metrics"]
+    reported = {}
+    for spec in registry.get("disc-metrics").manifest.outputs:
+        assert isinstance(spec, MeasurementOutput)
+        reported[spec.name] = {m.unit.code: m.value for m in measured_values(
+            metrics.raw[spec.name][uid], spec, metrics.geometry[uid])}
+    true_diameter = 2.0 * truth.disc_radius  # source pixels
+    assert reported["disc_diameter"]["{px}"] == pytest.approx(true_diameter, rel=0.12)
+    assert reported["disc_area"]["{px2}"] == pytest.approx(math.pi * truth.disc_radius ** 2,
+                                                           rel=0.25)
+    assert reported["disc_diameter"]["mm"] == pytest.approx(
+        reported["disc_diameter"]["{px}"] * SPACING[0], rel=1e-6)
+    assert reported["disc_area"]["mm2"] == pytest.approx(
+        reported["disc_area"]["{px2}"] * SPACING[0] * SPACING[1], rel=1e-6)
+    assert set(reported["disc_fov_ratio"]) == {"1"}  # a ratio needs no calibration
 
 
 def test_quality_gate_stops_a_blurred_dark_image(executor: GraphExecutor,
@@ -153,8 +165,8 @@ def test_vessel_models_and_metrics_on_synthetic(executor: GraphExecutor, registr
     assert dice >= VESSEL_DICE_MIN[vessel_model], dice
     metrics = result.models["vessel-metrics"].raw
     density = float(metrics["vessel_density"]["1.2.3.9"].reshape(-1)[0])
-    # the metric thresholds at 0.5 in model space; compare with the same mask's own density
-    model_mask = np.asarray(probability).reshape(768, 768) >= 0.5
+    # the metric takes the vessel model's mask at that model's own threshold (binarise)
+    model_mask = np.asarray(probability).reshape(768, 768) >= spec.threshold
     yy, xx = np.mgrid[0:768, 0:768] + 0.5
     fov = np.hypot(yy - 384, xx - 384) <= 384
     assert density == pytest.approx(100.0 * (model_mask & fov).sum() / fov.sum(), rel=1e-3)

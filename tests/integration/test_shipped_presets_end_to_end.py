@@ -13,7 +13,9 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import pydicom
 import pytest
 from sqlalchemy import select
 
@@ -33,6 +35,8 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 PRESETS = ["diabetic-screening", "ophthalmology-comprehensive", "glaucoma-clinic",
            "vascular-health-check"]
+SPACING = 0.008  # mm per pixel, written into the demo study's Pixel Spacing
+PIXEL_TO_MM = {"{px}": ("mm", SPACING), "{px2}": ("mm2", SPACING * SPACING)}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +72,7 @@ def test_shipped_preset_runs_on_the_demo_study_and_reaches_the_pacs(
         inference={"providers": ["CPUExecutionProvider"], "poll_seconds": 0.5},
         dispatch={"first_delay_seconds": 0.5, "poll_seconds": 0.2},
     )
-    study = demo_study(tmp_path / "demo", size=768, seed=7)
+    study = demo_study(tmp_path / "demo", size=768, seed=7, pixel_spacing=(SPACING, SPACING))
     database = Database(db_url)
     try:
         with NodeProcess(config) as node:
@@ -106,3 +110,29 @@ def test_shipped_preset_runs_on_the_demo_study_and_reaches_the_pacs(
         assert row.sop_instance_uid in held, (row.kind, "not in the PACS")
         path = tmp_path / "storage" / row.path
         assert errors(dciodvfy(path)) == [], (row.kind, dciodvfy(path))
+    [sr_row] = [r for r in results if r.kind == "sr"]
+    _check_sizes_in_pixels_and_mm(tmp_path / "storage" / sr_row.path, expected)
+
+
+def _check_sizes_in_pixels_and_mm(sr_path: Path, models: dict[str, str]) -> None:
+    """Every size in source pixels has its mm twin at the demo study's Pixel Spacing."""
+    numbers: list[tuple[str, str, float]] = [
+        (str(item.ConceptNameCodeSequence[0].CodeValue),
+         str(item.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue),
+         float(item.MeasuredValueSequence[0].NumericValue))
+        for item in _walk(pydicom.dcmread(sr_path).ContentSequence) if item.ValueType == "NUM"]
+    in_pixels = [n for n in numbers if n[1] in PIXEL_TO_MM]
+    sizes_expected = bool({"disc-metrics", "vessel-metrics"} & set(models))
+    assert bool(in_pixels) == sizes_expected, numbers
+    for concept, unit, value in in_pixels:
+        mm_unit, factor = PIXEL_TO_MM[unit]
+        twins = [v for c, u, v in numbers if c == concept and u == mm_unit]
+        assert any(v == pytest.approx(value * factor, rel=1e-6) for v in twins), (
+            concept, unit, value, numbers)
+
+
+def _walk(items: Any) -> Iterator[Any]:
+    for item in items:
+        yield item
+        if "ContentSequence" in item:
+            yield from _walk(item.ContentSequence)

@@ -24,6 +24,7 @@ from dicomnode.db.models import ModelEvaluation
 from tests.support.onnx_models import (
     RegistryWriter,
     classifier_manifest,
+    green_threshold_segmenter,
     mean_colour_classifier,
     measurement_manifest,
     segmenter_manifest,
@@ -45,7 +46,11 @@ def config(tmp_path: Path) -> Path:
     writer.add(_no_crop(segmenter_manifest("green-seg")))
     quality = _no_crop(classifier_manifest("green-quality", gate=False))
     writer.add(quality, mean_colour_classifier(bias=[4.0, -4.0]))
-    writer.add(measurement_manifest("mask-fraction", source="green-seg.mask"))
+    # an alternative source: a mask of green > 0.75 instead of > 0.5
+    writer.add(_no_crop(segmenter_manifest("green-seg-high", conflicts=["green-seg"])),
+               green_threshold_segmenter(threshold=0.75))
+    writer.add(measurement_manifest("mask-fraction",
+                                    source=["green-seg.mask", "green-seg-high.mask"]))
     (tmp_path / "presets").mkdir()
     path = tmp_path / "dicomnode.yaml"
     path.write_text(yaml.safe_dump({
@@ -173,6 +178,29 @@ def test_measurement_mae_and_bias_and_record(
             assert json.loads(rows_db[0].figures)["bias"] == pytest.approx(-0.025)
     finally:
         database.dispose()
+
+
+def test_with_picks_the_source_a_measurement_is_fed_from(
+    tmp_path: Path, config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "w"
+    folder.mkdir()
+    plane = np.zeros((SIZE, SIZE), np.uint8)
+    plane[:, :8] = 255  # above both thresholds
+    plane[:, 8:16] = 160  # 0.63: above 0.5 only
+    csv_path = _csv(folder / "w.csv", "image,value", [f"{_image(folder / 'w.png', plane)},0.25"])
+    default = _evaluate(config, capsys, "mask-fraction", "--dataset", str(csv_path))
+    assert default["graph"] == {"mask-fraction": "1.0.0", "green-seg": "1.0.0"}
+    assert default["mae"] == pytest.approx(0.25)  # green-seg marks 16 of 32 columns
+    high = _evaluate(config, capsys, "mask-fraction", "--dataset", str(csv_path),
+                     "--with", "green-seg-high")
+    assert high["graph"] == {"mask-fraction": "1.0.0", "green-seg-high": "1.0.0"}
+    assert high["mae"] == pytest.approx(0.0)
+    # a model that cannot join the graph is a clear error, not a silent default
+    code = main(["evaluate", "mask-fraction", "--dataset", str(csv_path), "--with", "green-seg",
+                 "--with", "green-seg-high", "--config", str(config)])
+    assert code != 0
+    assert "conflict" in capsys.readouterr().err
 
 
 def test_bad_datasets_are_refused_with_the_line(
