@@ -102,3 +102,14 @@ def unit_label(ucum_code: str) -> str:
     """A UCUM code as people read it beside a number: no "1", no annotation braces ({px} -> px)."""
     return "" if ucum_code == "1" else ucum_code.replace("{", "").replace("}", "")
 
+
+# A classifier whose concept is Laterality and whose answer is Right / Left tells the eye from the
+# image; the node uses it where the header has no laterality.
+LATERALITY_CONCEPT = ("SCT", "272741003")
+_SIDES = {("SCT", "24028007"): "R", ("SCT", "7771000"): "L"}
+
+
+def side_of(answer_scheme: str, answer_value: str) -> str | None:
+    """"R" / "L" for the SCT Right / Left codes, else None."""
+    return _SIDES.get((answer_scheme, answer_value))
+

@@ -4,7 +4,9 @@ encoders' inputs: masks and findings per source image.
 Only models that ran ("ok") contribute. The manifest of the exact version that ran supplies
 codes, units and labels. Finding sites: a mask whose segment is an anatomical structure
 (category SCT 91723000), e.g. the optic disc, is the finding site of that model's items and of
-measurements made on it; everything else reports on the retina.
+measurements made on it; everything else reports on the retina. A classifier asking Laterality
+(SCT 272741003) and answering Right / Left gives the image's inferred laterality, which the SR
+uses only where the header has none.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dicomnode.registry.manifest import (
     UcumUnit,
 )
 from dicomnode.registry.registry import Registry
-from dicomnode.results.codes import PRIVATE_SCHEME
+from dicomnode.results.codes import LATERALITY_CONCEPT, PRIVATE_SCHEME, side_of
 from dicomnode.results.model import (
     AlgorithmInfo,
     Classification,
@@ -60,6 +62,7 @@ class _Collect:
     not_analysed: NotAnalysed | None = None
     regions: list[RegionResult] = field(default_factory=list)
     sites: dict[str, Code] = field(default_factory=dict)
+    laterality: str | None = None
 
 
 def _concept(manifest: Manifest, spec: ProbabilitiesOutput) -> Code:
@@ -112,6 +115,7 @@ def results_from_outputs(folder: Path, registry: Registry) -> JobResults:
         results.findings[uid] = ImageFindings(
             classifications=c.classifications, measurements=c.measurements,
             not_analysed=c.not_analysed, regions=c.regions, finding_sites=c.sites,
+            inferred_laterality=c.laterality,
         )
     return results
 
@@ -123,8 +127,11 @@ def _add(
 ) -> None:
     if isinstance(spec, ProbabilitiesOutput):
         answer = Code(**value["code"])
+        asked = _concept(manifest, spec)
         c.classifications.append(Classification(
-            algorithm, _concept(manifest, spec), answer, float(value["probability"])))
+            algorithm, asked, answer, float(value["probability"])))
+        if (asked.scheme, asked.value) == LATERALITY_CONCEPT and c.laterality is None:
+            c.laterality = side_of(answer.scheme, answer.value)
         if spec.gate is not None and value.get("label") in spec.gate.ineligible:
             c.not_analysed = NotAnalysed(algorithm, answer,
                                          tuple(sorted(skipped_by_image.get(uid, []))))

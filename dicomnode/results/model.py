@@ -106,3 +106,6 @@ class ImageFindings:
     regions: Sequence[RegionResult] = ()
     # Finding site per model id; models not named here report on the retina.
     finding_sites: dict[str, Code] = field(default_factory=dict)
+    # "R" / "L" as a laterality model read it from the image; used only where the header has
+    # no laterality (the header always wins).
+    inferred_laterality: str | None = None

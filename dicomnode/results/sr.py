@@ -96,22 +96,42 @@ def _measurement(item: MeasurementResult) -> hd.sr.Measurement:
     )
 
 
-def _laterality(source: Dataset) -> str | None:
+def _header_laterality(source: Dataset) -> str | None:
     return str(source.get("ImageLaterality") or source.get("Laterality") or "") or None
+
+
+def _laterality(source: Dataset, findings: ImageFindings) -> tuple[str | None, bool]:
+    """(R / L / None, inferred?): the header's, else what a laterality model read."""
+    header = _header_laterality(source)
+    if header is not None:
+        return header, False
+    return findings.inferred_laterality, findings.inferred_laterality is not None
 
 
 def _finding_site(findings: ImageFindings, model_id: str, source: Dataset) -> hd.sr.FindingSite:
     site = findings.finding_sites.get(model_id)
     return hd.sr.FindingSite(
         anatomic_location=concept(site) if site is not None else RETINA,
-        laterality=laterality_code(_laterality(source)),
+        laterality=laterality_code(_laterality(source, findings)[0]),
     )
 
 
-def _label(source: Dataset, what: str) -> str:
-    side = {"R": "right eye", "L": "left eye"}.get(_laterality(source) or "", "eye ?")
+def _label(source: Dataset, findings: ImageFindings, what: str) -> str:
+    side, inferred = _laterality(source, findings)
+    eye = {"R": "right eye", "L": "left eye"}.get(side or "", "eye ?")
+    if inferred:
+        eye += " (from image)"
     number = source.get("InstanceNumber", "")
-    return f"{side} image {number} {what}"[:LO_MAX]
+    return f"{eye} image {number} {what}"[:LO_MAX]
+
+
+def _check_laterality(source: Dataset, findings: ImageFindings) -> None:
+    header = _header_laterality(source)
+    inferred = findings.inferred_laterality
+    if header in ("R", "L") and inferred is not None and inferred != header:
+        # The header wins; a disagreement is worth a look (mislabelled eye, or a model error).
+        logger.warning("image %s: header laterality %s, the laterality model read %s",
+                       source.SOPInstanceUID, header, inferred)
 
 
 def _model_groups(findings: ImageFindings, segment_keys: set[str]) -> list[_ModelGroup]:
@@ -143,7 +163,7 @@ def _image_group(
         ))
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=generate_uid(), identifier=_label(source, group.algorithm.model_id)
+            uid=generate_uid(), identifier=_label(source, findings, group.algorithm.model_id)
         ),
         algorithm_id=_algorithm_id(group.algorithm),
         finding_sites=[_finding_site(findings, group.algorithm.model_id, source)],
@@ -170,7 +190,7 @@ def _segment_groups(
                                         version=str(algorithm.AlgorithmVersion)))
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=generate_uid(), identifier=_label(source, key)
+                uid=generate_uid(), identifier=_label(source, findings, key)
             ),
             referenced_segment=hd.sr.ReferencedSegment(
                 sop_class_uid=seg.SOPClassUID,
@@ -209,7 +229,7 @@ def _region_groups(
                             dtype=np.float64)
         groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=generate_uid(), identifier=_label(source, region.algorithm.model_id)
+                uid=generate_uid(), identifier=_label(source, findings, region.algorithm.model_id)
             ),
             referenced_region=hd.sr.ImageRegion(
                 graphic_type=graphic_type, graphic_data=data,
@@ -269,6 +289,7 @@ def build_report(
     for source in sources:
         uid = str(source.SOPInstanceUID)
         image = findings.get(uid, ImageFindings())
+        _check_laterality(source, image)
         seg = seg_for.get(uid)
         keys = {str(s.get("TrackingID", "")) for s in seg.SegmentSequence} if seg else set()
         for group in _model_groups(image, keys):

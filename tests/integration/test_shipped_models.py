@@ -17,11 +17,13 @@ from PIL import Image, ImageFilter
 from dicomnode.graph import Selection, resolve
 from dicomnode.inference.decode import decode_rgb
 from dicomnode.inference.executor import GraphExecutor, GraphResult
+from dicomnode.inference.outputs import write_outputs
 from dicomnode.inference.postprocess import mask_to_source, measured_values, point_to_source
 from dicomnode.inference.preprocess import SourceImage
 from dicomnode.inference.sessions import SessionPool
 from dicomnode.registry import Registry, load_registry
 from dicomnode.registry.manifest import MaskOutput, MeasurementOutput, PointOutput
+from dicomnode.results.job_outputs import results_from_outputs
 from dicomnode.routing import load_presets
 from dicomnode.settings import load_settings
 from dicomnode.synthetic import demo_study, synthetic_fundus_with_truth
@@ -263,3 +265,15 @@ def test_presets_run_on_the_demo_study(tmp_path: Path, executor: GraphExecutor,
         found = result.models["laterality"].findings["laterality"]
         for image in images:
             assert found[image.sop_instance_uid].label[0].upper() == image.laterality
+
+
+@pytest.mark.parametrize("side", ["L", "R"])
+def test_laterality_model_fills_in_a_missing_header_laterality(
+    tmp_path: Path, executor: GraphExecutor, registry: Registry, side: str
+) -> None:
+    rgb, _ = synthetic_fundus_with_truth(SIZE, side, seed=4)  # type: ignore[arg-type]
+    image = SourceImage("1.2.3.31", rgb, laterality=None)
+    result = _run(executor, registry, ["laterality"], [image])
+    write_outputs(tmp_path / "job", result, registry, {"job": 1})
+    findings = results_from_outputs(tmp_path / "job", registry).findings["1.2.3.31"]
+    assert findings.inferred_laterality == side

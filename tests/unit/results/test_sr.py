@@ -172,3 +172,60 @@ def _algorithm(item: Any) -> tuple[str, str]:
         if code in ("111001", "111003"):
             values[code] = str(child.TextValue)
     return values["111001"], values["111003"]
+
+
+def _laterality_modifiers(sr: Dataset) -> list[str]:
+    """The code value of every Laterality (SCT 272741003) item in the report."""
+    found: list[str] = []
+
+    def walk(items: Any) -> None:
+        for item in items:
+            name = item.ConceptNameCodeSequence[0] if "ConceptNameCodeSequence" in item else None
+            if name is not None and name.CodeValue == "272741003" and "ConceptCodeSequence" in item:
+                found.append(str(item.ConceptCodeSequence[0].CodeValue))
+            if "ContentSequence" in item:
+                walk(item.ContentSequence)
+
+    walk(sr.ContentSequence)
+    return found
+
+
+def _tracking_ids(sr: Dataset) -> list[str]:
+    ids: list[str] = []
+
+    def walk(items: Any) -> None:
+        for item in items:
+            name = item.ConceptNameCodeSequence[0].CodeValue
+            if item.get("ValueType") == "TEXT" and name == "112039":  # Tracking Identifier
+                ids.append(str(item.TextValue))
+            if "ContentSequence" in item:
+                walk(item.ContentSequence)
+
+    walk(sr.ContentSequence)
+    return ids
+
+
+@pytest.mark.parametrize(("header", "inferred", "expected", "label"), [
+    (None, "L", "7771000", "left eye (from image)"),  # no header: the model's side is used
+    ("R", "L", "24028007", "right eye image"),  # the header wins over the model
+    (None, None, None, "eye ?"),  # neither: no laterality is claimed
+])
+def test_finding_site_laterality_falls_back_to_the_laterality_model(
+    tmp_path: Path, header: str | None, inferred: str | None, expected: str | None, label: str
+) -> None:
+    source, vessels, disc = source_image("op", laterality="R", seed=5)
+    del source.ImageLaterality
+    if header is not None:
+        source.ImageLaterality = header
+    findings = findings_for(vessels, disc)
+    findings = ImageFindings(
+        classifications=findings.classifications, measurements=findings.measurements,
+        finding_sites=findings.finding_sites, inferred_laterality=inferred)
+    sr = build_report([source], {source.SOPInstanceUID: findings}, node=NODE)
+    sides = _laterality_modifiers(sr)
+    assert set(sides) == ({expected} if expected else set())
+    ids = _tracking_ids(sr)
+    assert ids and all(label in text for text in ids), ids
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path)
+    assert errors(dciodvfy(path)) == []
