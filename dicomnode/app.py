@@ -19,7 +19,8 @@ from dicomnode.errors import DicomNodeError
 from dicomnode.jobs import ProcessingService
 from dicomnode.receive.ae import Receiver
 from dicomnode.results.pipeline import ResultsPipeline
-from dicomnode.routing import load_catalog
+from dicomnode.routing.catalog import Catalog, CatalogHolder
+from dicomnode.routing.watcher import CatalogWatcher
 from dicomnode.settings import Settings
 from dicomnode.web.server import WebServer, start_web
 
@@ -38,6 +39,8 @@ class Node:
         self.results: ResultsPipeline | None = None
         self.dispatcher: Dispatcher | None = None
         self.web: WebServer | None = None
+        self.catalog: CatalogHolder | None = None
+        self.watcher: CatalogWatcher | None = None
         self._hooks = list(hooks or [])
         self._stopped = threading.Event()
 
@@ -50,8 +53,10 @@ class Node:
                 "under 'callers' to restrict who may send"
             )
         self.database = open_database(settings.database.url)
+        # One catalog holder per node: the console's preset edits and the watcher reload it.
         # Bad models and presets are reported and left out here; they never stop the node.
-        catalog = load_catalog(settings)
+        self.catalog = holder = CatalogHolder(settings)
+        catalog = holder.catalog
         self.dispatcher = Dispatcher(settings, self.database)
         self.dispatcher.start()
         self.results = ResultsPipeline(settings, self.database, catalog.registry,
@@ -65,22 +70,42 @@ class Node:
         )
         self.processing = processing
         processing.start()
+        holder.subscribe(self._use_catalog)
         hooks = [*self._hooks, processing.on_study_complete]
         self.assembler = Assembler(self.database, settings.completeness, hooks)
         self.assembler.start()
         self.receiver = Receiver(settings, self.database, self.assembler)
         host, port = self.receiver.start()
         # Console/API last: preset edits reach the processing service and results pipeline.
-        self.web = start_web(settings, self.database, catalog, (processing, self.results))
+        self.web = start_web(settings, self.database, holder, health_probe=processing.health)
+        # Changes made on disk (other nodes, an editor, a new model version) reload too.
+        self.watcher = CatalogWatcher(holder)
+        self.watcher.start()
         logger.info("dicomnode %s listening on %s:%d (storage %s)",
                     settings.node.ae_title, host, port, settings.storage.path)
         return host, port
+
+    def _use_catalog(self, catalog: Catalog) -> None:
+        """Hand a reloaded catalog to the stages that route, run and encode: a study planned
+        from now on uses it. A running job keeps its resolved graph but looks its model
+        versions up in the new registry (registry versions are meant to be added, not edited)."""
+        if self.processing is not None:
+            # Registry first: a new preset may name a model version only the new one holds.
+            # Sessions are keyed by model@version, so a new version loads on first use.
+            self.processing.executor.registry = catalog.registry
+            self.processing.registry = catalog.registry
+            self.processing.presets = catalog.presets
+        if self.results is not None:
+            self.results.presets = catalog.presets
+            self.results.registry = catalog.registry
 
     def stop(self) -> None:
         """Stop accepting, let stores in progress finish, stop timing, close the database."""
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if self.watcher is not None:
+            self.watcher.stop()
         if self.web is not None:
             self.web.stop()
         grace = self.settings.node.shutdown_grace_seconds

@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "dicomnode.commands.route",
     "dicomnode.commands.jobs",
     "dicomnode.commands.deliveries",
+    "dicomnode.commands.results",
     "dicomnode.commands.users",
     "dicomnode.commands.evaluate",
 )

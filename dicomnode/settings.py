@@ -93,6 +93,12 @@ class PathSettings(_Strict):
     path: Path
 
 
+class PresetsSettings(PathSettings):
+    # How often the node looks for changed preset and registry files (a cheap fingerprint;
+    # a change is reloaded once it has held still for one interval). 0 = never: restart.
+    watch_seconds: Annotated[float, Field(ge=0)] = 5.0
+
+
 class LoggingSettings(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -166,6 +172,15 @@ class WebSettings(_Strict):
     session_minutes: Annotated[int, Field(ge=1, le=60 * 24 * 30)] = 480
     # Mark the session cookie Secure (set when the console is only reached over HTTPS).
     secure_cookies: bool = False
+    # Password guessing: after this many failed logins within the window, for one user name
+    # or from one client address, logins are refused unchecked until the window has passed.
+    login_max_failures_per_user: Annotated[int, Field(ge=1, le=10000)] = 5
+    login_max_failures_per_address: Annotated[int, Field(ge=1, le=100000)] = 20
+    login_window_minutes: Annotated[int, Field(ge=1, le=60 * 24)] = 15
+    # /api/health C-ECHOes each destination; answers are reused this long, so frequent polls
+    # do not open an association at the PACS each time.
+    health_echo_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 3.0
+    health_cache_seconds: Annotated[float, Field(ge=0, le=3600)] = 30.0
 
 
 class Settings(_Strict):
@@ -178,7 +193,9 @@ class Settings(_Strict):
     registry: PathSettings = Field(
         default_factory=lambda: PathSettings(path=Path("./model_registry"))
     )
-    presets: PathSettings = Field(default_factory=lambda: PathSettings(path=Path("./presets")))
+    presets: PresetsSettings = Field(
+        default_factory=lambda: PresetsSettings(path=Path("./presets"))
+    )
     # modality -> preset id, used when no preset's routing conditions match.
     modality_defaults: dict[str, str] = Field(default_factory=dict)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)

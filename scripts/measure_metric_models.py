@@ -5,9 +5,10 @@ the same measurement made on known truth, through `dicomnode evaluate`'s own cod
     .venv/bin/python scripts/measure_metric_models.py [--data ../shared/data] [--seeds 20]
 
 - vessel-metrics, fed by vessel-seg (the graph's default source) and by vessel-seg-classic
-  (`--with`), on CHASE_DB1 11L-14R, the images vessel-seg never saw in training: the truth is the same figure computed on the first
-  observer's mask at source resolution (density: vessel pixels / field-of-view pixels;
-  calibre: 2 x area / boundary pixels, the boundary being the mask minus its 3x3 erosion).
+  (`--with`), on CHASE_DB1 11L-14R, the images vessel-seg never saw in training: the truth
+  is the same figure computed on the first observer's mask at source resolution (density:
+  vessel pixels / field-of-view pixels; calibre: 2 x area / boundary pixels, the boundary
+  being the mask minus its 3x3 erosion).
   The second observer's figures against the first give the human baseline.
 - disc-metrics and optic-disc on the synthetic fundus (both eyes, `--seeds` seeds, 512 px):
   the truth is the generator's disc (diameter 2r, area = pixels within r of its centre), in

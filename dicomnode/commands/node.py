@@ -17,6 +17,7 @@ from dicomnode.commands.common import (
     settings_from,
 )
 from dicomnode.db import open_database
+from dicomnode.results.summary import DeliverySummary, summarise
 
 logger = logging.getLogger(__name__)
 
@@ -53,23 +54,39 @@ def _studies(args: argparse.Namespace) -> int:
     database = open_database(settings.database.url)
     try:
         rows = list_studies(database)
+        with database.transaction() as session:
+            summaries = summarise(session)
     finally:
         database.dispose()
     if args.json:
-        print_json([row.as_json() for row in rows])
+        print_json([{**row.as_json(), "delivery": _summary_json(summaries.get(row.study_uid))}
+                    for row in rows])
     else:
         print_table(
-            COLUMNS,
+            (*COLUMNS, "delivery"),
             [
                 (
                     row.study_uid, row.patient_id, row.calling_ae, row.instances,
                     ",".join(row.modalities), row.state,
                     _short(row.created_at), _short(row.updated_at), _short(row.completed_at),
+                    _summary_cell(summaries.get(row.study_uid)),
                 )
                 for row in rows
             ],
         )
     return 0
+
+
+def _summary_json(summary: DeliverySummary | None) -> dict[str, Any] | None:
+    return None if summary is None else summary.as_json()
+
+
+def _summary_cell(summary: DeliverySummary | None) -> str:
+    """The delivery word, with the sent/total count once anything is queued."""
+    if summary is None or summary.state is None:
+        return "-"
+    total = summary.sent + summary.pending + summary.failed
+    return f"{summary.state} {summary.sent}/{total}" if total else summary.state
 
 
 def _study_complete(args: argparse.Namespace) -> int:

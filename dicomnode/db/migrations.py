@@ -263,6 +263,18 @@ def _v8_model_evaluations(conn: Connection) -> None:
     md.create_all(conn)
 
 
+def _v9_login_failures(conn: Connection) -> None:
+    md = MetaData()
+    Table(
+        "login_failures", md,
+        Column("id", Integer, primary_key=True),
+        Column("at", DateTime(timezone=True), index=True, nullable=False),
+        Column("user_name", String(64), index=True, nullable=False),
+        Column("address", String(64), index=True),
+    )
+    md.create_all(conn)
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "studies, series, instances", _v1_studies_series_instances),
     Migration(2, "audit trail", _v2_audit_events),
@@ -273,6 +285,7 @@ MIGRATIONS: list[Migration] = [
     Migration(7, "users, API tokens, console sessions, preset revisions",
               _v7_users_sessions_preset_revisions),
     Migration(8, "model evaluations (dicomnode evaluate --record)", _v8_model_evaluations),
+    Migration(9, "failed logins (login throttling)", _v9_login_failures),
 ]
 
 HEAD = MIGRATIONS[-1].version

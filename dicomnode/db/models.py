@@ -225,10 +225,14 @@ class Delivery(Base):
 
 class ResultSetState:
     """Encoding of one finished job's outputs: encoded (objects written and queued), or
-    failed (the reason in `error`; tried again up to the pipeline's attempt limit)."""
+    failed (the reason in `error`; tried again up to the pipeline's attempt limit), or
+    pending (an operator's `results retry` queued a failed one again; no row at all also
+    means pending)."""
 
+    PENDING = "pending"
     ENCODED = "encoded"
     FAILED = "failed"
+    ALL = (PENDING, ENCODED, FAILED)
 
 
 class ResultSet(Base):
@@ -343,3 +347,18 @@ class ModelEvaluation(Base):
     images: Mapped[int] = mapped_column(Integer)
     figures: Mapped[str] = mapped_column(Text)  # JSON {name: number}
     measured_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class LoginFailure(Base):
+    """A failed console login (migration 9), counted per user name and per client address.
+
+    In the database rather than in memory so that nodes sharing one PostgreSQL see the same
+    counts and a restart does not reset them. Rows older than the window are deleted.
+    """
+
+    __tablename__ = "login_failures"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    user_name: Mapped[str] = mapped_column(String(64), index=True)
+    address: Mapped[str | None] = mapped_column(String(64), index=True)

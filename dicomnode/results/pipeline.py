@@ -8,7 +8,8 @@ destination of the preset) are committed with an audit row. The work list is the
 is never encoded into the outbox twice; a notification (`wake`) only makes it sooner.
 
 An encoding failure never stops the node: the result set is recorded `failed` with the reason
-and an audit row, and tried again after `retry_seconds`, at most `max_attempts` times.
+and an audit row, and tried again after `retry_seconds`, at most `max_attempts` times; after
+that an operator's `dicomnode results retry` (bookkeeping.retry) queues it again.
 """
 
 from __future__ import annotations
@@ -19,22 +20,20 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 
 from dicomnode.db import audit
 from dicomnode.db.engine import Database
 from dicomnode.db.models import (
     Instance,
     Job,
-    JobState,
     Result,
     ResultSet,
     ResultSetState,
-    as_utc,
     utcnow,
 )
 from dicomnode.dispatch import outbox
@@ -42,6 +41,7 @@ from dicomnode.durable import fsync_path
 from dicomnode.errors import DicomNodeError
 from dicomnode.inference.outputs import read_index
 from dicomnode.registry.registry import Registry
+from dicomnode.results.bookkeeping import ENCODABLE, work_list
 from dicomnode.results.encode import SR, EncodedObject, encode_objects
 from dicomnode.results.job_outputs import results_from_outputs
 from dicomnode.results.sr import NodeIdentity
@@ -53,7 +53,6 @@ from dicomnode.settings import Settings
 logger = logging.getLogger(__name__)
 
 RESULTS_FOLDER = "results"
-_ENCODABLE = (JobState.DONE, JobState.PARTIAL)
 
 
 class EncodingError(DicomNodeError):
@@ -151,23 +150,9 @@ class ResultsPipeline:
 
     def pending_jobs(self) -> list[int]:
         """Finished jobs with outputs and no encoded result set (failed ones once due)."""
-        due = utcnow() - timedelta(seconds=self.retry_seconds)
         with self.database.transaction() as session:
-            rows = session.execute(
-                select(Job.id, ResultSet.state, ResultSet.finished_at)
-                .outerjoin(ResultSet, ResultSet.job_id == Job.id)
-                .where(Job.state.in_(_ENCODABLE), Job.output_path.is_not(None),
-                       or_(ResultSet.id.is_(None),
-                           and_(ResultSet.state == ResultSetState.FAILED,
-                                ResultSet.attempts < self.max_attempts)))
-                .order_by(Job.id)
-            ).all()
-        pending = []
-        for job_id, state, finished in rows:
-            if state == ResultSetState.FAILED and finished is not None and as_utc(finished) > due:
-                continue  # failed recently: wait before trying again
-            pending.append(int(job_id))
-        return pending
+            return work_list(session, max_attempts=self.max_attempts,
+                             retry_seconds=self.retry_seconds)
 
     def run_once(self) -> list[EncodeOutcome]:
         return [self.encode_job(job_id) for job_id in self.pending_jobs()
@@ -209,7 +194,7 @@ class ResultsPipeline:
             job = session.get(Job, job_id)
             if job is None:
                 raise EncodingError(f"no job {job_id}")
-            if job.state not in _ENCODABLE or job.output_path is None:
+            if job.state not in ENCODABLE or job.output_path is None:
                 raise EncodingError(f"job {job_id} is {job.state} with no outputs to encode")
             return _JobInfo(job.id, job.study_uid, job.preset, job.output_path,
                             job.created_at.isoformat())

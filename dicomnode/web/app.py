@@ -1,7 +1,7 @@
 """The FastAPI application: REST API under /api, Prometheus at /metrics, console at /.
 
-OpenAPI is published at /api/openapi.json (and browsable at /api/docs, served without any CDN
-asset: FastAPI's docs page would load Swagger UI from a CDN, so it is turned off).
+OpenAPI is published at /api/openapi.json to signed-in principals only (dicomnode.web.api.schema).
+There is no /api/docs: FastAPI's docs page would load Swagger UI from a CDN.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from fastapi.staticfiles import StaticFiles
 
 from dicomnode import __version__
 from dicomnode.web import console
-from dicomnode.web.api import health, models, presets, resolve, route_test, studies
+from dicomnode.web.api import health, models, presets, resolve, route_test, schema, studies
 from dicomnode.web.state import WebState
 
 logger = logging.getLogger(__name__)
@@ -48,13 +48,15 @@ def create_app(state: WebState) -> FastAPI:
         version=__version__,
         description="DICOM AI gateway for retinal imaging: models, presets, routing, studies. "
         "Authenticate with 'Authorization: Bearer <token>' (dicomnode users token NAME).",
-        openapi_url="/api/openapi.json",
+        # Served by api.schema behind authentication instead of FastAPI's open route.
+        openapi_url=None,
         docs_url=None,
         redoc_url=None,
     )
     app.state.web = state
+    app.state.destination_echoes = health.EchoCache()
     app.middleware("http")(_security_headers)
-    for module in (models, presets, resolve, route_test, studies, health):
+    for module in (models, presets, resolve, route_test, studies, health, schema):
         app.include_router(module.router, prefix="/api")
     app.include_router(health.metrics_router)
     app.include_router(console.router)

@@ -22,6 +22,8 @@ from dicomnode.db.audit import record
 from dicomnode.db.engine import Database
 from dicomnode.db.models import ApiToken, User, UserRole, WebSession, as_utc, utcnow
 from dicomnode.errors import UserError
+from dicomnode.web import login_throttle
+from dicomnode.web.login_throttle import LoginLimits, LoginThrottled
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +121,27 @@ def principal_for_token(database: Database, token: str) -> Principal | None:
         return Principal(user.id, user.name, user.role, "token")
 
 
-def login(database: Database, name: str, password: str, minutes: int) -> tuple[str, Principal]:
-    """Check the password and open a session; returns (cookie secret, principal)."""
+def login(
+    database: Database, name: str, password: str, minutes: int, *,
+    address: str | None = None, limits: LoginLimits | None = None,
+) -> tuple[str, Principal]:
+    """Check the password and open a session; returns (cookie secret, principal).
+
+    With `limits`, a name or address with too many recent failures is refused before the
+    password is looked at (LoginThrottled); each failure is counted in the database.
+    """
+    actor = name[:login_throttle.NAME_WIDTH]
+    peer = address[:login_throttle.ADDRESS_WIDTH] if address else None
+    if limits is not None:
+        # Its own transaction: the refusal is on record even though no login happens.
+        with database.transaction() as session:
+            wait = login_throttle.retry_after(session, name, address, limits, utcnow())
+            if wait is not None:
+                record(session, "login-throttled", actor=actor, peer=peer,
+                       detail=f"refused unchecked for {wait} s (too many failed logins)")
+        if wait is not None:
+            logger.warning("console login throttled for user name %r from %s", actor, peer)
+            raise LoginThrottled(wait)
     with database.transaction() as session:
         user = session.scalar(select(User).where(User.name == name))
         # Hash even for an unknown user, so response time does not reveal which names exist.
@@ -129,8 +150,10 @@ def login(database: Database, name: str, password: str, minutes: int) -> tuple[s
     if refused or user is None:
         # Its own transaction: the refusal must be on record even though nothing else is.
         with database.transaction() as session:
-            record(session, "login-failed", actor=name[:64])
-        logger.warning("console login refused for user name %r", name[:64])
+            record(session, "login-failed", actor=actor, peer=peer)
+            if limits is not None:
+                login_throttle.add_failure(session, name, address, utcnow())
+        logger.warning("console login refused for user name %r from %s", actor, peer)
         raise UserError("wrong user name or password")
     with database.transaction() as session:
         secret = secrets.token_urlsafe(32)
@@ -142,7 +165,8 @@ def login(database: Database, name: str, password: str, minutes: int) -> tuple[s
             user_id=user.id, token_hash=secret_hash(secret), csrf_token=csrf,
             created_at=now, expires_at=now + timedelta(minutes=minutes),
         ))
-        record(session, "login", actor=user.name)
+        login_throttle.clear_name(session, user.name)
+        record(session, "login", actor=user.name, peer=peer)
         return secret, Principal(user.id, user.name, user.role, "session", csrf)
 
 

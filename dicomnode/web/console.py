@@ -22,6 +22,7 @@ from dicomnode.web.api.presets import preset_dict
 from dicomnode.web.api.studies import STATES, get_study, list_studies
 from dicomnode.web.auth import Principal
 from dicomnode.web.deps import SESSION_COOKIE, State, current_principal, optional_principal
+from dicomnode.web.login_throttle import LoginLimits, LoginThrottled
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +68,16 @@ def login_submit(
     next: Annotated[str, Form()] = "/presets",
 ) -> Response:
     minutes = state.settings.web.session_minutes
+    address = request.client.host if request.client else None
     try:
-        secret, _ = auth.login(state.database, username.strip(), password, minutes)
+        secret, _ = auth.login(state.database, username.strip(), password, minutes,
+                               address=address,
+                               limits=LoginLimits.from_settings(state.settings.web))
+    except LoginThrottled as exc:
+        response = render(request, "login.html", None, next=next, error=str(exc))
+        response.status_code = 429
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
     except UserError as exc:
         response = render(request, "login.html", None, next=next, error=str(exc))
         response.status_code = 401

@@ -6,13 +6,13 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
+from typing import Any
 
 import uvicorn
 
 from dicomnode.db.engine import Database
 from dicomnode.errors import DicomNodeError
-from dicomnode.routing.catalog import Catalog
 from dicomnode.settings import Settings, WebSettings
 from dicomnode.web.app import create_app
 from dicomnode.web.state import CatalogHolder, WebState
@@ -69,27 +69,15 @@ class WebServer:
 
 
 def start_web(
-    settings: Settings, database: Database, catalog: Catalog, consumers: Sequence[object] = ()
+    settings: Settings, database: Database, catalog: CatalogHolder,
+    health_probe: Callable[[], dict[str, Any]] | None = None,
 ) -> WebServer | None:
-    """Start the console/API if `web.enabled`; preset edits reach `consumers` on reload.
-
-    Each consumer holding a `presets` attribute (the processing service, the results pipeline)
-    gets the reloaded PresetSet, so an edited preset routes the next study without a restart.
-    """
+    """Start the console/API if `web.enabled`, on the node's catalog holder (one per node:
+    preset edits reload it, and its listeners hand the new catalog to processing)."""
     if not settings.web.enabled:
         logger.info("web console disabled (web.enabled: false)")
         return None
-    holder = CatalogHolder(settings, catalog)
-
-    def _hand_over(new: Catalog) -> None:
-        for consumer in consumers:
-            if consumer is not None and hasattr(consumer, "presets"):
-                consumer.presets = new.presets
-
-    holder.subscribe(_hand_over)
-    # The processing service knows which execution provider its sessions really use.
-    probes = [h for c in consumers if callable(h := getattr(c, "health", None))]
-    state = WebState(settings, database, holder, health_probe=probes[0] if probes else None)
+    state = WebState(settings, database, catalog, health_probe=health_probe)
     server = WebServer(state, settings.web)
     server.start()
     return server

@@ -30,7 +30,7 @@ ENDPOINTS = [
     ("DELETE", "/api/presets/centres"), ("POST", "/api/presets/validate"),
     ("POST", "/api/resolve"), ("POST", "/api/route-test"), ("GET", "/api/studies"),
     ("GET", "/api/studies/1.2.3"), ("POST", "/api/deliveries/1/retry"), ("GET", "/api/health"),
-    ("GET", "/metrics"), ("GET", "/api/audit/presets"),
+    ("GET", "/metrics"), ("GET", "/api/audit/presets"), ("GET", "/api/openapi.json"),
 ]
 
 
@@ -43,8 +43,8 @@ def test_every_endpoint_refuses_without_credentials(
     assert client.request(method, path, headers=bad).status_code == 401
 
 
-def test_openapi_schema_lists_the_api(client: TestClient) -> None:
-    schema = client.get("/api/openapi.json").json()
+def test_openapi_schema_lists_the_api(client: TestClient, viewer: dict[str, str]) -> None:
+    schema = client.get("/api/openapi.json", headers=viewer).json()
     for path in ("/api/models", "/api/presets/{preset_id}", "/api/resolve", "/api/route-test",
                  "/api/studies/{study_uid}", "/api/deliveries/{delivery_id}/retry",
                  "/api/health", "/metrics"):

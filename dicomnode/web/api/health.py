@@ -1,19 +1,29 @@
-"""GET /api/health and GET /metrics (Prometheus text format), both read from the database."""
+"""GET /api/health and GET /metrics (Prometheus text format), both read from the database.
+
+Destinations are checked with a DICOM C-ECHO (the same as `dicomnode destinations check`), all
+at once with a short timeout, and the answers are kept for `web.health_cache_seconds`, so a
+monitor polling the health endpoint does not open an association at each PACS every time.
+"""
 
 from __future__ import annotations
 
 import logging
-import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicomnode import __version__
-from dicomnode.db.models import Delivery, DeliveryState, Job, ModelRun, Study
-from dicomnode.settings import Settings
+from dicomnode.db.models import Delivery, DeliveryState, Job, ModelRun, Study, utcnow
+from dicomnode.dispatch.sender import echo
+from dicomnode.settings import DestinationSettings, Settings
 from dicomnode.web.deps import State, Viewer
 
 logger = logging.getLogger(__name__)
@@ -21,25 +31,82 @@ logger = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
 metrics_router = APIRouter(tags=["health"])
 
-# A destination counts as reachable when its port accepts a TCP connection this fast. A full
-# C-ECHO per health request would open associations at the PACS on every poll.
-CONNECT_TIMEOUT = 1.0
+# Destinations echoed at once, at most (each echo is one association and a thread).
+MAX_PARALLEL_ECHOES = 16
 
 
-def _reachable(settings: Settings) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for name, dest in sorted(settings.destinations.items()):
-        try:
-            with socket.create_connection((dest.host, dest.port), timeout=CONNECT_TIMEOUT):
-                out[name] = {"reachable": True, "address": f"{dest.host}:{dest.port}"}
-        except OSError as exc:
-            out[name] = {"reachable": False, "address": f"{dest.host}:{dest.port}",
-                         "error": exc.strerror or str(exc)}
-    return out
+@dataclass(frozen=True)
+class DestinationCheck:
+    reachable: bool
+    detail: str
+    checked_at: datetime
+    seconds: float
+    monotonic: float  # when it was made, for the cache's age
+
+    def to_dict(self, destination: DestinationSettings) -> dict[str, Any]:
+        report: dict[str, Any] = {
+            "reachable": self.reachable, "ae_title": destination.ae_title,
+            "address": f"{destination.host}:{destination.port}", "detail": self.detail,
+            "checked_at": self.checked_at.isoformat(), "seconds": round(self.seconds, 3),
+        }
+        if self.reachable:
+            report["status"] = "success"
+        else:
+            report["error"] = self.detail
+        return report
 
 
-@router.get("/health", summary="Node, database, providers in use, queue depth, destinations")
-def health(state: State, _: Viewer) -> dict[str, Any]:
+# What a check depends on: a changed destination or calling AE title is checked afresh.
+_Key = tuple[str, str, str, int, str]
+
+
+def _echo(name: str, destination: DestinationSettings, calling_ae: str,
+          settings: Settings) -> DestinationCheck:
+    timeout = settings.web.health_echo_timeout_seconds
+    short = settings.dispatch.model_copy(
+        update={"connect_timeout_seconds": timeout, "network_timeout_seconds": timeout})
+    checked_at, started = utcnow(), time.monotonic()
+    try:
+        outcome = echo(name, destination, calling_ae=calling_ae, settings=short)
+    except (OSError, RuntimeError, ValueError) as exc:  # pynetdicom's own refusals
+        return DestinationCheck(False, f"C-ECHO failed: {exc}", checked_at,
+                                time.monotonic() - started, started)
+    return DestinationCheck(outcome.ok, outcome.detail, checked_at, outcome.seconds, started)
+
+
+class EchoCache:
+    """The latest C-ECHO answer per destination, reused while younger than the cache time."""
+
+    def __init__(self) -> None:
+        # One round of echoes at a time: concurrent polls wait for it and read its answers.
+        self._lock = threading.Lock()
+        self._checks: dict[_Key, DestinationCheck] = {}
+
+    def report(self, settings: Settings) -> dict[str, dict[str, Any]]:
+        calling = settings.dispatch.calling_ae_title or settings.node.ae_title
+        keys = {name: (name, d.ae_title, d.host, d.port, calling)
+                for name, d in settings.destinations.items()}
+        max_age = settings.web.health_cache_seconds
+        with self._lock:
+            now = time.monotonic()
+            due = [name for name, key in keys.items()
+                   if key not in self._checks or now - self._checks[key].monotonic >= max_age]
+            if due:
+                with ThreadPoolExecutor(min(len(due), MAX_PARALLEL_ECHOES),
+                                        thread_name_prefix="health-echo") as pool:
+                    futures = {name: pool.submit(_echo, name, settings.destinations[name],
+                                                 calling, settings) for name in due}
+                self._checks = {key: check for key, check in self._checks.items()
+                                if key in keys.values()}
+                for name, future in futures.items():
+                    self._checks[keys[name]] = future.result()
+            return {name: self._checks[keys[name]].to_dict(settings.destinations[name])
+                    for name in sorted(keys)}
+
+
+@router.get("/health", summary="Node, database, providers in use, queue depth, destinations "
+            "(C-ECHO)")
+def health(request: Request, state: State, _: Viewer) -> dict[str, Any]:
     settings = state.settings
     report: dict[str, Any] = {
         "node": {"version": __version__, "ae_title": settings.node.ae_title,
@@ -61,7 +128,8 @@ def health(state: State, _: Viewer) -> dict[str, Any]:
         report["database"] = {"ok": False, "error": str(exc).splitlines()[0]}
     if state.health_probe is not None:
         report["processing"] = state.health_probe()
-    report["destinations"] = _reachable(settings)
+    echoes: EchoCache = request.app.state.destination_echoes
+    report["destinations"] = echoes.report(settings)
     report["ok"] = bool(report["database"]["ok"])
     return report
 

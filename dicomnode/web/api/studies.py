@@ -23,6 +23,7 @@ from dicomnode.db.models import (
 from dicomnode.dispatch import outbox
 from dicomnode.errors import DeliveryNotFoundError, DispatchError
 from dicomnode.jobs.queue import job_detail
+from dicomnode.results.summary import summarise
 from dicomnode.web import results_view
 from dicomnode.web.deps import Admin, State, Viewer
 from dicomnode.web.results_view import ViewError
@@ -70,6 +71,11 @@ def list_studies(state: State, _: Viewer, study_state: str | None = None, limit:
         if study_state is not None:
             query = query.where(Study.state == study_state)
         rows = [_study_row(study, int(n)) for study, n in session.execute(query)]
+        # Derived per study: how far the latest job's results got (results.summary).
+        summaries = summarise(session, [row["study_uid"] for row in rows])
+        for row in rows:
+            summary = summaries.get(row["study_uid"])
+            row["delivery"] = None if summary is None else summary.as_json()
         by_state = dict(session.execute(
             select(Study.state, func.count()).group_by(Study.state)).all())
     return {"studies": rows, "states": {s: int(by_state.get(s, 0)) for s in STATES}}
@@ -94,6 +100,8 @@ def get_study(study_uid: str, state: State, _: Viewer) -> dict[str, Any]:
             select(AuditEvent).where(AuditEvent.study_uid == study_uid)
             .order_by(AuditEvent.id)).all()
         data = _study_row(study, len(instances))
+        summary = summarise(session, [study_uid]).get(study_uid)
+        data["delivery"] = None if summary is None else summary.as_json()
         data["images"] = [
             {"sop_instance_uid": i.sop_instance_uid, "modality": i.modality,
              "laterality": i.laterality, "received_at": _iso(i.received_at), "late": i.late,
