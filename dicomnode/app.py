@@ -86,18 +86,11 @@ class Node:
         return host, port
 
     def _use_catalog(self, catalog: Catalog) -> None:
-        """Hand a reloaded catalog to the stages that route, run and encode: a study planned
-        from now on uses it. A running job keeps its resolved graph but looks its model
-        versions up in the new registry (registry versions are meant to be added, not edited)."""
+        """Hand a reloaded catalog to the stages that route, run and encode."""
         if self.processing is not None:
-            # Registry first: a new preset may name a model version only the new one holds.
-            # Sessions are keyed by model@version, so a new version loads on first use.
-            self.processing.executor.registry = catalog.registry
-            self.processing.registry = catalog.registry
-            self.processing.presets = catalog.presets
+            self.processing.use_catalog(catalog)
         if self.results is not None:
-            self.results.presets = catalog.presets
-            self.results.registry = catalog.registry
+            self.results.use_catalog(catalog)
 
     def stop(self) -> None:
         """Stop accepting, let stores in progress finish, stop timing, close the database."""

@@ -151,24 +151,31 @@ def run_worker(args: argparse.Namespace) -> int:
     import signal
 
     from dicomnode.jobs.service import ProcessingService
-    from dicomnode.routing.catalog import load_catalog
+    from dicomnode.routing.catalog import CatalogHolder
+    from dicomnode.routing.watcher import CatalogWatcher
 
     stop_signals = {signal.SIGINT, signal.SIGTERM}
     # Blocked before any thread starts, so only sigwait below sees them.
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     settings = settings_from(args)
     database = open_database(settings.database.url)
-    catalog = load_catalog(settings)
+    holder = CatalogHolder(settings)
+    catalog = holder.catalog
     if settings.inference.workers < 1:
         settings = settings.model_copy(update={
             "inference": settings.inference.model_copy(update={"workers": 1})
         })
     service = ProcessingService(settings, database, catalog.registry, catalog.presets)
     service.start()
+    # A worker node follows preset and registry changes on disk as `serve` does.
+    holder.subscribe(service.use_catalog)
+    watcher = CatalogWatcher(holder)
+    watcher.start()
     try:
         received = signal.sigwait(stop_signals)
         logger.info("received %s; stopping workers", signal.Signals(received).name)
     finally:
+        watcher.stop()
         service.stop(settings.node.shutdown_grace_seconds)
         database.dispose()
     return 0

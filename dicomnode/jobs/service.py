@@ -28,6 +28,7 @@ from dicomnode.jobs.health import health_report
 from dicomnode.jobs.planning import plan_study, study_facts
 from dicomnode.jobs.runner import run_job
 from dicomnode.registry.registry import Registry
+from dicomnode.routing.catalog import Catalog
 from dicomnode.routing.loader import PresetSet
 from dicomnode.settings import Settings
 
@@ -65,6 +66,17 @@ class ProcessingService:
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self._plan_lock = threading.Lock()
+
+    def use_catalog(self, catalog: Catalog) -> None:
+        """Plan from now on with a reloaded catalog (a CatalogHolder listener).
+
+        Registry first: a new preset may name a model version only the new registry holds.
+        Sessions are keyed by model@version, so a new version loads on first use; a running job
+        keeps its resolved graph (versions are meant to be added, not edited in place).
+        """
+        self.executor.registry = catalog.registry
+        self.registry = catalog.registry
+        self.presets = catalog.presets
 
     @property
     def storage_root(self) -> Path:

@@ -46,6 +46,7 @@ from dicomnode.results.encode import SR, EncodedObject, encode_objects
 from dicomnode.results.job_outputs import results_from_outputs
 from dicomnode.results.sr import NodeIdentity
 from dicomnode.results.uids import COMPREHENSIVE_SR_STORAGE
+from dicomnode.routing.catalog import Catalog
 from dicomnode.routing.loader import PresetSet
 from dicomnode.routing.preset import OutputOptions
 from dicomnode.settings import Settings
@@ -105,6 +106,11 @@ class ResultsPipeline:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def use_catalog(self, catalog: Catalog) -> None:
+        """Encode from now on with a reloaded catalog (a CatalogHolder listener)."""
+        self.registry = catalog.registry
+        self.presets = catalog.presets
 
     @property
     def storage_root(self) -> Path:

@@ -143,3 +143,26 @@ def test_a_model_copied_into_the_registry_reaches_processing_and_results(
     finally:
         node.stop()
     assert not node.watcher.running
+
+
+def test_a_worker_node_follows_preset_files_too(tmp_path: Path) -> None:
+    """`dicomnode worker` (processing only, no receiver or console) reloads like `serve`."""
+    import signal
+
+    config, presets = _node_config(tmp_path, {"enabled": False})
+    log_path = tmp_path / "worker.log"
+    with log_path.open("w", encoding="utf-8") as log_file:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "dicomnode.cli", "worker", "--config", str(config)],
+            stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            _wait_for(lambda: log_path.read_text("utf-8"),
+                      lambda text: "catalog watcher: checking" in text, 30)
+            (presets / "cam7.yaml").write_text(_preset("cam7"), "utf-8")
+            log = _wait_for(lambda: log_path.read_text("utf-8"),
+                            lambda text: "preset added cam7" in text, 15)
+            assert "catalog reloaded (files changed): preset added cam7" in log, log
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            code = worker.wait(timeout=60)
+    assert code == 0, log_path.read_text("utf-8")
