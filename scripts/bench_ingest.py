@@ -56,7 +56,7 @@ def free_port() -> int:
 def make_burst(directory: Path, count: int, size: int) -> list[Path]:
     """`count` Ophthalmic Photography files, two eyes per study, one picture per eye reused."""
     directory.mkdir(parents=True, exist_ok=True)
-    pictures = {lat: synthetic_fundus(size, lat, 0) for lat in ("R", "L")}  # type: ignore[arg-type]
+    pictures = {lat: synthetic_fundus(size, lat, 0) for lat in ("R", "L")}
     paths: list[Path] = []
     study_uid = generate_uid()
     for index in range(count):

@@ -78,6 +78,12 @@ def build_module(size: int, reach: int = 18) -> Any:
     angles = 12
 
     class ClassicVessels(nn.Module):
+        # Buffers registered in __init__; declared so that attribute access is typed as a
+        # Tensor rather than nn.Module.__getattr__'s `Tensor | Module`.
+        gx: torch.Tensor
+        gy: torch.Tensor
+        mix: torch.Tensor
+
         def __init__(self) -> None:
             super().__init__()
             self.factor = 4
@@ -86,7 +92,7 @@ def build_module(size: int, reach: int = 18) -> Any:
             t = torch.arange(-half, half + 1, dtype=torch.float32)
             g = torch.exp(-0.5 * (t / sigma) ** 2)
             g = g / g.sum()
-            self.half = half
+            self.half_width = half  # not `self.half`: that would shadow nn.Module.half()
             self.register_buffer("gx", g.view(1, 1, 1, -1).repeat(3, 1, 1, 1))
             self.register_buffer("gy", g.view(1, 1, -1, 1).repeat(3, 1, 1, 1))
             self.register_buffer("mix", torch.tensor([0.25, 0.65, 0.10]).view(1, 3, 1, 1))
@@ -100,8 +106,8 @@ def build_module(size: int, reach: int = 18) -> Any:
         def blur(self, x: torch.Tensor) -> torch.Tensor:
             side = x.shape[-1]
             x = F.avg_pool2d(x, self.factor)
-            x = F.conv2d(x, self.gx, padding=(0, self.half), groups=3)
-            x = F.conv2d(x, self.gy, padding=(self.half, 0), groups=3)
+            x = F.conv2d(x, self.gx, padding=(0, self.half_width), groups=3)
+            x = F.conv2d(x, self.gy, padding=(self.half_width, 0), groups=3)
             return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
 
         def standardise(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -91,7 +91,7 @@ def node_input(rgb: NDArray[np.uint8], size: int) -> tuple[NDArray[np.float32], 
 def node_output(prob: NDArray[np.float32], box: Any, shape: tuple[int, int]) -> NDArray[np.float32]:
     """The node's post-processing: back to the box size, then into the source frame."""
     resized = resize_probability(prob, box.height, box.width)
-    return place_back(resized, box, shape).astype(np.float32)  # type: ignore[return-value]
+    return place_back(resized, box, shape).astype(np.float32)
 
 
 def soft_truth(truth: NDArray[np.bool_], box: Any, size: int) -> NDArray[np.float32]:
@@ -186,6 +186,12 @@ def build_modules(size: int) -> tuple[Any, Any]:
         neighbourhood (sigma = S/48, computed at S/4) within the field of view. Output: 3 channels
         (normalised green, normalised luminance, eroded FOV mask)."""
 
+        # Buffers registered in __init__; declared so that attribute access is typed as a
+        # Tensor rather than nn.Module.__getattr__'s `Tensor | Module`.
+        gx: torch.Tensor
+        gy: torch.Tensor
+        mix: torch.Tensor
+
         def __init__(self, size: int) -> None:
             super().__init__()
             # The neighbourhood statistics are taken at 1/4 resolution (cheap), then
@@ -201,14 +207,14 @@ def build_modules(size: int) -> tuple[Any, Any]:
             self.register_buffer(
                 "mix", torch.tensor([[0.0, 1.0, 0.0], [0.25, 0.65, 0.10]]).view(2, 3, 1, 1)
             )
-            self.half = half
+            self.half_width = half  # not `self.half`: that would shadow nn.Module.half()
             self.erode = max(1, round(size / 256))  # ~3 px at S = 768
 
         def blur(self, x: torch.Tensor) -> torch.Tensor:
             size = x.shape[-1]
             x = F.avg_pool2d(x, self.factor)
-            x = F.conv2d(x, self.gx, padding=(0, self.half), groups=5)
-            x = F.conv2d(x, self.gy, padding=(self.half, 0), groups=5)
+            x = F.conv2d(x, self.gx, padding=(0, self.half_width), groups=5)
+            x = F.conv2d(x, self.gy, padding=(self.half_width, 0), groups=5)
             return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
         def forward(self, rgb: torch.Tensor) -> torch.Tensor:
@@ -256,7 +262,8 @@ def build_modules(size: int) -> tuple[Any, Any]:
             c = self.d3(torch.cat([self.u3(m), c], 1))
             b = self.d2(torch.cat([self.u2(c), b], 1))
             a = self.d1(torch.cat([self.u1(b), a], 1))
-            return self.head(a)
+            logits: torch.Tensor = self.head(a)  # Module.__call__ is typed Any
+            return logits
 
     return Preprocess(size), UNet()
 
@@ -357,8 +364,8 @@ def train(
 
     inputs, targets = [], []
     for case in cases:
-        x, box, _ = node_input(case.rgb, size)
-        inputs.append(torch.from_numpy(x[0]))
+        pixels, box, _ = node_input(case.rgb, size)
+        inputs.append(torch.from_numpy(pixels[0]))
         targets.append(torch.from_numpy(soft_truth(case.truth, box, size).copy())[None])
     images = torch.stack(inputs)
     truths = torch.stack(targets)

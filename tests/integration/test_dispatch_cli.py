@@ -13,7 +13,8 @@ from dicomnode.db import open_database
 from dicomnode.db.models import DeliveryState
 from dicomnode.dispatch import outbox
 from dicomnode.settings import load_settings
-from tests.integration.test_dispatch import NODE_AET, ORTHANC_AET, Orthanc, _results
+from tests.integration.test_dispatch import _results
+from tests.support.orthanc import NODE_AET, ORTHANC_AET, Orthanc
 from tests.support.peers import free_port
 
 pytestmark = pytest.mark.integration

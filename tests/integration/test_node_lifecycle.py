@@ -49,7 +49,7 @@ def _all_completed(states: dict[str, str], uids: Iterable[str]) -> bool:
 
 def _states(database: Database) -> dict[str, str]:
     with database.transaction() as session:
-        return dict(session.execute(select(Study.study_uid, Study.state)).all())  # type: ignore[arg-type]
+        return dict(session.execute(select(Study.study_uid, Study.state)).all())
 
 
 def _cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -18,8 +18,7 @@ from sqlalchemy import select
 from dicomnode.db import open_database
 from dicomnode.db.engine import Database
 from dicomnode.db.models import AuditEvent, Instance
-from dicomnode.receive import handlers as handlers_module
-from dicomnode.receive import statuses
+from dicomnode.receive import ingest, statuses
 from dicomnode.receive.handlers import ReceiveHandlers
 from dicomnode.settings import Settings, StorageSettings
 from tests.support.dicom_files import dataset_bytes, write_op
@@ -99,7 +98,7 @@ def test_unexpected_error_is_a_failure_status_and_audited(
     def broken(*_args: object, **_kwargs: object) -> None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(handlers_module.ingest, "record_arrival", broken)
+    monkeypatch.setattr(ingest, "record_arrival", broken)
     assert handlers.on_store(_event(write_op(tmp_path / "a.dcm"))) == statuses.PROCESSING_FAILURE
     assert _kinds(database) == [("error", statuses.PROCESSING_FAILURE)]
     assert handlers.in_flight.count == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path: Path) -> None:
     target = tmp_path / "x.dcm"
     target.write_bytes(b"old")
 
-    def chunks():  # type: ignore[no-untyped-def]
+    def chunks() -> Iterator[bytes]:
         yield b"new"
         raise OSError("disk gone")
 
