@@ -59,8 +59,10 @@ class Node:
         catalog = holder.catalog
         self.dispatcher = Dispatcher(settings, self.database)
         self.dispatcher.start()
-        self.results = ResultsPipeline(settings, self.database, catalog.registry,
-                                       catalog.presets, on_queued=self.dispatcher.wake)
+        self.results = ResultsPipeline(
+            settings, self.database, catalog.registry, catalog.presets,
+            on_queued=self.dispatcher.wake, max_attempts=settings.results.max_attempts,
+            retry_seconds=settings.results.retry_seconds)
         self.results.start()
         # Wake the encoder as soon as a job's end is committed; it also polls the jobs
         # table, so a missed wake only delays encoding by one poll, never loses it.

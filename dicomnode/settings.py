@@ -160,6 +160,19 @@ class DispatchSettings(_Strict):
         return None if value is None or not value.strip() else _check_ae_title(value)
 
 
+class ResultsSettings(_Strict):
+    """The results pipeline: how often a failed encoding of a finished job is tried.
+
+    Its own section: `dispatch` retries sending objects that exist, this retries making them
+    (a missing source image, damaged outputs), which has different causes and remedies.
+    """
+
+    # After this many failed attempts the result set stays `failed` until an operator retries.
+    max_attempts: Annotated[int, Field(ge=1, le=1000)] = 3
+    # Wait between a failed attempt and the next one.
+    retry_seconds: Annotated[float, Field(gt=0)] = 60.0
+
+
 class WebSettings(_Strict):
     """The admin console and REST API (dicomnode.web), served inside the node."""
 
@@ -201,6 +214,7 @@ class Settings(_Strict):
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
+    results: ResultsSettings = Field(default_factory=ResultsSettings)
     web: WebSettings = Field(default_factory=WebSettings)
     # Where the settings came from; relative paths were resolved against its folder.
     source: Path | None = None

@@ -55,7 +55,7 @@ def _studies(args: argparse.Namespace) -> int:
     try:
         rows = list_studies(database)
         with database.transaction() as session:
-            summaries = summarise(session)
+            summaries = summarise(session, max_attempts=settings.results.max_attempts)
     finally:
         database.dispose()
     if args.json:

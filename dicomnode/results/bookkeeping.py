@@ -1,5 +1,6 @@
 """The results pipeline's work list, and the operator's view of it: list result sets, queue
-failed ones again (`dicomnode results list`, `dicomnode results retry`).
+failed ones again (`dicomnode results list`, `dicomnode results retry`, and the same retry
+from the API and console: `POST /api/jobs/{id}/results/retry`).
 
 The work list is the database: finished jobs with outputs and no encoded result set. A
 retry only changes rows (state `pending`, attempts 0), so a running node's pipeline, which
@@ -79,6 +80,16 @@ def list_result_sets(
         elif state is not None:
             query = query.where(ResultSet.state == state)
         return [_as_dict(job, result_set) for job, result_set in session.execute(query)]
+
+
+def result_set_of(database: Database, job_id: int) -> dict[str, Any]:
+    """One job's result set as `list_result_sets` shows it (JobNotFoundError if no job)."""
+    with database.transaction() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise JobNotFoundError(f"no job {job_id}")
+        result_set = session.scalar(select(ResultSet).where(ResultSet.job_id == job_id))
+        return _as_dict(job, result_set)
 
 
 def _as_dict(job: Job, result_set: ResultSet | None) -> dict[str, Any]:

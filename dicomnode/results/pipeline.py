@@ -8,8 +8,9 @@ destination of the preset) are committed with an audit row. The work list is the
 is never encoded into the outbox twice; a notification (`wake`) only makes it sooner.
 
 An encoding failure never stops the node: the result set is recorded `failed` with the reason
-and an audit row, and tried again after `retry_seconds`, at most `max_attempts` times; after
-that an operator's `dicomnode results retry` (bookkeeping.retry) queues it again.
+and an audit row, and tried again after `results.retry_seconds`, at most
+`results.max_attempts` times; after that an operator's retry (`dicomnode results retry`, the
+API or the console; all bookkeeping.retry) queues it again.
 """
 
 from __future__ import annotations
@@ -90,8 +91,8 @@ class ResultsPipeline:
         *,
         on_queued: Callable[[], None] | None = None,
         poll_seconds: float | None = None,
-        max_attempts: int = 3,
-        retry_seconds: float = 60.0,
+        max_attempts: int | None = None,
+        retry_seconds: float | None = None,
     ) -> None:
         self.settings = settings
         self.database = database
@@ -101,8 +102,11 @@ class ResultsPipeline:
         # Called after a commit that queued deliveries (the dispatcher's wake).
         self.on_queued = on_queued
         self.poll_seconds = poll_seconds or settings.inference.poll_seconds
-        self.max_attempts = max_attempts
-        self.retry_seconds = retry_seconds
+        # Unset: the `results` settings (tests pass retry_seconds=0 to retry at once).
+        self.max_attempts = (settings.results.max_attempts if max_attempts is None
+                             else max_attempts)
+        self.retry_seconds = (settings.results.retry_seconds if retry_seconds is None
+                              else retry_seconds)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -15,7 +15,16 @@ from fastapi.staticfiles import StaticFiles
 
 from dicomnode import __version__
 from dicomnode.web import console
-from dicomnode.web.api import health, models, presets, resolve, route_test, schema, studies
+from dicomnode.web.api import (
+    health,
+    models,
+    presets,
+    resolve,
+    results,
+    route_test,
+    schema,
+    studies,
+)
 from dicomnode.web.state import WebState
 
 logger = logging.getLogger(__name__)
@@ -56,7 +65,7 @@ def create_app(state: WebState) -> FastAPI:
     app.state.web = state
     app.state.destination_echoes = health.EchoCache()
     app.middleware("http")(_security_headers)
-    for module in (models, presets, resolve, route_test, studies, health, schema):
+    for module in (models, presets, resolve, route_test, studies, results, health, schema):
         app.include_router(module.router, prefix="/api")
     app.include_router(health.metrics_router)
     app.include_router(console.router)

@@ -19,7 +19,7 @@ from dicomnode.registry import load_registry
 from dicomnode.results.pipeline import ResultsPipeline
 from dicomnode.results.summary import DeliverySummary, summarise
 from dicomnode.routing import load_presets
-from dicomnode.settings import Settings
+from dicomnode.settings import ResultsSettings, Settings
 from tests.integration.test_dispatch import orthanc  # noqa: F401  (the module's Orthanc)
 from tests.support.executor_fixtures import add_study, write_diamond
 from tests.support.orthanc import NODE_AET, ORTHANC_AET, Orthanc
@@ -71,7 +71,8 @@ def node(tmp_path: Path) -> Iterator[Any]:
 
 def _summary(database: Database, uid: str) -> DeliverySummary:
     with database.transaction() as session:
-        return summarise(session)[uid]
+        # The pipelines here use the default attempt limit (settings.results).
+        return summarise(session, max_attempts=ResultsSettings().max_attempts)[uid]
 
 
 def _drain(dispatcher: Dispatcher, database: Database, seconds: float = 15) -> None:

@@ -42,6 +42,8 @@ def test_relative_paths_resolve_against_the_file(tmp_path: Path) -> None:
         ("completeness: {quiet_seconds: soon}\n", "completeness.quiet_seconds"),
         ("destinations: {pacs: {ae_title: PACS, host: h}}\n", "destinations.pacs.port"),
         ("nodes: {}\n", "nodes"),
+        ("results: {max_attempts: 0}\n", "results.max_attempts"),
+        ("results: {retry_seconds: 0}\n", "results.retry_seconds"),
     ],
 )
 def test_bad_key_is_named(tmp_path: Path, text: str, names: str) -> None:
@@ -59,3 +61,10 @@ def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_settings(tmp_path / "absent.yaml")
+
+
+def test_results_section_defaults_and_values(tmp_path: Path) -> None:
+    default = _load(tmp_path, "node: {port: 11112}\n").results
+    assert (default.max_attempts, default.retry_seconds) == (3, 60.0)
+    chosen = _load(tmp_path, "results: {max_attempts: 5, retry_seconds: 0.5}\n").results
+    assert (chosen.max_attempts, chosen.retry_seconds) == (5, 0.5)

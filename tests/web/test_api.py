@@ -29,7 +29,8 @@ ENDPOINTS = [
     ("GET", "/api/presets/centres"), ("POST", "/api/presets"), ("PUT", "/api/presets/centres"),
     ("DELETE", "/api/presets/centres"), ("POST", "/api/presets/validate"),
     ("POST", "/api/resolve"), ("POST", "/api/route-test"), ("GET", "/api/studies"),
-    ("GET", "/api/studies/1.2.3"), ("POST", "/api/deliveries/1/retry"), ("GET", "/api/health"),
+    ("GET", "/api/studies/1.2.3"), ("POST", "/api/deliveries/1/retry"),
+    ("POST", "/api/jobs/1/results/retry"), ("GET", "/api/health"),
     ("GET", "/metrics"), ("GET", "/api/audit/presets"), ("GET", "/api/openapi.json"),
 ]
 

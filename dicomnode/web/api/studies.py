@@ -72,7 +72,8 @@ def list_studies(state: State, _: Viewer, study_state: str | None = None, limit:
             query = query.where(Study.state == study_state)
         rows = [_study_row(study, int(n)) for study, n in session.execute(query)]
         # Derived per study: how far the latest job's results got (results.summary).
-        summaries = summarise(session, [row["study_uid"] for row in rows])
+        summaries = summarise(session, [row["study_uid"] for row in rows],
+                              max_attempts=state.settings.results.max_attempts)
         for row in rows:
             summary = summaries.get(row["study_uid"])
             row["delivery"] = None if summary is None else summary.as_json()
@@ -100,7 +101,8 @@ def get_study(study_uid: str, state: State, _: Viewer) -> dict[str, Any]:
             select(AuditEvent).where(AuditEvent.study_uid == study_uid)
             .order_by(AuditEvent.id)).all()
         data = _study_row(study, len(instances))
-        summary = summarise(session, [study_uid]).get(study_uid)
+        summary = summarise(session, [study_uid],
+                            max_attempts=state.settings.results.max_attempts).get(study_uid)
         data["delivery"] = None if summary is None else summary.as_json()
         data["images"] = [
             {"sop_instance_uid": i.sop_instance_uid, "modality": i.modality,

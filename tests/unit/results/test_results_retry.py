@@ -1,9 +1,10 @@
 """`dicomnode results list|retry` and the per-study delivery summary, with the real pipeline,
 a real executor over tiny fixture models, and the database (SQLite and PostgreSQL).
 
-Encoding fails for a real reason (a source image file is gone), exhausts its attempts, is
-listed, the operator restores the file and retries, and the running pipeline's next pass
-encodes it and queues the outbox rows.
+Encoding fails for a real reason (a source image file is gone), exhausts its attempts
+(`results.max_attempts` from the settings file), is listed, the operator restores the file and
+retries (CLI, or the API as an administrator), and the pipeline's next pass encodes it and
+queues the outbox rows.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
+from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from dicomnode.cli import main
@@ -27,10 +29,13 @@ from dicomnode.registry import load_registry
 from dicomnode.results.pipeline import ResultsPipeline
 from dicomnode.routing import load_presets
 from dicomnode.settings import Settings, load_settings
+from dicomnode.web import auth
+from dicomnode.web.app import create_app
+from dicomnode.web.state import CatalogHolder, WebState
 from tests.support.executor_fixtures import add_study, write_diamond
 from tests.unit.results.test_pipeline import PRESET
 
-MAX_ATTEMPTS = 3
+MAX_ATTEMPTS = 2  # settings results.max_attempts
 
 
 @pytest.fixture
@@ -49,6 +54,7 @@ def env(db_url: str, tmp_path: Path) -> Iterator[tuple[Path, Settings, Database]
         "presets": {"path": str(tmp_path / "presets")},
         "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 4242}},
         "inference": {"workers": 0, "lease_seconds": 30, "poll_seconds": 0.2},
+        "results": {"max_attempts": MAX_ATTEMPTS, "retry_seconds": 60},
     }), "utf-8")
     settings = load_settings(config)
     database = open_database(db_url)
@@ -63,9 +69,9 @@ def _parts(settings: Settings, database: Database) -> tuple[ProcessingService, R
     presets = load_presets(settings.presets.path, registry=registry,
                            destinations=set(settings.destinations))
     assert not presets.problems, presets.problems
+    # The attempt limit comes from the settings; only the wait is cut short for the test.
     return (ProcessingService(settings, database, registry, presets),
-            ResultsPipeline(settings, database, registry, presets,
-                            max_attempts=MAX_ATTEMPTS, retry_seconds=0))
+            ResultsPipeline(settings, database, registry, presets, retry_seconds=0))
 
 
 def _finished_job(settings: Settings, database: Database, service: ProcessingService
@@ -109,9 +115,16 @@ def test_failed_encoding_is_listed_retried_and_encoded(
     source = settings.storage.path / first
     moved = source.with_suffix(".away")
     source.rename(moved)
-    for _ in range(MAX_ATTEMPTS):
+    assert pipeline.max_attempts == MAX_ATTEMPTS
+    for attempt in range(1, MAX_ATTEMPTS + 1):
         [outcome] = pipeline.run_once()
         assert outcome.state == "failed" and "FileNotFoundError" in str(outcome.error)
+        summary = _studies(capsys, config)[uid]
+        assert (summary["results"], summary["attempts"], summary["max_attempts"]) == (
+            "failed", attempt, MAX_ATTEMPTS)
+        assert "FileNotFoundError" in summary["last_error"]
+        # The pipeline will try again on its own until the attempts are used up.
+        assert summary["state"] == ("failed" if attempt == MAX_ATTEMPTS else "waiting")
     assert pipeline.run_once() == []  # attempts exhausted: the pipeline gives up
 
     code, out, _ = _cli(capsys, config, "results", "list", "--state", "failed", "--json")
@@ -229,3 +242,64 @@ def test_all_failed_retries_every_failed_set_and_a_failed_delivery_shows(
     summary = _studies(capsys, config)[uid]
     assert (summary["state"], summary["failed"], summary["sent"], summary["pending"]) == (
         "failed", 1, len(claimed) - 1, 0)
+
+
+def _bearer(database: Database, name: str, role: str) -> dict[str, str]:
+    auth.add_user(database, name, role, "a-password-of-ten")
+    return {"Authorization": f"Bearer {auth.issue_token(database, name)}"}
+
+
+def test_admin_retries_through_the_api_and_the_next_pass_encodes(
+    env: tuple[Path, Settings, Database],
+) -> None:
+    _, settings, database = env
+    service, pipeline = _parts(settings, database)
+    uid, job_id = _finished_job(settings, database, service)
+    index = settings.storage.path / queue.job_detail(database, job_id)["output_path"]
+    index = index / "index.json"
+    text = index.read_text()
+    index.write_text("{ not json")
+    for _ in range(MAX_ATTEMPTS):
+        assert [o.state for o in pipeline.run_once()] == ["failed"]
+    admin = _bearer(database, "alice", "admin")
+    viewer = _bearer(database, "victor", "viewer")
+    retry = f"/api/jobs/{job_id}/results/retry"
+    with TestClient(create_app(WebState(settings, database, CatalogHolder(settings)))) as client:
+        delivery = client.get(f"/api/studies/{uid}", headers=viewer).json()["delivery"]
+        assert (delivery["state"], delivery["results"], delivery["attempts"]) == (
+            "failed", "failed", MAX_ATTEMPTS)
+        assert delivery["last_error"]
+        refused = client.post(retry, headers=viewer)
+        assert refused.status_code == 403 and "admin" in refused.json()["detail"]
+        unknown = client.post("/api/jobs/9999/results/retry", headers=admin)
+        assert unknown.status_code == 404 and unknown.json()["detail"] == "no job 9999"
+
+        index.write_text(text)  # the operator fixes the cause, then retries
+        retried = client.post(retry, headers=admin)
+        assert retried.status_code == 200, retried.text
+        body = retried.json()
+        assert (body["job_id"], body["study_uid"], body["state"], body["attempts"]) == (
+            job_id, uid, "pending", 0)
+        with database.transaction() as session:
+            [event] = session.scalars(
+                select(AuditEvent).where(AuditEvent.kind == "results-retry")).all()
+            assert (event.actor, event.study_uid) == ("alice", uid)
+            assert f"job {job_id}: encoding queued again after {MAX_ATTEMPTS}" in str(
+                event.detail)
+        delivery = client.get(f"/api/studies/{uid}", headers=viewer).json()["delivery"]
+        assert (delivery["state"], delivery["results"], delivery["attempts"]) == (
+            "waiting", "pending", 0)
+
+        [outcome] = pipeline.run_once()
+        assert outcome.state == "encoded" and outcome.deliveries > 0
+        delivery = client.get(f"/api/studies/{uid}", headers=viewer).json()["delivery"]
+        assert (delivery["state"], delivery["results"]) == ("sending", "encoded")
+
+        # Nothing failed any more: refused with bookkeeping's reason, nothing changes.
+        again = client.post(retry, headers=admin)
+        assert again.status_code == 409
+        assert again.json()["detail"] == (
+            f"job {job_id}'s results are already encoded; it has no failed result set to retry")
+    with database.transaction() as session:
+        assert len(session.scalars(
+            select(AuditEvent).where(AuditEvent.kind == "results-retry")).all()) == 1
