@@ -14,7 +14,7 @@ from dicomnode.commands.common import (
     print_table,
     settings_from,
 )
-from dicomnode.db import open_database
+from dicomnode.db import opened_database
 from dicomnode.db.models import DeliveryState
 from dicomnode.dispatch import outbox
 from dicomnode.dispatch.sender import echo
@@ -46,11 +46,8 @@ def register(subparsers: Any) -> None:
 
 def run_list(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    database = open_database(settings.database.url)
-    try:
+    with opened_database(settings.database.url) as database:
         rows = outbox.list_deliveries(database, args.state, args.limit)
-    finally:
-        database.dispose()
     if args.json:
         print_json(rows)
         return 0
@@ -69,11 +66,8 @@ def run_retry(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     settings = settings_from(args)
-    database = open_database(settings.database.url)
-    try:
+    with opened_database(settings.database.url) as database:
         ids = outbox.retry(database, args.ids, all_failed=args.all_failed)
-    finally:
-        database.dispose()
     print(f"{len(ids)} delivery(ies) queued again: {', '.join(map(str, ids)) or '-'}")
     return 0
 

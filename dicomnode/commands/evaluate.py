@@ -14,7 +14,7 @@ from dicomnode.commands.common import (
     print_json,
     settings_from,
 )
-from dicomnode.db import open_database
+from dicomnode.db import opened_database
 from dicomnode.evaluate.dataset import read_dataset
 from dicomnode.evaluate.record import (
     metric_record,
@@ -72,11 +72,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         sha = dataset.sha256()
         record = metric_record(result, dataset, sha)
         payload["recorded"] = {"manifest": str(write_manifest_record(entry, record))}
-        database = open_database(settings.database.url)
-        try:
+        with opened_database(settings.database.url) as database:
             payload["recorded"]["database_id"] = write_database_record(database, result, sha)
-        finally:
-            database.dispose()
         payload["dataset_sha256"] = sha
     if args.json:
         print_json(_json_safe(payload))

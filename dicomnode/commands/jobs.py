@@ -13,7 +13,7 @@ from dicomnode.commands.common import (
     print_table,
     settings_from,
 )
-from dicomnode.db import open_database
+from dicomnode.db import open_database, opened_database
 from dicomnode.errors import InferenceError
 from dicomnode.inference.sessions import SessionPool
 from dicomnode.jobs import queue
@@ -59,11 +59,8 @@ def register(subparsers: Any) -> None:
 
 def run_jobs(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    database = open_database(settings.database.url)
-    try:
+    with opened_database(settings.database.url) as database:
         rows = queue.list_jobs(database, args.limit)
-    finally:
-        database.dispose()
     if args.json:
         print_json(rows)
         return 0
@@ -77,11 +74,8 @@ def run_jobs(args: argparse.Namespace) -> int:
 
 def run_show(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    database = open_database(settings.database.url)
-    try:
+    with opened_database(settings.database.url) as database:
         detail = queue.job_detail(database, args.job_id)
-    finally:
-        database.dispose()
     if args.json:
         print_json(detail)
         return 0
@@ -109,10 +103,9 @@ def run_show(args: argparse.Namespace) -> int:
 
 def run_health(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    database = open_database(settings.database.url)
     sessions = SessionPool(settings.inference.providers,
                            intra_op_threads=settings.inference.intra_op_threads)
-    try:
+    with opened_database(settings.database.url) as database:
         if args.probe:
             registry = load_registry(settings.registry.path)
             failures: dict[str, str] = {}
@@ -124,8 +117,6 @@ def run_health(args: argparse.Namespace) -> int:
         report = health_report(database, sessions)
         if args.probe:
             report["load_failures"] = failures
-    finally:
-        database.dispose()
     if args.json:
         print_json(report)
         return 0 if report["ok"] else 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import getpass
 import logging
 from typing import Any
 
@@ -12,11 +11,12 @@ from dicomnode.assemble.studies import COLUMNS, list_studies
 from dicomnode.commands.common import (
     add_config_option,
     add_json_option,
+    cli_actor,
     print_json,
     print_table,
     settings_from,
 )
-from dicomnode.db import open_database
+from dicomnode.db import opened_database
 from dicomnode.results.summary import DeliverySummary, summarise
 
 logger = logging.getLogger(__name__)
@@ -51,13 +51,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _studies(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    database = open_database(settings.database.url)
-    try:
+    with opened_database(settings.database.url) as database:
         rows = list_studies(database)
         with database.transaction() as session:
             summaries = summarise(session, max_attempts=settings.results.max_attempts)
-    finally:
-        database.dispose()
     if args.json:
         print_json([{**row.as_json(), "delivery": _summary_json(summaries.get(row.study_uid))}
                     for row in rows])
@@ -91,13 +88,10 @@ def _summary_cell(summary: DeliverySummary | None) -> str:
 
 def _study_complete(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    database = open_database(settings.database.url)
-    try:
+    with opened_database(settings.database.url) as database:
         changed = completeness.force_complete(
-            database, args.study_uid, actor=f"cli:{_user()}"
+            database, args.study_uid, actor=cli_actor()
         )
-    finally:
-        database.dispose()
     if changed:
         print(f"study {args.study_uid} marked complete")
     else:
@@ -107,10 +101,3 @@ def _study_complete(args: argparse.Namespace) -> int:
 
 def _short(value: Any) -> str:
     return "" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry (containers)
-        return "unknown"

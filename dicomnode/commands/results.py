@@ -4,18 +4,18 @@
 from __future__ import annotations
 
 import argparse
-import getpass
 import sys
 from typing import Any
 
 from dicomnode.commands.common import (
     add_config_option,
     add_json_option,
+    cli_actor,
     print_json,
     print_table,
     settings_from,
 )
-from dicomnode.db import open_database
+from dicomnode.db import opened_database
 from dicomnode.db.models import ResultSetState
 from dicomnode.results import bookkeeping
 
@@ -48,12 +48,9 @@ def _list_options(parser: argparse.ArgumentParser) -> None:
 
 def run_list(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    database = open_database(settings.database.url)
-    try:
+    with opened_database(settings.database.url) as database:
         rows = bookkeeping.list_result_sets(
             database, getattr(args, "state", None), getattr(args, "limit", 200))
-    finally:
-        database.dispose()
     if args.json:
         print_json(rows)
         return 0
@@ -70,19 +67,9 @@ def run_retry(args: argparse.Namespace) -> int:
         print("dicomnode: error: name job IDs or --all-failed (not both)", file=sys.stderr)
         return 2
     settings = settings_from(args)
-    database = open_database(settings.database.url)
-    try:
+    with opened_database(settings.database.url) as database:
         ids = bookkeeping.retry(database, args.job_ids, all_failed=args.all_failed,
-                                actor=f"cli:{_user()}")
-    finally:
-        database.dispose()
+                                actor=cli_actor())
     print(f"{len(ids)} result set(s) queued for encoding again: "
           f"{', '.join(f'job {i}' for i in ids) or '-'}")
     return 0
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry (containers)
-        return "unknown"

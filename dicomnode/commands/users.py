@@ -18,7 +18,7 @@ from dicomnode.commands.common import (
     print_table,
     settings_from,
 )
-from dicomnode.db import open_database
+from dicomnode.db import opened_database
 from dicomnode.db.models import ApiToken, User, UserRole, as_utc
 from dicomnode.errors import UserError
 from dicomnode.web import auth
@@ -56,41 +56,31 @@ def _password(args: argparse.Namespace) -> str:
 def run_add(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     password = _password(args)
-    database = open_database(settings.database.url)
-    try:
+    with opened_database(settings.database.url) as database:
         auth.add_user(database, args.name, args.role, password)
-    finally:
-        database.dispose()
     print(f"user {args.name} added with role {args.role}")
     return 0
 
 
 def run_token(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    database = open_database(settings.database.url)
-    try:
+    with opened_database(settings.database.url) as database:
         token = auth.issue_token(database, args.name)
-    finally:
-        database.dispose()
     print(token)
     return 0
 
 
 def run_list(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    database = open_database(settings.database.url)
-    try:
-        with database.transaction() as session:
-            tokens = dict(session.execute(
-                select(ApiToken.user_id, func.count()).group_by(ApiToken.user_id)).all())
-            rows = [
-                {"name": u.name, "role": u.role, "disabled": u.disabled,
-                 "api_tokens": int(tokens.get(u.id, 0)),
-                 "created_at": as_utc(u.created_at).isoformat()}
-                for u in session.scalars(select(User).order_by(User.name))
-            ]
-    finally:
-        database.dispose()
+    with opened_database(settings.database.url) as database, database.transaction() as session:
+        tokens = dict(session.execute(
+            select(ApiToken.user_id, func.count()).group_by(ApiToken.user_id)).all())
+        rows = [
+            {"name": u.name, "role": u.role, "disabled": u.disabled,
+             "api_tokens": int(tokens.get(u.id, 0)),
+             "created_at": as_utc(u.created_at).isoformat()}
+            for u in session.scalars(select(User).order_by(User.name))
+        ]
     if args.json:
         print_json(rows)
     else:
