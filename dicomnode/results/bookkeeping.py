@@ -85,11 +85,14 @@ def list_result_sets(
 def result_set_of(database: Database, job_id: int) -> dict[str, Any]:
     """One job's result set as `list_result_sets` shows it (JobNotFoundError if no job)."""
     with database.transaction() as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            raise JobNotFoundError(f"no job {job_id}")
-        result_set = session.scalar(select(ResultSet).where(ResultSet.job_id == job_id))
-        return _as_dict(job, result_set)
+        return _as_dict(*_job_and_set(session, job_id))
+
+
+def _job_and_set(session: Session, job_id: int) -> tuple[Job, ResultSet | None]:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise JobNotFoundError(f"no job {job_id}")
+    return job, session.scalar(select(ResultSet).where(ResultSet.job_id == job_id))
 
 
 def _as_dict(job: Job, result_set: ResultSet | None) -> dict[str, Any]:
@@ -141,17 +144,12 @@ def retry(
 
 
 def _failed_set(session: Session, job_id: int) -> ResultSet:
-    job = session.get(Job, job_id)
-    if job is None:
-        raise JobNotFoundError(f"no job {job_id}")
-    result_set = session.scalar(select(ResultSet).where(ResultSet.job_id == job_id))
-    state = None if result_set is None else result_set.state
-    if state == ResultSetState.FAILED and job.state in ENCODABLE and job.output_path:
-        assert result_set is not None
-        return result_set
+    job, result_set = _job_and_set(session, job_id)
     if job.state not in ENCODABLE or not job.output_path:
         why = f"job {job_id} is {job.state} with no outputs to encode"
-    elif state == ResultSetState.ENCODED:
+    elif result_set is not None and result_set.state == ResultSetState.FAILED:
+        return result_set
+    elif result_set is not None and result_set.state == ResultSetState.ENCODED:
         why = f"job {job_id}'s results are already encoded"
     else:
         why = f"job {job_id}'s results are waiting to be encoded"
