@@ -14,7 +14,6 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -37,7 +36,7 @@ from tests.support.onnx_models import (
 )
 from tests.support.orthanc import ORTHANC_AET, Orthanc
 from tests.support.peers import free_port, require_tool
-from tests.unit.results.sources import dciodvfy, errors
+from tests.unit.results.sources import content_items, dciodvfy, errors
 
 pytestmark = pytest.mark.integration
 
@@ -181,7 +180,7 @@ def test_camera_to_pacs_valid_sr_seg_overlay_equal_to_stored_outputs(
     sr = hd.sr.srread(fetched[sr_row.sop_instance_uid])
     [measurements] = [c for c in sr.ContentSequence
                       if c.ConceptNameCodeSequence[0].CodeMeaning == "Imaging Measurements"]
-    items = list(_walk(measurements.ContentSequence))
+    items = list(content_items(measurements.ContentSequence))
     reported = sorted(float(i.MeasuredValueSequence[0].NumericValue)
                       for i in items if i.ValueType == "NUM")
     stored_values = sorted(
@@ -207,12 +206,6 @@ def test_camera_to_pacs_valid_sr_seg_overlay_equal_to_stored_outputs(
 def _sop_uid(path: Path) -> str:
     return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
-
-def _walk(items: Any) -> Iterator[Any]:
-    for item in items:
-        yield item
-        if "ContentSequence" in item:
-            yield from _walk(item.ContentSequence)
 
 
 def _waiting(database: Database) -> bool:

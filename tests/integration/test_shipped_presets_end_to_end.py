@@ -13,7 +13,6 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pydicom
 import pytest
@@ -28,7 +27,7 @@ from dicomnode.synthetic import demo_study
 from tests.support.node import NODE_AE, NodeProcess, write_config
 from tests.support.orthanc import ORTHANC_AET, Orthanc
 from tests.support.peers import free_port, require_tool
-from tests.unit.results.sources import dciodvfy, errors
+from tests.unit.results.sources import content_items, dciodvfy, errors
 
 pytestmark = pytest.mark.integration
 
@@ -120,7 +119,8 @@ def _check_sizes_in_pixels_and_mm(sr_path: Path, models: dict[str, str]) -> None
         (str(item.ConceptNameCodeSequence[0].CodeValue),
          str(item.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue),
          float(item.MeasuredValueSequence[0].NumericValue))
-        for item in _walk(pydicom.dcmread(sr_path).ContentSequence) if item.ValueType == "NUM"]
+        for item in content_items(pydicom.dcmread(sr_path).ContentSequence)
+        if item.ValueType == "NUM"]
     in_pixels = [n for n in numbers if n[1] in PIXEL_TO_MM]
     sizes_expected = bool({"disc-metrics", "vessel-metrics"} & set(models))
     assert bool(in_pixels) == sizes_expected, numbers
@@ -130,9 +130,3 @@ def _check_sizes_in_pixels_and_mm(sr_path: Path, models: dict[str, str]) -> None
         assert any(v == pytest.approx(value * factor, rel=1e-6) for v in twins), (
             concept, unit, value, numbers)
 
-
-def _walk(items: Any) -> Iterator[Any]:
-    for item in items:
-        yield item
-        if "ContentSequence" in item:
-            yield from _walk(item.ContentSequence)

@@ -4,8 +4,9 @@ VL Photographic and Secondary Capture, plus masks and findings made from the gro
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -135,3 +136,12 @@ def dciodvfy(path: Path) -> list[str]:
 
 def errors(lines: list[str]) -> list[str]:
     return [line for line in lines if line.startswith("Error")]
+
+
+def content_items(items: Any) -> Iterator[Any]:
+    """Every SR content item under `items` (a ContentSequence), depth first."""
+    for item in items:
+        yield item
+        if "ContentSequence" in item:
+            yield from content_items(item.ContentSequence)
+

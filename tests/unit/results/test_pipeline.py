@@ -27,6 +27,7 @@ from dicomnode.routing import load_catalog, load_presets
 from dicomnode.routing.preset import OutputOptions
 from dicomnode.settings import Settings
 from tests.support.executor_fixtures import add_study, write_diamond
+from tests.unit.results.sources import content_items
 
 PRESET = {
     "id": "screening", "name": "Screening", "audience": "tests", "description": "test preset",
@@ -131,7 +132,7 @@ def test_finished_job_is_encoded_recorded_and_queued_once(
     reported = sorted(
         (str(item.ConceptNameCodeSequence[0].CodeMeaning),
          float(item.MeasuredValueSequence[0].NumericValue))
-        for item in _walk(measurements.ContentSequence) if item.ValueType == "NUM")
+        for item in content_items(measurements.ContentSequence) if item.ValueType == "NUM")
     # The fixture measurement codes' meanings are the model ids.
     stored_values = sorted(
         (model, float(v["value"])) for model in ("gated-fraction", "slow-b", "slow-c", "total")
@@ -146,12 +147,6 @@ def test_finished_job_is_encoded_recorded_and_queued_once(
     assert pipeline.encode_job(job_id).state == "already"
     assert _count(database, Result) == len(rows) and _count(database, Delivery) == len(rows)
 
-
-def _walk(items: Any) -> Iterator[Any]:
-    for item in items:
-        yield item
-        if "ContentSequence" in item:
-            yield from _walk(item.ContentSequence)
 
 
 def test_reprocessed_study_report_names_the_previous_one(

@@ -18,6 +18,7 @@ from dicomnode.results.sr import NodeIdentity, ReportError, build_report
 from tests.unit.results.sources import (
     QUALITY_CONCEPT,
     UNGRADABLE,
+    content_items,
     dciodvfy,
     errors,
     findings_for,
@@ -70,7 +71,7 @@ def test_report_passes_dciodvfy_and_reads_back(tmp_path: Path) -> None:
         PRIVATE_SCHEME]
     report: Any = back.content  # a MeasurementReport once read back
     # The observer device is the node.
-    assert any(getattr(i, "UID", None) == NODE.uid for i in _walk(back.ContentSequence))
+    assert any(getattr(i, "UID", None) == NODE.uid for i in content_items(back.ContentSequence))
 
     for source, seg in zip(sources[:3], segs, strict=True):
         expected = findings[source.SOPInstanceUID]
@@ -157,12 +158,6 @@ def test_sources_of_two_studies_are_refused() -> None:
         build_report([a, b], {}, node=NODE)
 
 
-def _walk(items: Any) -> Any:
-    for item in items:
-        yield item
-        if "ContentSequence" in item:
-            yield from _walk(item.ContentSequence)
-
 
 def _algorithm(item: Any) -> tuple[str, str]:
     """(Algorithm Name, Algorithm Version) of the TID 4019 items directly under `item`."""
@@ -176,33 +171,16 @@ def _algorithm(item: Any) -> tuple[str, str]:
 
 def _laterality_modifiers(sr: Dataset) -> list[str]:
     """The code value of every Laterality (SCT 272741003) item in the report."""
-    found: list[str] = []
-
-    def walk(items: Any) -> None:
-        for item in items:
-            name = item.ConceptNameCodeSequence[0] if "ConceptNameCodeSequence" in item else None
-            if name is not None and name.CodeValue == "272741003" and "ConceptCodeSequence" in item:
-                found.append(str(item.ConceptCodeSequence[0].CodeValue))
-            if "ContentSequence" in item:
-                walk(item.ContentSequence)
-
-    walk(sr.ContentSequence)
-    return found
+    return [str(item.ConceptCodeSequence[0].CodeValue)
+            for item in content_items(sr.ContentSequence)
+            if "ConceptNameCodeSequence" in item and "ConceptCodeSequence" in item
+            and item.ConceptNameCodeSequence[0].CodeValue == "272741003"]
 
 
 def _tracking_ids(sr: Dataset) -> list[str]:
-    ids: list[str] = []
-
-    def walk(items: Any) -> None:
-        for item in items:
-            name = item.ConceptNameCodeSequence[0].CodeValue
-            if item.get("ValueType") == "TEXT" and name == "112039":  # Tracking Identifier
-                ids.append(str(item.TextValue))
-            if "ContentSequence" in item:
-                walk(item.ContentSequence)
-
-    walk(sr.ContentSequence)
-    return ids
+    return [str(item.TextValue) for item in content_items(sr.ContentSequence)
+            if item.get("ValueType") == "TEXT"
+            and item.ConceptNameCodeSequence[0].CodeValue == "112039"]  # Tracking Identifier
 
 
 @pytest.mark.parametrize(("header", "inferred", "expected", "label"), [
