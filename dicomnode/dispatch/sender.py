@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomnode.settings import DestinationSettings, DispatchSettings
@@ -48,8 +51,29 @@ def _ae(calling_ae: str, settings: DispatchSettings) -> AE:
     return ae
 
 
-def _describe_failure(assoc: Association, where: str) -> str:
-    if assoc.is_rejected:
+def _associate(
+    ae: AE, destination: DestinationSettings, **kwargs: Any
+) -> tuple[Association, bool]:
+    """`ae.associate` to `destination`, and whether the peer answered A-ASSOCIATE-RJ.
+
+    pynetdicom can report a rejection as an abort when the peer closes the connection right
+    after sending A-ASSOCIATE-RJ (seen with Orthanc in about 1 attempt in 100: the RJ PDU is
+    decoded, then the closed transport wins the race to the requestor). The PDU itself, seen
+    as it is decoded, is the evidence that does not race.
+    """
+    rejected = threading.Event()
+
+    def on_pdu(event: Any) -> None:
+        if isinstance(event.pdu, A_ASSOCIATE_RJ):
+            rejected.set()
+
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                         evt_handlers=[(evt.EVT_PDU_RECV, on_pdu)], **kwargs)
+    return assoc, rejected.is_set()
+
+
+def _describe_failure(assoc: Association, where: str, rejected: bool) -> str:
+    if assoc.is_rejected or rejected:
         return f"association rejected by {where} (check the destination's AE title and " \
                "whether it accepts our calling AE title)"
     # pynetdicom reports a refused TCP connection as an abort too.
@@ -77,10 +101,9 @@ def send_batch(
     ae = _ae(calling_ae, settings)
     for sop_class in sorted({str(ds.SOPClassUID) for _, ds in datasets}):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                         max_pdu=0)
+    assoc, rejected = _associate(ae, destination, max_pdu=0)
     if not assoc.is_established:
-        reason = _describe_failure(assoc, where)
+        reason = _describe_failure(assoc, where, rejected)
         return outcomes + [StoreOutcome(key, False, reason) for key, _ in datasets]
     try:
         for key, ds in datasets:
@@ -113,9 +136,9 @@ def echo(
     ae = _ae(calling_ae, settings)
     ae.add_requested_context(Verification)
     started = time.monotonic()
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    assoc, rejected = _associate(ae, destination)
     if not assoc.is_established:
-        return EchoOutcome(name, False, _describe_failure(assoc, where),
+        return EchoOutcome(name, False, _describe_failure(assoc, where, rejected),
                            time.monotonic() - started)
     try:
         status = assoc.send_c_echo()

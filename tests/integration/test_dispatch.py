@@ -13,6 +13,7 @@ from dicomnode.db import open_database
 from dicomnode.db.engine import Database
 from dicomnode.db.models import DeliveryState
 from dicomnode.dispatch import Dispatcher, outbox
+from dicomnode.dispatch.sender import echo
 from dicomnode.results.overlay import build_overlay
 from dicomnode.results.seg import build_segmentation
 from dicomnode.results.sr import NodeIdentity, build_report
@@ -29,6 +30,9 @@ from tests.support.peers import free_port
 from tests.unit.results.sources import findings_for, masks_for, source_image
 
 pytestmark = pytest.mark.integration
+
+# Enough C-ECHOs that a 1-in-100 misreading shows up in nearly every run (2 of 150 before).
+REJECTION_ATTEMPTS = 300
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +179,13 @@ def test_refusing_destination_fails_then_retry_delivers_once(
     assert _drain(dispatcher, database) == [DeliveryState.SENT]
     assert orthanc.sop_instance_uids().count(_uids(paths[:1])[0]) == 1
     database.dispose()
+
+
+def test_a_rejection_is_reported_as_a_rejection_every_time(orthanc: Orthanc) -> None:
+    """Orthanc closes the connection right after its A-ASSOCIATE-RJ; pynetdicom then reported
+    about 1 attempt in 100 as an abort. The sender reads the RJ PDU itself, so none may."""
+    wrong = DestinationSettings(ae_title="NOTTHEPACS", host="127.0.0.1", port=orthanc.dicom_port)
+    details = [echo("wrong", wrong, calling_ae=NODE_AET, settings=DispatchSettings()).detail
+               for _ in range(REJECTION_ATTEMPTS)]
+    misread = [d for d in details if "rejected" not in d]
+    assert misread == [], f"{len(misread)} of {REJECTION_ATTEMPTS}: {misread[0]}"
