@@ -42,6 +42,9 @@ def register(subparsers: Any) -> None:
                         help="also put this model in the graph (repeatable): an input with "
                              "alternatives then takes from it, e.g. vessel-metrics --with "
                              "vessel-seg-classic")
+    parser.add_argument("--mask-threshold", type=float, default=None, metavar="T",
+                        help="truth/FOV mask pixels with a value >= T are inside (default: >= "
+                             "half the mask's largest value)")
     parser.add_argument("--record", action="store_true",
                         help="write the figures into the manifest's metrics and the database")
     add_config_option(parser)
@@ -66,7 +69,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     entry = registry.get(model_id, version or None)  # RegistryLookupError names the problem
     dataset = read_dataset(args.dataset)
     result = evaluate(dataset, registry, entry, output=args.output,
-                      with_models=args.with_models)
+                      with_models=args.with_models, mask_threshold=args.mask_threshold)
     payload = result.to_dict()
     if args.record:
         sha = dataset.sha256()
@@ -82,7 +85,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
           f"{result.output}): {result.images} images, {len(result.skipped)} skipped")
     print(f"  graph: {', '.join(f'{m}@{v}' for m, v in sorted(result.graph.items()))}")
     for key, value in result.figures.items():
-        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        if isinstance(value, list) and key.endswith("_ci"):
+            shown = "[" + ", ".join(f"{v:.4f}" for v in value) + "] (95 %, bootstrap)"
+        elif isinstance(value, dict) and key == "auc_per_class":
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in value.items())
+        else:
+            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
         print(f"  {key:<18} {shown}")
     for image, reason in result.skipped.items():
         print(f"  skipped {image}: {reason}")

@@ -1,7 +1,9 @@
 """Evaluation datasets: a CSV naming images (and truth) relative to itself.
 
 Columns (header row required):
-- `image,truth[,fov]`: segmentation; truth and fov are masks (non-zero = inside);
+- `image,truth[,fov]`: segmentation; truth and fov are masks, binarised by `load_mask`'s rule
+  (a pixel is inside when its value is at least half the mask's largest value, or at least an
+  explicit threshold);
 - `image,label`: classification; the label is a class label of the model (or 1/0, yes/no,
   true/false for the positive class and the rest);
 - `image,value`: measurement; a number.
@@ -142,12 +144,37 @@ def load_rgb(path: Path) -> NDArray[np.uint8]:
         raise DatasetError(f"{path}: cannot read the image: {exc}") from exc
 
 
-def load_mask(path: Path) -> NDArray[np.bool_]:
-    """A mask file as (H, W) bool: any non-zero pixel is inside."""
+def mask_values(path: Path) -> NDArray[np.float64]:
+    """A mask file's pixel values, (H, W): grey levels as stored (8 or 16 bits), or for colour
+    and palette images the largest of R, G, B (palette indices looked up in the palette)."""
     try:
         if _is_dicom(path):
-            return np.asarray(decode_rgb(pydicom.dcmread(path)).max(axis=2) > 0)
+            return decode_rgb(pydicom.dcmread(path)).max(axis=2).astype(np.float64)
         with Image.open(path) as img:
-            return np.asarray(img.convert("L"), dtype=np.uint8) > 0
+            if img.mode in ("1", "L", "I", "I;16", "I;16B", "I;16L", "F"):
+                return np.asarray(img, dtype=np.float64)
+            # P, PA, LA, RGB, RGBA, CMYK...: colours, never raw palette indices
+            return np.asarray(img.convert("RGB"), dtype=np.float64).max(axis=2)
     except (OSError, UnidentifiedImageError, InvalidDicomError, DecodeError) as exc:
         raise DatasetError(f"{path}: cannot read the mask: {exc}") from exc
+
+
+def load_mask(path: Path, threshold: float | None = None) -> NDArray[np.bool_]:
+    """A mask file as (H, W) bool.
+
+    A pixel is inside when its value (`mask_values`) is >= half the mask's largest value, or
+    >= `threshold` when one is given. A mask that comes out empty or all inside says nothing
+    (a blank file, a wrong threshold) and is refused, naming the file.
+    """
+    values = mask_values(path)
+    cut = float(values.max()) / 2.0 if threshold is None else float(threshold)
+    if threshold is None and values.max() <= 0:
+        raise DatasetError(f"{path}: the mask is empty (every pixel is 0)")
+    mask = np.asarray(values >= cut)
+    rule = "half its maximum" if threshold is None else f"threshold {threshold:g}"
+    if not mask.any():
+        raise DatasetError(f"{path}: the mask is empty at {rule} ({cut:g}; largest value "
+                           f"{values.max():g})")
+    if mask.all():
+        raise DatasetError(f"{path}: every pixel of the mask is foreground at {rule} ({cut:g})")
+    return mask

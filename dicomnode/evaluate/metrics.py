@@ -1,9 +1,10 @@
 """Model-efficacy metrics, pure numpy.
 
 Segmentation (binary masks, optionally restricted to a field-of-view mask): Dice, IoU,
-sensitivity, specificity, accuracy, and pixel-level ROC AUC. Classification: ROC AUC,
-sensitivity and specificity at a threshold, confusion matrix. Measurement: mean absolute
-error and bias.
+sensitivity, specificity, accuracy, pixel-level ROC AUC and average precision (area under the
+precision-recall curve). Classification: ROC AUC (one-vs-rest per class), sensitivity and
+specificity at a threshold, confusion matrix, quadratic-weighted kappa. Measurement: mean
+absolute error and bias. Bootstrap confidence intervals resample whole images.
 
 Conventions
 -----------
@@ -19,12 +20,19 @@ Conventions
   counted as one half (equivalent to the trapezoidal area under the ROC curve that joins tied
   points by a straight segment). It groups equal scores with ``np.unique``, so memory is a few
   arrays of the input's length (fine for ~10 million pixels).
+* Average precision is exact and step-wise (no trapezoids): with the distinct scores taken from
+  the highest down, AP = sum_k (R_k - R_{k-1}) * P_k, where R_k and P_k are recall and
+  precision of ``score >= s_k``. Tied scores enter together, as one step. NaN without positives.
+* Quadratic-weighted kappa over K ordered classes: 1 - sum(w O) / sum(w E), with
+  w_ij = (i - j)^2 / (K - 1)^2, O the observed confusion counts and E the counts expected from
+  the two marginals. NaN when sum(w E) is 0 (e.g. the truth holds one class and so do the
+  predictions).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,20 +40,30 @@ from numpy.typing import ArrayLike, NDArray
 
 __all__ = [
     "Counts",
+    "ScoreCounts",
     "accuracy",
+    "auc_from_counts",
+    "average_precision",
+    "average_precision_from_counts",
     "bias",
+    "bootstrap_interval",
+    "pooled_statistic",
     "classification_metrics",
     "confusion_matrix",
     "counts_at_thresholds",
     "dice",
     "iou",
     "mean_absolute_error",
+    "one_vs_rest_auc",
+    "quadratic_weighted_kappa",
     "roc_auc",
+    "score_counts",
     "segmentation_counts",
     "segmentation_figures",
     "segmentation_metrics",
     "sensitivity",
     "specificity",
+    "weighted_auc",
 ]
 
 
@@ -137,6 +155,15 @@ def roc_auc(scores: ArrayLike, labels: ArrayLike) -> float:
 
     `scores` are real numbers (any shape), `labels` binary of the same shape.
     """
+    score, label = _scores_and_labels(scores, labels)
+    # Group equal scores (ascending); per group count positives and negatives.
+    _, inverse, group_size = np.unique(score, return_inverse=True, return_counts=True)
+    pos_in_group = np.bincount(inverse.ravel(), weights=label, minlength=group_size.size)
+    return auc_from_counts(pos_in_group, group_size - pos_in_group)
+
+
+def _scores_and_labels(scores: ArrayLike,
+                       labels: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
     score = np.asarray(scores, dtype=np.float64).ravel()
     label = _as_bool(labels, "labels").ravel()
     if score.shape != label.shape:
@@ -145,18 +172,171 @@ def roc_auc(scores: ArrayLike, labels: ArrayLike) -> float:
         raise ValueError("no scores")
     if np.isnan(score).any():
         raise ValueError("scores contain NaN")
-    positives = int(np.count_nonzero(label))
-    negatives = int(label.size - positives)
-    if positives == 0 or negatives == 0:
+    return score, label
+
+
+def auc_from_counts(positives: ArrayLike, negatives: ArrayLike) -> float:
+    """ROC AUC from positive and negative counts per distinct score, scores ascending.
+
+    Counts may be weights (a bootstrap resample counts an image as often as it was drawn).
+    """
+    pos = np.asarray(positives, dtype=np.float64)
+    neg = np.asarray(negatives, dtype=np.float64)
+    total_pos, total_neg = float(pos.sum()), float(neg.sum())
+    if total_pos <= 0 or total_neg <= 0:
         return math.nan
-    # Group equal scores (ascending); per group count positives and negatives.
+    neg_below = np.cumsum(neg) - neg  # negatives strictly below each score
+    wins = float(np.sum(pos * neg_below) + 0.5 * np.sum(pos * neg))
+    return wins / (total_pos * total_neg)
+
+
+def average_precision_from_counts(positives: ArrayLike, negatives: ArrayLike) -> float:
+    """Step-wise average precision from counts per distinct score, scores ascending."""
+    pos = np.asarray(positives, dtype=np.float64)[::-1]  # highest score first
+    neg = np.asarray(negatives, dtype=np.float64)[::-1]
+    total_pos = float(pos.sum())
+    if total_pos <= 0:
+        return math.nan
+    tp = np.cumsum(pos)
+    predicted = tp + np.cumsum(neg)
+    steps = pos > 0  # recall grows only where positives enter; other steps add 0
+    precision = tp[steps] / predicted[steps]
+    return float(np.sum(pos[steps] / total_pos * precision))
+
+
+def average_precision(scores: ArrayLike, labels: ArrayLike) -> float:
+    """Exact, step-wise area under the precision-recall curve (see the module notes)."""
+    score, label = _scores_and_labels(scores, labels)
     _, inverse, group_size = np.unique(score, return_inverse=True, return_counts=True)
     pos_in_group = np.bincount(inverse.ravel(), weights=label, minlength=group_size.size)
-    neg_in_group = group_size - pos_in_group
-    # Negatives strictly below each group.
-    neg_below = np.cumsum(neg_in_group) - neg_in_group
-    wins = float(np.sum(pos_in_group * neg_below) + 0.5 * np.sum(pos_in_group * neg_in_group))
-    return wins / (float(positives) * float(negatives))
+    return average_precision_from_counts(pos_in_group, group_size - pos_in_group)
+
+
+@dataclass(frozen=True)
+class ScoreCounts:
+    """Positive and negative counts per (group, score level): the groups are images.
+
+    `levels` are ascending scores (exact distinct scores, or bin floors when `exact` is False).
+    """
+
+    levels: NDArray[np.float64]
+    positives: NDArray[np.float64]  # (groups, levels)
+    negatives: NDArray[np.float64]
+    exact: bool
+
+
+def score_counts(scores: Sequence[ArrayLike], labels: Sequence[ArrayLike],
+                 max_levels: int = 65536) -> ScoreCounts:
+    """Per-group count tables for bootstrap resampling of whole groups (images).
+
+    The distinct scores of all groups are the levels when there are at most `max_levels` of
+    them (exact); otherwise scores are put into `max_levels` equal bins between the lowest and
+    the highest score (an approximation only for the interval, never for point estimates).
+    """
+    if len(scores) != len(labels) or not scores:
+        raise ValueError("one score array and one label array per group, at least one group")
+    pairs = [_scores_and_labels(s, lab) for s, lab in zip(scores, labels, strict=True)]
+    every = np.concatenate([p[0] for p in pairs])
+    levels = np.unique(every)
+    exact = levels.size <= max_levels
+    if not exact:
+        low, high = float(levels[0]), float(levels[-1])
+        levels = low + (high - low) * np.arange(max_levels, dtype=np.float64) / max_levels
+    pos = np.zeros((len(pairs), levels.size), dtype=np.float64)
+    neg = np.zeros_like(pos)
+    for row, (score, label) in enumerate(pairs):
+        if exact:
+            index = np.searchsorted(levels, score)
+        else:
+            index = np.clip(np.searchsorted(levels, score, side="right") - 1, 0, levels.size - 1)
+        pos[row] = np.bincount(index[label], minlength=levels.size)
+        neg[row] = np.bincount(index[~label], minlength=levels.size)
+    return ScoreCounts(levels, pos, neg, exact)
+
+
+def bootstrap_interval(
+    groups: int, statistic: Callable[[NDArray[np.float64]], float],
+    *, resamples: int = 1000, seed: int = 0, level: float = 0.95,
+) -> tuple[float, float, int]:
+    """Percentile bootstrap interval over resamples of whole groups (images).
+
+    Each resample draws `groups` groups with replacement (a fixed `seed`, so the interval is
+    reproducible); `statistic` gets how often each group was drawn. Resamples where the
+    statistic is undefined (one class only) are dropped. Returns (low, high, resamples used),
+    NaN bounds when none is left.
+    """
+    if groups < 1:
+        raise ValueError("no groups to resample")
+    rng = np.random.default_rng(seed)
+    values: list[float] = []
+    for _ in range(resamples):
+        weights = np.bincount(rng.integers(0, groups, size=groups), minlength=groups)
+        value = statistic(weights.astype(np.float64))
+        if math.isfinite(value):
+            values.append(value)
+    if not values:
+        return math.nan, math.nan, 0
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.percentile(np.asarray(values), [tail, 100.0 - tail])
+    return float(low), float(high), len(values)
+
+
+def pooled_statistic(
+    counts: ScoreCounts, statistic: Callable[[NDArray[np.float64], NDArray[np.float64]], float]
+) -> Callable[[NDArray[np.float64]], float]:
+    """`statistic` (auc_from_counts, average_precision_from_counts) of the groups' counts
+    pooled with the resample's weights: for `bootstrap_interval` over images of pixels."""
+    def pooled(weights: NDArray[np.float64]) -> float:
+        return statistic(weights @ counts.positives, weights @ counts.negatives)
+    return pooled
+
+
+def weighted_auc(scores: ArrayLike, labels: ArrayLike) -> Callable[[NDArray[np.float64]], float]:
+    """ROC AUC of one score per group with the resample's weights: for `bootstrap_interval`
+    over images of a classifier."""
+    score, label = _scores_and_labels(scores, labels)
+    _, inverse = np.unique(score, return_inverse=True)
+    inverse = inverse.ravel()
+    size = int(inverse.max()) + 1
+
+    def weighted(weights: NDArray[np.float64]) -> float:
+        pos = np.bincount(inverse, weights=weights * label, minlength=size)
+        neg = np.bincount(inverse, weights=weights * ~label, minlength=size)
+        return auc_from_counts(pos, neg)
+    return weighted
+
+
+def one_vs_rest_auc(probabilities: ArrayLike, truth: ArrayLike) -> list[float]:
+    """ROC AUC of each class's probability against "truth is that class" (NaN when a class is
+    absent from the truth, or is all of it). `probabilities` is (N, K), `truth` N class indices."""
+    probs = np.asarray(probabilities, dtype=np.float64)
+    true = np.asarray(truth, dtype=np.int64).ravel()
+    if probs.ndim != 2 or probs.shape[0] != true.size:
+        raise ValueError(f"probabilities {probs.shape} do not match {true.size} truth labels")
+    return [roc_auc(probs[:, k], true == k) for k in range(probs.shape[1])]
+
+
+def quadratic_weighted_kappa(predicted: ArrayLike, truth: ArrayLike, classes: int) -> float:
+    """Quadratic-weighted Cohen's kappa of class indices 0..classes-1 (see the module notes)."""
+    pred = np.asarray(predicted, dtype=np.int64).ravel()
+    true = np.asarray(truth, dtype=np.int64).ravel()
+    if pred.shape != true.shape:
+        raise ValueError(f"predicted {pred.shape} and truth {true.shape} differ in size")
+    if pred.size == 0:
+        raise ValueError("no values")
+    if classes < 2:
+        raise ValueError("kappa needs at least two classes")
+    if pred.min() < 0 or true.min() < 0 or pred.max() >= classes or true.max() >= classes:
+        raise ValueError(f"class indices must be 0..{classes - 1}")
+    observed = np.zeros((classes, classes), dtype=np.float64)
+    np.add.at(observed, (true, pred), 1.0)
+    expected = np.outer(observed.sum(axis=1), observed.sum(axis=0)) / pred.size
+    i, j = np.indices((classes, classes))
+    weights = (i - j) ** 2 / float((classes - 1) ** 2)
+    disagreement = float(np.sum(weights * expected))
+    if disagreement == 0.0:
+        return math.nan
+    return 1.0 - float(np.sum(weights * observed)) / disagreement
 
 
 def counts_at_thresholds(

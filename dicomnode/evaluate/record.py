@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 def numeric_figures(evaluation: Evaluation) -> dict[str, float]:
     """The figures a manifest can hold: finite numbers only."""
     out: dict[str, float] = {}
-    for key, value in evaluation.figures.items():
+    for key, value in evaluation.flat_figures().items():
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
         if math.isfinite(float(value)):
