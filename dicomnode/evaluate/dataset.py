@@ -149,12 +149,12 @@ def mask_values(path: Path) -> NDArray[np.float64]:
     and palette images the largest of R, G, B (palette indices looked up in the palette)."""
     try:
         if _is_dicom(path):
-            return decode_rgb(pydicom.dcmread(path)).max(axis=2).astype(np.float64)
+            return np.asarray(decode_rgb(pydicom.dcmread(path)).max(axis=2), dtype=np.float64)
         with Image.open(path) as img:
             if img.mode in ("1", "L", "I", "I;16", "I;16B", "I;16L", "F"):
                 return np.asarray(img, dtype=np.float64)
             # P, PA, LA, RGB, RGBA, CMYK...: colours, never raw palette indices
-            return np.asarray(img.convert("RGB"), dtype=np.float64).max(axis=2)
+            return np.asarray(np.asarray(img.convert("RGB")).max(axis=2), dtype=np.float64)
     except (OSError, UnidentifiedImageError, InvalidDicomError, DecodeError) as exc:
         raise DatasetError(f"{path}: cannot read the mask: {exc}") from exc
 

@@ -49,6 +49,16 @@ def config(tmp_path: Path) -> Path:
     # an alternative source: a mask of green > 0.75 instead of > 0.5
     writer.add(_no_crop(segmenter_manifest("green-seg-high", conflicts=["green-seg"])),
                green_threshold_segmenter(threshold=0.75))
+    # three ordered grades from the mean green g: logits (0, 10g - 3, 20g - 10)
+    grade = _no_crop(classifier_manifest("green-grade", gate=False, output="grade"))
+    grade["outputs"][0].update(
+        classes=[{"label": name, "code": {"scheme": "99DICOMNODE", "value": f"G{i}",
+                                          "meaning": name}}
+                 for i, name in enumerate(("none", "mild", "severe"))],
+        threshold=None, positive=None)
+    writer.add(grade, mean_colour_classifier(
+        output_name="grade", classes=3, weights=[[0, 0, 0], [0, 10, 20], [0, 0, 0]],
+        bias=[0, -3, -10]))
     writer.add(measurement_manifest("mask-fraction",
                                     source=["green-seg.mask", "green-seg-high.mask"]))
     (tmp_path / "presets").mkdir()
@@ -115,6 +125,12 @@ def test_segmentation_figures_match_hand_counts(
     assert result["accuracy"] == pytest.approx(0.75)
     # binary scores: P(pos > neg) = 0.75 * 0.75, ties 0.375 count half
     assert result["auc"] == pytest.approx(0.75)
+    # AP: score 1 (16 columns): P 12/16 at recall 12/16; score 0 adds recall 4/16 at P 16/32:
+    # 3/4 * 3/4 + 1/2 * 1/4 = 11/16. One image: every resample is that image.
+    assert result["aupr"] == pytest.approx(11 / 16)
+    assert result["auc_ci"] == pytest.approx([0.75, 0.75])
+    assert result["aupr_ci"] == pytest.approx([11 / 16, 11 / 16])
+    assert result["bootstrap"]["resampled"] == "images"
 
 
 def test_segmentation_with_a_fov_column_counts_only_inside(
@@ -146,6 +162,46 @@ def test_classification_auc_sensitivity_specificity(
     assert result["specificity"] == pytest.approx(0.5)
     assert result["confusion_matrix"] == [[1, 1], [1, 1]]
     assert result["auc"] == pytest.approx(0.75)  # 3 of 4 (positive, negative) pairs ordered
+
+
+def test_multi_class_kappa_and_per_class_auc_recorded(
+    tmp_path: Path, config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "g"
+    folder.mkdir()
+    rows = []
+    # green 0.2 -> none, 0.5 -> mild, 0.8 -> severe; the second 0.5 image is truly severe
+    for index, (green, label) in enumerate([(0.2, "none"), (0.5, "1"), (0.8, "severe"),
+                                            (0.5, "Severe")]):
+        plane = np.full((SIZE, SIZE), round(green * 255), np.uint8)
+        rows.append(f"{_image(folder / f'g{index}.png', plane)},{label}")
+    csv_path = _csv(folder / "grades.csv", "image,label", rows)
+    result = _evaluate(config, capsys, "green-grade", "--output", "grade",
+                       "--dataset", str(csv_path), "--record")
+    # truth 0 1 2 2, reported 0 1 2 1: sum wO = 1/4; marginals truth [1,1,2], reported [1,2,1]
+    # give sum wE = 5/4 -> kappa 1 - (1/4)/(5/4) = 4/5.
+    assert result["kappa"] == pytest.approx(0.8)
+    # severe (the positive, last class) vs rest: p(severe) at g .8 beats both negatives, the
+    # truly severe .5 image ties the mild .5 image (1/2) and beats .2 -> 3.5 / 4.
+    assert result["auc"] == pytest.approx(7 / 8)
+    # mild: its image (p .79) ties the other .5 image, beats .2 and .8 -> 2.5 / 3.
+    assert result["auc_per_class"] == pytest.approx({"none": 1.0, "mild": 5 / 6,
+                                                     "severe": 7 / 8})
+    # severe reported only for the .8 image: sensitivity 1/2, specificity 2/2
+    assert result["sensitivity"] == pytest.approx(0.5)
+    assert result["specificity"] == 1.0
+    assert result["accuracy"] == pytest.approx(0.75)
+    assert result["confusion_matrix"] == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
+    low, high = result["auc_ci"]
+    assert 0.0 <= low <= 7 / 8 <= high <= 1.0
+    assert result["decision"] == "most probable class"
+    manifest = yaml.safe_load(
+        (tmp_path / "registry" / "green-grade" / "1.0.0" / "manifest.yaml").read_text())
+    figures = manifest["metrics"][-1]["figures"]
+    assert figures["kappa"] == pytest.approx(0.8)
+    assert figures["auc_ci_low"] == pytest.approx(low)
+    assert figures["auc_ci_high"] == pytest.approx(high)
+    assert figures["auc_per_class.mild"] == pytest.approx(5 / 6, abs=1e-6)
 
 
 def test_measurement_mae_and_bias_and_record(

@@ -10,19 +10,28 @@ import pytest
 from dicomnode.evaluate.metrics import (
     Counts,
     accuracy,
+    auc_from_counts,
+    average_precision,
+    average_precision_from_counts,
     bias,
+    bootstrap_interval,
     classification_metrics,
     confusion_matrix,
     counts_at_thresholds,
     dice,
     iou,
     mean_absolute_error,
+    one_vs_rest_auc,
+    pooled_statistic,
+    quadratic_weighted_kappa,
     roc_auc,
+    score_counts,
     segmentation_counts,
     segmentation_figures,
     segmentation_metrics,
     sensitivity,
     specificity,
+    weighted_auc,
 )
 
 # A 3x4 example used by several tests.
@@ -190,3 +199,84 @@ def test_measurement_mae_and_bias() -> None:
         mean_absolute_error([1.0], [1.0, 2.0])
     with pytest.raises(ValueError):
         bias([], [])
+
+
+def test_average_precision_is_step_wise() -> None:
+    # Descending: 0.9(+) P 1/1 at R 1/3; 0.8(-); 0.7(+) P 2/3 at R 2/3; 0.6(-); 0.5(+) P 3/5 at
+    # R 1. AP = 1/3 * (1 + 2/3 + 3/5) = 34/45 (trapezoids would give another number).
+    assert average_precision([0.9, 0.8, 0.7, 0.6, 0.5], [1, 0, 1, 0, 1]) == pytest.approx(34 / 45)
+    # Tied scores enter as one step: 0.8 holds one + and one - (P 1/2, recall +1/2), then 0.3(+)
+    # (P 2/3, recall +1/2): AP = 1/2 * 1/2 + 1/2 * 2/3 = 7/12.
+    assert average_precision([0.8, 0.8, 0.3, 0.1], [1, 0, 1, 0]) == pytest.approx(7 / 12)
+    assert average_precision([[0.9, 0.1]], [[1, 0]]) == 1.0  # perfect ranking, any shape
+    assert math.isnan(average_precision([0.2, 0.4], [0, 0]))  # no positive: undefined
+
+
+def test_quadratic_weighted_kappa_by_hand() -> None:
+    # truth 0 1 2 2, predicted 0 2 2 1, K = 3, w_ij = (i-j)^2 / 4.
+    # Observed off-diagonal: (1,2) and (2,1), w 1/4 each: sum wO = 1/2.
+    # Marginals truth [1,1,2], predicted [1,1,2]; E_ij = r_i c_j / 4:
+    # sum wE = 2 * (1/4 * 1/4) + 2 * (1 * 2/4) + 2 * (1/4 * 2/4) = 1/8 + 1 + 1/4 = 11/8.
+    # kappa = 1 - (1/2) / (11/8) = 7/11.
+    assert quadratic_weighted_kappa([0, 2, 2, 1], [0, 1, 2, 2], 3) == pytest.approx(7 / 11)
+    assert quadratic_weighted_kappa([0, 1, 2], [0, 1, 2], 3) == 1.0
+    # Two classes: Cohen's kappa. truth 1 1 0 0, predicted 1 0 0 0: po 3/4, pe 1/2 -> 1/2.
+    assert quadratic_weighted_kappa([1, 0, 0, 0], [1, 1, 0, 0], 2) == pytest.approx(0.5)
+    # Truth and predictions all one class: no expected disagreement, undefined.
+    assert math.isnan(quadratic_weighted_kappa([0, 0], [0, 0], 3))
+    with pytest.raises(ValueError, match=r"0\.\.2"):
+        quadratic_weighted_kappa([3], [0], 3)
+
+
+def test_one_vs_rest_auc_by_hand() -> None:
+    # truth 0 1 2 1. Class 0: its one positive (0.7) outscores 0.2, 0.1, 0.3 -> 1.
+    # Class 1: positives 0.5, 0.3; negatives 0.2, 0.3: 0.5 beats both (2), 0.3 beats 0.2 and
+    # ties 0.3 (1.5) -> 3.5 / 4. Class 2: 0.6 beats 0.1, 0.3, 0.4 -> 1.
+    probs = [[0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.1, 0.3, 0.6], [0.3, 0.3, 0.4]]
+    assert one_vs_rest_auc(probs, [0, 1, 2, 1]) == pytest.approx([1.0, 7 / 8, 1.0])
+    got = one_vs_rest_auc(probs, [0, 1, 1, 1])  # class 2 absent from the truth: NaN
+    assert math.isnan(got[2])
+
+
+def test_pooled_counts_resample_whole_images() -> None:
+    # Image A: 0.9(+) 0.1(-); image B: 0.4(+) 0.6(-). Pooled: 0.9 beats 0.1 and 0.6 (2), 0.4
+    # beats 0.1 (1) -> AUC 3/4. Drawing A twice is A alone (AUC 1); B alone (AUC 0).
+    table = score_counts([[0.9, 0.1], [0.4, 0.6]], [[1, 0], [1, 0]])
+    assert table.exact
+    auc = pooled_statistic(table, auc_from_counts)
+    assert auc(np.array([1.0, 1.0])) == pytest.approx(0.75)
+    assert auc(np.array([2.0, 0.0])) == 1.0
+    assert auc(np.array([0.0, 1.0])) == 0.0
+    # AP pooled: 0.9(+) P 1 R 1/2; 0.6(-); 0.4(+) P 2/3 R 1 -> 1/2 + 1/3 = 5/6.
+    ap = pooled_statistic(table, average_precision_from_counts)
+    assert ap(np.array([1.0, 1.0])) == pytest.approx(5 / 6)
+    # More distinct scores than levels: equal bins between the lowest and the highest score.
+    binned = score_counts([[0.0, 0.2, 0.9, 1.0]], [[0, 1, 0, 1]], max_levels=2)
+    assert not binned.exact
+    assert binned.positives.tolist() == [[1.0, 1.0]]  # 0.2 in [0, 0.5), 1.0 in [0.5, 1]
+
+
+def test_weighted_auc_counts_draws() -> None:
+    # Scores 0.9(+) 0.4(+) 0.6(-) 0.1(-): all once -> 3/4 (as roc_auc); without 0.6 -> 1;
+    # 0.4 twice against 0.6 once -> 0.
+    auc = weighted_auc([0.9, 0.4, 0.6, 0.1], [1, 1, 0, 0])
+    assert auc(np.ones(4)) == pytest.approx(roc_auc([0.9, 0.4, 0.6, 0.1], [1, 1, 0, 0]))
+    assert auc(np.array([1.0, 1.0, 0.0, 1.0])) == 1.0
+    assert auc(np.array([0.0, 2.0, 1.0, 0.0])) == 0.0
+
+
+def test_bootstrap_interval_by_hand() -> None:
+    # One group: every resample draws it, the interval is the value itself.
+    assert bootstrap_interval(1, lambda w: 0.3, resamples=50) == (0.3, 0.3, 50)
+    # Two groups, statistic = share of draws that are group 0: 0, 1/2 or 1 with probability
+    # 1/4, 1/2, 1/4; the 2.5 % and 97.5 % points of 1000 resamples are 0 and 1.
+    low, high, used = bootstrap_interval(2, lambda w: float(w[0]) / 2.0)
+    assert (low, high, used) == (0.0, 1.0, 1000)
+    # Reproducible (fixed seed), and resamples where the statistic is undefined are dropped.
+    def share(w: np.ndarray) -> float:
+        return math.nan if w[0] == 0 else float(w[0]) / 3.0
+    first = bootstrap_interval(3, share, resamples=200)
+    assert first == bootstrap_interval(3, share, resamples=200)
+    # P(group 0 never drawn in 3) = (2/3)^3 = 8/27: about 141 of 200 kept.
+    assert 110 < first[2] < 170
+    assert math.isnan(bootstrap_interval(2, lambda w: math.nan, resamples=5)[0])
