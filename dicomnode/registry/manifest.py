@@ -229,6 +229,10 @@ class ProbabilitiesOutput(_Strict):
     threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     positive: str | None = None
     gate: Gate | None = None
+    # Feeds the study summary of the report: "worst" means `classes` are listed from best to
+    # worst, and the study reports the worst class its analysed images got (e.g. the DR grade
+    # of the worse eye, or "referable" when any image is).
+    summary: Literal["worst"] | None = None
 
     @model_validator(mode="after")
     def _labels(self) -> ProbabilitiesOutput:
@@ -243,7 +247,24 @@ class ProbabilitiesOutput(_Strict):
             unknown = [g for g in self.gate.ineligible if g not in labels]
             if unknown:
                 raise ValueError(f"gate names unknown class labels {unknown}; classes are {labels}")
+        if self.summary is not None:
+            self._check_summary()
         return self
+
+    def _check_summary(self) -> None:
+        if self.gate is not None:
+            raise ValueError(
+                f"output '{self.name}': a gate cannot feed the study summary ('summary'); the "
+                "images it stops are listed there as not analysed")
+        if self.concept is None:
+            raise ValueError(
+                f"output '{self.name}': 'summary' needs a 'concept' (what the summary line "
+                "reports, e.g. Diabetic retinopathy)")
+        codes = [(c.code.scheme, c.code.value) for c in self.classes]
+        if len(set(codes)) != len(codes):
+            raise ValueError(
+                f"output '{self.name}': 'summary: worst' orders the classes by their codes, so "
+                "each class needs a different code")
 
     @property
     def positive_label(self) -> str:

@@ -43,6 +43,11 @@ PROCEDURE_FUNDUS_ANALYSIS = PydicomCode(
 NOT_ANALYSED = PydicomCode("NOT-ANALYSED", PRIVATE_SCHEME, "Not analysed")
 # Probability that a classifier gave its answer, unit "1".
 PROBABILITY = codes.DCM.Probability  # DCM 122157
+UNIT_ONE = PydicomCode("1", "UCUM", "no units")
+# TID 1500's report-level "Qualitative Evaluations" container (UMLS C0034375): the study summary.
+QUALITATIVE_EVALUATIONS = PydicomCode("C0034375", "UMLS", "Qualitative Evaluations")
+# The image(s) a summary line was read from (CID 7003).
+BEST_ILLUSTRATION = codes.DCM.BestIllustrationOfFinding  # DCM 121080
 
 
 def laterality_code(laterality: str | None) -> PydicomCode | None:

@@ -128,8 +128,13 @@ def _add(
     if isinstance(spec, ProbabilitiesOutput):
         answer = Code(**value["code"])
         asked = _concept(manifest, spec)
+        label = value.get("label")
+        labels = [k.label for k in spec.classes]
+        severity = (labels.index(label) if spec.summary == "worst" and label in labels
+                    else None)
         c.classifications.append(Classification(
-            algorithm, asked, answer, float(value["probability"])))
+            algorithm, asked, answer, float(value["probability"]), label=label,
+            severity=severity))
         if (asked.scheme, asked.value) == LATERALITY_CONCEPT and c.laterality is None:
             c.laterality = side_of(answer.scheme, answer.value)
         if spec.gate is not None and value.get("label") in spec.gate.ineligible:

@@ -58,6 +58,10 @@ class Classification:
     concept: Code
     value: Code
     probability: float | None = None
+    label: str | None = None  # the manifest's class label, the word the overlay writes
+    # Rank of the class from best (0) to worst, when the output feeds the study summary
+    # (`summary: worst` in the manifest); None otherwise.
+    severity: int | None = None
 
 
 @dataclass(frozen=True)

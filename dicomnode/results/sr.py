@@ -11,7 +11,11 @@ Layout (docs/results.md has the full tree and every code):
   each naming the model that measured it;
 - per detection (point or box output), a TID 1410 group with the location as SCOORD on the
   source image (a point, or a closed polyline for a box);
-- an image a gate stopped gets, in the gate's group, "Not analysed" = the gate's coded reason.
+- an image a gate stopped gets, in the gate's group, "Not analysed" = the gate's coded reason;
+- each classification carries its probability (HAS PROPERTIES NUM Probability, unit 1);
+- a study summary (TID 1500 "Qualitative Evaluations", UMLS C0034375): per output that declares
+  `summary: worst`, the worst class over the analysed images (each such image referenced), and
+  every image a gate stopped as "Not analysed" = its reason.
 """
 
 from __future__ import annotations
@@ -28,11 +32,15 @@ from pydicom.uid import generate_uid
 
 from dicomnode import MANUFACTURER
 from dicomnode.results.codes import (
+    BEST_ILLUSTRATION,
     DEVICE,
     IMAGING_MEASUREMENT_REPORT,
     NOT_ANALYSED,
+    PROBABILITY,
     PROCEDURE_FUNDUS_ANALYSIS,
+    QUALITATIVE_EVALUATIONS,
     RETINA,
+    UNIT_ONE,
     concept,
     declare_private_schemes,
     laterality_code,
@@ -153,10 +161,7 @@ def _model_groups(findings: ImageFindings, segment_keys: set[str]) -> list[_Mode
 def _image_group(
     source: Dataset, findings: ImageFindings, group: _ModelGroup
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    evaluations = [
-        hd.sr.QualitativeEvaluation(name=concept(c.concept), value=concept(c.value))
-        for c in group.classifications
-    ]
+    evaluations = [_evaluation(c) for c in group.classifications]
     if group.not_analysed is not None:
         evaluations.append(hd.sr.QualitativeEvaluation(
             name=NOT_ANALYSED, value=concept(group.not_analysed.reason)
@@ -174,6 +179,70 @@ def _image_group(
         qualitative_evaluations=evaluations or None,
         measurements=[_measurement(m) for m in group.measurements] or None,
     )
+
+
+def _evaluation(item: Classification) -> hd.sr.QualitativeEvaluation:
+    """The coded finding, with the probability of that answer as its property."""
+    evaluation = hd.sr.QualitativeEvaluation(name=concept(item.concept), value=concept(item.value))
+    if item.probability is not None:
+        evaluation[0].ContentSequence = [hd.sr.NumContentItem(
+            name=PROBABILITY, value=float(item.probability), unit=UNIT_ONE,
+            relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES,
+        )]
+    return evaluation
+
+
+def _image_reference(source: Dataset) -> hd.sr.ImageContentItem:
+    return hd.sr.ImageContentItem(
+        name=BEST_ILLUSTRATION, referenced_sop_class_uid=source.SOPClassUID,
+        referenced_sop_instance_uid=source.SOPInstanceUID,
+        relationship_type=hd.sr.RelationshipTypeValues.INFERRED_FROM,
+    )
+
+
+def _finding_item(name: hd.sr.CodedConcept, value: hd.sr.CodedConcept,
+                  images: Sequence[Dataset]) -> hd.sr.CodeContentItem:
+    item = hd.sr.CodeContentItem(name=name, value=value,
+                                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    item.ContentSequence = [_image_reference(s) for s in images]
+    return item
+
+
+def study_summary(sources: Sequence[Dataset], findings: Mapping[str, ImageFindings]
+                  ) -> list[tuple[Classification, list[Dataset]]]:
+    """Per summarised concept (classifications with a `severity`), the worst answer over the
+    study's images and the images that gave it, in the order the concepts first appear."""
+    worst: dict[tuple[str, str], tuple[Classification, list[Dataset]]] = {}
+    for source in sources:
+        for item in findings.get(str(source.SOPInstanceUID), ImageFindings()).classifications:
+            if item.severity is None:
+                continue
+            key = (item.concept.scheme, item.concept.value)
+            held = worst.get(key)
+            if held is None or item.severity > (held[0].severity or 0):
+                worst[key] = (item, [source])
+            elif item.severity == held[0].severity:
+                held[1].append(source)
+    return list(worst.values())
+
+
+def _summary_container(sources: Sequence[Dataset], findings: Mapping[str, ImageFindings]
+                       ) -> hd.sr.ContainerContentItem | None:
+    """TID 1500's Qualitative Evaluations: the study summary a grader reads first."""
+    items: list[hd.sr.CodeContentItem] = [
+        _finding_item(concept(item.concept), concept(item.value), images)
+        for item, images in study_summary(sources, findings)
+    ]
+    for source in sources:
+        stopped = findings.get(str(source.SOPInstanceUID), ImageFindings()).not_analysed
+        if stopped is not None:
+            items.append(_finding_item(concept(NOT_ANALYSED), concept(stopped.reason), [source]))
+    if not items:
+        return None
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    container.ContentSequence = items
+    return container
 
 
 def _segment_groups(
@@ -314,6 +383,9 @@ def build_report(
         title=IMAGING_MEASUREMENT_REPORT,
         referenced_images=list(sources),  # the Image Library: what the report is about
     )
+    summary = _summary_container(sources, findings)
+    if summary is not None:  # TID 1500 row order: after Imaging Measurements
+        report[0].ContentSequence.append(summary)
     sr = hd.sr.ComprehensiveSR(
         evidence=[*sources, *segs],
         content=report[0],

@@ -176,6 +176,63 @@ def mask_centroid_detector(
     return _model(graph)
 
 
+def multi_head_classifier(
+    heads: Sequence[tuple[str, Sequence[Sequence[float]], Sequence[float]]],
+    *,
+    input_name: str = "image",
+    size: tuple[int, int] = (32, 32),
+    batch: str | int = BATCH,
+) -> onnx.ModelProto:
+    """[N,3,H,W] -> one softmax(mean_rgb @ W + b) output per head (name, W [3, K], b [K])."""
+    nodes = [
+        helper.make_node("ReduceMean", [input_name], ["mean"], axes=[2, 3], keepdims=1),
+        helper.make_node("Flatten", ["mean"], ["flat"], axis=1),
+    ]
+    inits, outputs = [], []
+    for name, weights, bias in heads:
+        w = np.asarray(weights, dtype=np.float32)
+        nodes += [
+            helper.make_node("MatMul", ["flat", f"{name}_W"], [f"{name}_l0"]),
+            helper.make_node("Add", [f"{name}_l0", f"{name}_B"], [f"{name}_l"]),
+            helper.make_node("Softmax", [f"{name}_l"], [name], axis=1),
+        ]
+        inits += [numpy_helper.from_array(w, f"{name}_W"),
+                  numpy_helper.from_array(np.asarray(bias, np.float32), f"{name}_B")]
+        outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT,
+                                                     [batch, w.shape[1]]))
+    graph = helper.make_graph(nodes, "multi_head_classifier",
+                              [_image_input(input_name, size, 3, batch)], outputs, inits)
+    return _model(graph)
+
+
+def channel_threshold_segmenter(
+    masks: Sequence[tuple[str, int, float]],
+    *,
+    input_name: str = "image",
+    size: tuple[int, int] = (32, 32),
+    batch: str | int = BATCH,
+) -> onnx.ModelProto:
+    """[N,3,H,W] -> one [N,1,H,W] mask per (name, channel, threshold): channel > threshold."""
+    nodes, inits, outputs = [], [], []
+    for name, channel, threshold in masks:
+        nodes += [
+            helper.make_node("Slice", [input_name, f"{name}_s", f"{name}_e", f"{name}_a"],
+                             [f"{name}_c"]),
+            helper.make_node("Greater", [f"{name}_c", f"{name}_t"], [f"{name}_b"]),
+            helper.make_node("Cast", [f"{name}_b"], [name], to=TensorProto.FLOAT),
+        ]
+        inits += [
+            numpy_helper.from_array(np.array([channel], dtype=np.int64), f"{name}_s"),
+            numpy_helper.from_array(np.array([channel + 1], dtype=np.int64), f"{name}_e"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), f"{name}_a"),
+            numpy_helper.from_array(np.array(threshold, dtype=np.float32), f"{name}_t"),
+        ]
+        outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [batch, 1, *size]))
+    graph = helper.make_graph(nodes, "channel_threshold",
+                              [_image_input(input_name, size, 3, batch)], outputs, inits)
+    return _model(graph)
+
+
 # --- manifests -------------------------------------------------------------------------------
 
 PROVENANCE: dict[str, Any] = {
