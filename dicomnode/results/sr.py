@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import generate_uid
 
 from dicomnode import MANUFACTURER
@@ -204,7 +205,7 @@ def _finding_item(name: hd.sr.CodedConcept, value: hd.sr.CodedConcept,
                   images: Sequence[Dataset]) -> hd.sr.CodeContentItem:
     item = hd.sr.CodeContentItem(name=name, value=value,
                                  relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-    item.ContentSequence = [_image_reference(s) for s in images]
+    item.ContentSequence = DicomSequence([_image_reference(s) for s in images])
     return item
 
 
@@ -241,7 +242,7 @@ def _summary_container(sources: Sequence[Dataset], findings: Mapping[str, ImageF
         return None
     container = hd.sr.ContainerContentItem(
         name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-    container.ContentSequence = items
+    container.ContentSequence = DicomSequence(items)
     return container
 
 

@@ -5,7 +5,7 @@ probabilities and a study summary (worst eye, not-analysed images), and dciodvfy
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from pydicom import Dataset
@@ -18,6 +18,7 @@ from dicomnode.inference.outputs import write_outputs
 from dicomnode.inference.preprocess import SourceImage
 from dicomnode.inference.sessions import SessionPool
 from dicomnode.registry import load_registry
+from dicomnode.registry.manifest import Code
 from dicomnode.results.job_outputs import JobResults, results_from_outputs
 from dicomnode.results.model import AlgorithmInfo, Classification, ImageFindings
 from dicomnode.results.seg import build_segmentation
@@ -93,8 +94,8 @@ def test_report_summary_grades_and_lesions_pass_dciodvfy(
     for name, obj in (("seg", segs[0]), ("sr", sr)):
         path = tmp_path / f"{name}.dcm"
         obj.save_as(path)
-        lines = dciodvfy(path)
-        assert errors(lines) == [], "\n".join(lines)
+        report = dciodvfy(path)
+        assert errors(report) == [], "\n".join(report)
 
     content = sr.ContentSequence
     top = [_name(item) for item in content]
@@ -137,15 +138,14 @@ def test_report_summary_grades_and_lesions_pass_dciodvfy(
 
 def _grade(severity: int, value: str) -> Classification:
     algorithm = AlgorithmInfo("dr-grade", "DR grade", "1.0.0")
-    from dicomnode.registry.manifest import Code
-
     return Classification(algorithm, Code(scheme="SCT", value="4855003", meaning="DR"),
                           Code(scheme="SCT", value=value, meaning=value), 0.9,
                           label=value, severity=severity)
 
 
 def test_study_summary_keeps_every_image_at_the_worst_class() -> None:
-    a, b, c = (op_dataset(grading_image(64), laterality=side) for side in "RLL")
+    sides: tuple[Literal["R", "L"], ...] = ("R", "L", "L")
+    a, b, c = (op_dataset(grading_image(64), laterality=side) for side in sides)
     findings = {str(a.SOPInstanceUID): ImageFindings(classifications=[_grade(2, "moderate")]),
                 str(b.SOPInstanceUID): ImageFindings(classifications=[_grade(1, "mild")]),
                 str(c.SOPInstanceUID): ImageFindings(classifications=[_grade(2, "moderate")])}
