@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -16,6 +17,7 @@ from pydicom.uid import generate_uid
 
 from dicomnode import MANUFACTURER
 from dicomnode.inference.decode import decode_rgb
+from dicomnode.inference.fov import find_field_of_view
 from dicomnode.results.codes import unit_label
 from dicomnode.results.common import patient_orientation, stamp_equipment
 from dicomnode.results.model import AlgorithmInfo, ImageFindings, MaskResult
@@ -40,19 +42,33 @@ def blend_masks(rgb: NDArray[np.uint8], masks: Sequence[MaskResult]) -> NDArray[
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def finding_lines(masks: Sequence[MaskResult], findings: ImageFindings) -> list[str]:
-    """The text written on the overlay: legend, classifications, measurements, gate."""
-    lines = ["dicomnode AI overlay - not for diagnosis"]
+Colour = tuple[int, int, int]
+
+
+def overlay_text(masks: Sequence[MaskResult], findings: ImageFindings
+                 ) -> tuple[list[tuple[str, Colour | None]], list[str]]:
+    """(legend, findings): the header and one line per mask with its colour; then the gate,
+    the classifications in class words (grades and referable flags first) and measurements."""
+    legend: list[tuple[str, Colour | None]] = [("dicomnode AI overlay - not for diagnosis", None)]
     for index, mask in enumerate(masks):
-        lines.append(f"[{_colour_name(index)}] {mask.label}")
+        legend.append((f"[{_colour_name(index)}] {mask.label}", PALETTE[index % len(PALETTE)]))
+    lines: list[str] = []
     if findings.not_analysed is not None:
         lines.append(f"NOT ANALYSED: {findings.not_analysed.reason.meaning}")
-    for c in findings.classifications:
+    # Outputs that feed the study summary (DR grade, referable flags) are what a grader wants.
+    ordered = sorted(findings.classifications, key=lambda c: c.severity is None)
+    for c in ordered:
         probability = "" if c.probability is None else f" ({c.probability:.2f})"
-        lines.append(f"{c.concept.meaning}: {c.value.meaning}{probability}")
+        lines.append(f"{c.concept.meaning}: {c.label or c.value.meaning}{probability}")
     for m in findings.measurements:
         lines.append(f"{m.code.meaning}: {m.value:.4g} {unit_label(m.unit.code)}".rstrip())
-    return lines
+    return legend, lines
+
+
+def finding_lines(masks: Sequence[MaskResult], findings: ImageFindings) -> list[str]:
+    """The text written on the overlay: legend, gate, classifications, measurements."""
+    legend, lines = overlay_text(masks, findings)
+    return [text for text, _ in legend] + lines
 
 
 def _colour_name(index: int) -> str:
@@ -60,18 +76,66 @@ def _colour_name(index: int) -> str:
     return names[index % len(names)]
 
 
-def draw_text(rgb: NDArray[np.uint8], lines: Sequence[str]) -> NDArray[np.uint8]:
-    """Write `lines` top-left on a dark band, with Pillow's built-in font (no downloads)."""
+MARGIN = 4
+
+
+def _block_size(draw: ImageDraw.ImageDraw, lines: Sequence[str], font: Any,
+                swatch: int) -> tuple[int, int]:
+    width = height = 0
+    for line in lines:
+        box = draw.textbbox((0, 0), line, font=font)
+        width = max(width, int(box[2]) + swatch)
+        height += int(box[3]) + 3
+    return width + 4, height
+
+
+def _corners(shape: tuple[int, int], size: tuple[int, int]) -> list[tuple[int, int]]:
+    """(x, y) of a block of `size` in the top-left, top-right, bottom-left, bottom-right."""
+    rows, cols = shape
+    width, height = size
+    right = max(MARGIN, cols - width - MARGIN)
+    bottom = max(MARGIN, rows - height - MARGIN)
+    return [(MARGIN, MARGIN), (right, MARGIN), (MARGIN, bottom), (right, bottom)]
+
+
+def _overlap(avoid: NDArray[np.bool_], corner: tuple[int, int], size: tuple[int, int]) -> int:
+    x, y = corner
+    return int(np.count_nonzero(avoid[y:y + size[1], x:x + size[0]]))
+
+
+def draw_text(rgb: NDArray[np.uint8], lines: Sequence[str | tuple[str, Colour | None]],
+              *more: Sequence[str | tuple[str, Colour | None]],
+              avoid: NDArray[np.bool_] | None = None) -> NDArray[np.uint8]:
+    """Write each block of lines on a dark band, with Pillow's built-in font (no downloads).
+
+    A line may carry a colour: a swatch of it is drawn before the text (the legend). Each block
+    goes into the free corner that covers the fewest `avoid` pixels (the retina), so the text
+    stays in the dark corners where it can; without `avoid`, top-left then top-right.
+    """
     image = Image.fromarray(rgb, mode="RGB")
     draw = ImageDraw.Draw(image)
     size = max(10, rgb.shape[0] // 48)  # readable on a 2000-pixel image and on a thumbnail
     font = ImageFont.load_default(size=size)
-    y = 4
-    for line in lines:
-        box = draw.textbbox((4, y), line, font=font)
-        draw.rectangle((box[0] - 2, box[1] - 1, box[2] + 2, box[3] + 1), fill=(0, 0, 0))
-        draw.text((4, y), line, fill=(255, 255, 255), font=font)
-        y = int(box[3]) + 3
+    used: set[int] = set()
+    for block in (lines, *more):
+        items = [(item, None) if isinstance(item, str) else item for item in block]
+        if not items:
+            continue
+        swatch = size + 4 if any(colour for _, colour in items) else 0
+        block_size = _block_size(draw, [text for text, _ in items], font, swatch)
+        corners = _corners(rgb.shape[:2], block_size)
+        order = [i for i in range(4) if i not in used] or [0]
+        best = min(order, key=lambda i: _overlap(avoid, corners[i], block_size)
+                   if avoid is not None else 0)
+        used.add(best)
+        x, y = corners[best]
+        for text, colour in items:
+            box = draw.textbbox((x + swatch, y), text, font=font)
+            draw.rectangle((x - 2, box[1] - 1, box[2] + 2, box[3] + 1), fill=(0, 0, 0))
+            if colour is not None:
+                draw.rectangle((x, box[1], x + size, box[1] + size), fill=colour)
+            draw.text((x + swatch, y), text, fill=(255, 255, 255), font=font)
+            y = int(box[3]) + 3
     return np.asarray(image, dtype=np.uint8)
 
 
@@ -87,8 +151,10 @@ def build_overlay(
     series_description: str = SERIES_DESCRIPTION,
 ) -> hd.sc.SCImage:
     """The overlay image of one source, same size, same study and patient, own series."""
-    rgb = blend_masks(decode_rgb(source), masks)
-    rgb = draw_text(rgb, finding_lines(masks, findings))
+    fundus = decode_rgb(source)
+    legend, lines = overlay_text(masks, findings)
+    rgb = draw_text(blend_masks(fundus, masks), legend, lines,
+                    avoid=find_field_of_view(fundus).mask)
     laterality = str(source.get("ImageLaterality") or source.get("Laterality") or "") or None
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,

@@ -129,7 +129,8 @@ def grading_image(blue: int, *, green: int = 120, size: int = 96,
     rgb[disc, 1] = green
     rgb[..., 2] = blue
     if lesions:
-        rgb[30:42, 30:42] = (255, 0, blue)  # haemorrhage
-        rgb[54:66, 30:42] = (150, 255, blue) if green else (150, 0, blue)  # hard exudate
-        rgb[30:42, 54:66] = (150, green, 255)  # soft exudate
+        a, b, c, d = (int(v * size / 96) for v in (30, 42, 54, 66))
+        rgb[a:b, a:b] = (255, 0, blue)  # haemorrhage
+        rgb[c:d, a:b] = (150, 255, blue) if green else (150, 0, blue)  # hard exudate
+        rgb[a:b, c:d] = (150, green, 255)  # soft exudate
     return rgb
