@@ -144,6 +144,30 @@ def test_segmentation_with_a_fov_column_counts_only_inside(
     assert result["accuracy"] == pytest.approx((12 + 8) / 28)
 
 
+def test_mask_threshold_option_changes_what_truth_is(
+    tmp_path: Path, config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "t"
+    folder.mkdir()
+    green = np.zeros((SIZE, SIZE), np.uint8)
+    green[:, 0:16] = 255  # predicted: columns 0-15
+    image = _image(folder / "a.png", green)
+    truth = np.full((SIZE, SIZE), 3, np.uint8)  # a JPEG-like floor of 3, never "inside"
+    truth[:, 0:8] = 200  # certain: columns 0-7
+    truth[:, 8:16] = 90  # faint: columns 8-15, below half of 200 (100), above 80
+    Image.fromarray(truth).save(folder / "a_truth.png")
+    csv_path = _csv(folder / "t.csv", "image,truth", [f"{image},a_truth.png"])
+    # Default rule: truth = columns 0-7; TP 8, FP 8 columns -> sensitivity 1, Dice 16/24.
+    default = _evaluate(config, capsys, "green-seg", "--dataset", str(csv_path))
+    assert default["sensitivity"] == 1.0
+    assert default["dice"] == pytest.approx(16 / 24)
+    # --mask-threshold 80: truth = columns 0-15 = the prediction -> Dice 1, specificity 1.
+    lowered = _evaluate(config, capsys, "green-seg", "--dataset", str(csv_path),
+                        "--mask-threshold", "80")
+    assert lowered["dice"] == 1.0
+    assert lowered["specificity"] == 1.0
+
+
 def test_classification_auc_sensitivity_specificity(
     tmp_path: Path, config: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
