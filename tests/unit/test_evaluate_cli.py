@@ -226,6 +226,7 @@ def test_multi_class_kappa_and_per_class_auc_recorded(
     assert figures["auc_ci_low"] == pytest.approx(low)
     assert figures["auc_ci_high"] == pytest.approx(high)
     assert figures["auc_per_class.mild"] == pytest.approx(5 / 6, abs=1e-6)
+    assert not any(key.startswith("bootstrap") for key in figures)
 
 
 def test_measurement_mae_and_bias_and_record(
