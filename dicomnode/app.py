@@ -15,6 +15,7 @@ from dicomnode.assemble.assembler import Assembler, StudyCompleteHook
 from dicomnode.db import open_database
 from dicomnode.db.engine import Database
 from dicomnode.dispatch import Dispatcher
+from dicomnode.dispatch.dimse_tls import check_destinations
 from dicomnode.errors import DicomNodeError
 from dicomnode.jobs import ProcessingService
 from dicomnode.receive.ae import Receiver
@@ -52,6 +53,8 @@ class Node:
                 "callers is empty: any calling AE title is accepted; list the cameras "
                 "under 'callers' to restrict who may send"
             )
+        # Certificates and keys first: a bad file stops the start with the key that names it.
+        check_destinations(settings)
         self.database = open_database(settings.database.url)
         # One catalog holder per node: the console's preset edits and the watcher reload it.
         # Bad models and presets are reported and left out here; they never stop the node.
@@ -83,8 +86,13 @@ class Node:
         # Changes made on disk (other nodes, an editor, a new model version) reload too.
         self.watcher = CatalogWatcher(holder)
         self.watcher.start()
-        logger.info("dicomnode %s listening on %s:%d (storage %s)",
-                    settings.node.ae_title, host, port, settings.storage.path)
+        tls_address = self.receiver.tls_address
+        logger.info("dicomnode %s listening on %s:%d%s (storage %s)",
+                    settings.node.ae_title, host, port,
+                    f", DICOM TLS on port {tls_address[1]}"
+                    if tls_address is not None and settings.node.port is not None else
+                    " (DICOM TLS)" if tls_address is not None else "",
+                    settings.storage.path)
         return host, port
 
     def _use_catalog(self, catalog: Catalog) -> None:
@@ -135,8 +143,11 @@ def serve(settings: Settings) -> int:
         try:
             node.start()
         except OSError as exc:
+            ports = [str(p) for p in (settings.node.port,
+                                      settings.node.tls.port if settings.node.tls else None)
+                     if p is not None]
             raise DicomNodeError(
-                f"cannot listen on {settings.node.host}:{settings.node.port}: "
+                f"cannot listen on {settings.node.host}:{'/'.join(ports)}: "
                 f"{exc.strerror or exc}"
             ) from exc
         received = signal.sigwait(_STOP_SIGNALS)

@@ -26,6 +26,7 @@ from dicomnode.receive import ingest, statuses, storage
 from dicomnode.receive.identifiers import Refused, read_identifiers
 from dicomnode.receive.policy import CallerPolicy
 from dicomnode.receive.sop_classes import is_implicit_vr
+from dicomnode.receive.tls import peer_certificate
 from dicomnode.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ class ReceiveHandlers:
         calling = str(request.calling_ae_title).strip()
         called = str(request.called_ae_title).strip()
         peer = str(assoc.requestor.address)
-        rejection = self.policy.check(called, calling, peer)
+        rejection = self.policy.check(called, calling, peer, peer_certificate(assoc))
         if rejection is None:
             with self._lock:
                 self._associations[assoc] = _AssociationLog(calling, peer)
@@ -132,6 +133,11 @@ class ReceiveHandlers:
                     detail=f"{rejection.reason} (called AE {called!r})")
         assoc.acse.send_reject(0x01, 0x01, rejection.diagnostic)
         assoc.kill()
+
+    def on_tls_refused(self, peer: str, reason: str) -> None:
+        """A TLS handshake failed: no association was requested, but the attempt is on record
+        as a rejected one (the calling AE title is unknown at this point)."""
+        self._audit("association-rejected", peer=peer, detail=f"TLS: {reason}")
 
     def on_ended(self, event: Any) -> None:
         with self._lock:
