@@ -328,6 +328,11 @@ class WebSettings(_Strict):
     health_echo_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 3.0
     health_cache_seconds: Annotated[float, Field(ge=0, le=3600)] = 30.0
 
+    @property
+    def cookies_secure(self) -> bool:
+        """Session cookies are Secure when served over HTTPS here or behind a proxy."""
+        return self.secure_cookies or self.tls is not None
+
 
 class Settings(_Strict):
     node: NodeSettings = Field(default_factory=NodeSettings)

@@ -11,6 +11,7 @@ from typing import Any
 
 import uvicorn
 
+from dicomnode import tls
 from dicomnode.db.engine import Database
 from dicomnode.errors import DicomNodeError
 from dicomnode.settings import Settings, WebSettings
@@ -25,9 +26,17 @@ class WebServer:
 
     def __init__(self, state: WebState, settings: WebSettings) -> None:
         self._settings = settings
+        https: dict[str, Any] = {}
+        if settings.tls is not None:
+            # Checked here, so a bad pair stops the start naming web.tls.* and the file.
+            tls.check_pair(tls.KeyPair(settings.tls.certificate, settings.tls.private_key,
+                                       "web.tls"))
+            https = {"ssl_certfile": str(settings.tls.certificate),
+                     "ssl_keyfile": str(settings.tls.private_key)}
+        self.scheme = "https" if https else "http"
         config = uvicorn.Config(
             create_app(state), host=settings.host, port=settings.port, log_level="warning",
-            access_log=False, lifespan="off",
+            access_log=False, lifespan="off", **https,
         )
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
@@ -57,7 +66,7 @@ class WebServer:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 raise DicomNodeError("web console did not start (see the log)")
             time.sleep(0.02)
-        logger.info("web console and API on http://%s:%d/", host, port)
+        logger.info("web console and API on %s://%s:%d/", self.scheme, host, port)
         return self.address
 
     def stop(self, timeout: float = 10.0) -> None:
