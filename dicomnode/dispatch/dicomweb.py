@@ -55,8 +55,12 @@ def _session(destination: DicomWebDestinationSettings, name: str) -> requests.Se
 
 
 def _client(destination: DicomWebDestinationSettings, name: str) -> DICOMwebClient:
-    return DICOMwebClient(destination.url.rstrip("/"), session=_session(destination, name),
-                          timeout=destination.timeout_seconds)
+    client = DICOMwebClient(destination.url.rstrip("/"), session=_session(destination, name),
+                            timeout=destination.timeout_seconds)
+    # The client's own retries (on any exception, with waits) would hide an outage inside
+    # one pass; the outbox's backoff is the retry schedule.
+    client.set_http_retry_params(retry=False)
+    return client
 
 
 def _answer(response: requests.Response | None) -> pydicom.Dataset | None:
