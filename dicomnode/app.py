@@ -82,7 +82,8 @@ class Node:
         self.receiver = Receiver(settings, self.database, self.assembler)
         host, port = self.receiver.start()
         # Console/API last: preset edits reach the processing service and results pipeline.
-        self.web = start_web(settings, self.database, holder, health_probe=processing.health)
+        self.web = start_web(settings, self.database, holder, health_probe=processing.health,
+                             receive_listener=self.assembler)
         # Changes made on disk (other nodes, an editor, a new model version) reload too.
         self.watcher = CatalogWatcher(holder)
         self.watcher.start()

@@ -270,11 +270,13 @@ class Result(Base):
 
 
 class UserRole:
-    """Console and API roles: admin may change presets and retry deliveries; viewer may look."""
+    """Console and API roles: admin may change presets and retry deliveries; viewer may look;
+    sender may only send studies (DICOMweb STOW-RS, with an API token), nothing else."""
 
     ADMIN = "admin"
     VIEWER = "viewer"
-    ALL = (ADMIN, VIEWER)
+    SENDER = "sender"
+    ALL = (ADMIN, VIEWER, SENDER)
 
 
 class User(Base):

@@ -14,6 +14,7 @@ import uvicorn
 from dicomnode import tls
 from dicomnode.db.engine import Database
 from dicomnode.errors import DicomNodeError
+from dicomnode.receive.accept import ReceiveListener
 from dicomnode.settings import Settings, WebSettings
 from dicomnode.web.app import create_app
 from dicomnode.web.state import CatalogHolder, WebState
@@ -80,13 +81,15 @@ class WebServer:
 def start_web(
     settings: Settings, database: Database, catalog: CatalogHolder,
     health_probe: Callable[[], dict[str, Any]] | None = None,
+    receive_listener: ReceiveListener | None = None,
 ) -> WebServer | None:
     """Start the console/API if `web.enabled`, on the node's catalog holder (one per node:
     preset edits reload it, and its listeners hand the new catalog to processing)."""
     if not settings.web.enabled:
         logger.info("web console disabled (web.enabled: false)")
         return None
-    state = WebState(settings, database, catalog, health_probe=health_probe)
+    state = WebState(settings, database, catalog, health_probe=health_probe,
+                     receive_listener=receive_listener)
     server = WebServer(state, settings.web)
     server.start()
     return server
