@@ -20,6 +20,7 @@ from dicomnode.errors import DicomNodeError
 from dicomnode.jobs import ProcessingService
 from dicomnode.receive.ae import Receiver
 from dicomnode.results.pipeline import ResultsPipeline
+from dicomnode.retention.service import RetentionService
 from dicomnode.routing.catalog import Catalog, CatalogHolder
 from dicomnode.routing.watcher import CatalogWatcher
 from dicomnode.settings import Settings
@@ -42,6 +43,7 @@ class Node:
         self.web: WebServer | None = None
         self.catalog: CatalogHolder | None = None
         self.watcher: CatalogWatcher | None = None
+        self.retention: RetentionService | None = None
         self._hooks = list(hooks or [])
         self._stopped = threading.Event()
 
@@ -87,6 +89,8 @@ class Node:
         # Changes made on disk (other nodes, an editor, a new model version) reload too.
         self.watcher = CatalogWatcher(holder)
         self.watcher.start()
+        self.retention = RetentionService(settings, self.database)
+        self.retention.start()
         tls_address = self.receiver.tls_address
         logger.info("dicomnode %s listening on %s:%d%s (storage %s)",
                     settings.node.ae_title, host, port,
@@ -108,6 +112,8 @@ class Node:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if self.retention is not None:
+            self.retention.stop()
         if self.watcher is not None:
             self.watcher.stop()
         if self.web is not None:

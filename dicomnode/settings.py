@@ -298,6 +298,30 @@ class ResultsSettings(_Strict):
     retry_seconds: Annotated[float, Field(gt=0)] = 60.0
 
 
+class RetentionSettings(_Strict):
+    """Deleting received files and results once they are no longer needed (rows are kept).
+
+    Ages count from the study's last received instance. None = keep for ever. Only studies
+    whose results were delivered (or that had nothing to deliver) are purged by age;
+    studies that failed wait `keep_failed_days`; nothing still receiving, processing or
+    sending is ever purged.
+    """
+
+    received_days: Annotated[float, Field(ge=0)] | None = None
+    results_days: Annotated[float, Field(ge=0)] | None = None
+    keep_failed_days: Annotated[float, Field(ge=0)] | None = None
+    # Below this much free space under storage.path, delivered studies go oldest first
+    # (whatever their age) until it is free again; 0 = off.
+    min_free_mb: Annotated[int, Field(ge=0)] = 0
+    # How often the purge runs (APScheduler; also once shortly after start).
+    interval_minutes: Annotated[float, Field(gt=0)] = 60.0
+
+    @property
+    def enabled(self) -> bool:
+        return (self.received_days is not None or self.results_days is not None
+                or self.keep_failed_days is not None or self.min_free_mb > 0)
+
+
 class WebTlsSettings(_Strict):
     certificate: ConfigPath  # PEM; may hold the chain after the server's own certificate
     private_key: ConfigPath  # PEM, unencrypted
@@ -354,6 +378,7 @@ class Settings(_Strict):
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     results: ResultsSettings = Field(default_factory=ResultsSettings)
     web: WebSettings = Field(default_factory=WebSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     # Where the settings came from; relative paths were resolved against its folder.
     source: Path | None = None
 
