@@ -65,6 +65,12 @@ class TlsAssociationServer(ThreadedAssociationServer):
             request.settimeout(self._handshake_timeout)
             request.do_handshake()
             request.settimeout(None)
+        except (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError):
+            # Closed before any handshake: a port probe or a load balancer's health check,
+            # not a caller (the plain port does not audit those either).
+            logger.debug("connection from %s closed before the TLS handshake", peer)
+            self.shutdown_request(request)
+            return
         except (ssl.SSLError, OSError) as exc:
             reason = _describe(exc)
             logger.warning("TLS handshake from %s refused: %s", peer, reason)

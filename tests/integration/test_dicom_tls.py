@@ -161,6 +161,9 @@ def test_untrusted_or_missing_certificate_is_refused_and_audited(
     path = write_op(tmp_path / "r.dcm")
     uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
     since = last_audit_id(env)
+    # A port probe (connect, close) is no caller: not audited, so only one row below.
+    with socket.create_connection(("127.0.0.1", env.tls_port), timeout=5):
+        pass
     result = dcmtk("storescu", *tls_client(env, issued), "-aet", "CAM1", "-aec", NODE_AE,
                    "127.0.0.1", str(env.tls_port), str(path))
     assert result.returncode != 0

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from dicomnode import tls
 from dicomnode.errors import ConfigError
 from dicomnode.receive.policy import CallerPolicy
-from dicomnode.settings import CallerSettings
+from dicomnode.settings import CallerSettings, load_settings
 from tests.support.certs import make_authority
 
 
@@ -69,3 +69,13 @@ def test_pinned_subject_matches_in_any_order_and_only_exactly(folder: Path) -> N
     assert policy.check("NODE", "CAM1", "127.0.0.1", der) is None
     rejection = policy.check("NODE", "CAM1", "127.0.0.1", None)
     assert rejection is not None and "offered no TLS client certificate" in rejection.reason
+
+
+def test_the_hospital_network_example_loads() -> None:
+    example = Path(__file__).resolve().parents[2] / "config" / "hospital-network.yaml"
+    settings = load_settings(example)
+    assert settings.node.port is None and settings.node.tls is not None
+    assert settings.node.tls.certificate == example.parent / "tls" / "node.crt"
+    assert settings.web.cookies_secure
+    assert settings.retention.enabled
+    assert {d.type for d in settings.destinations.values()} == {"dimse", "dicomweb"}
