@@ -66,8 +66,6 @@ class _Row:
     state: str
     classification: str
     last_instance_at: datetime
-    received_purged: bool
-    results_purged: bool
     received_files: int
     received_bytes: int
     result_files: int
@@ -75,8 +73,7 @@ class _Row:
 
 def _rows(session: Session, max_attempts: int) -> list[_Row]:
     studies = session.execute(
-        select(Study.study_uid, Study.state, Study.needs_reprocess, Study.last_instance_at,
-               Study.purged_at, Study.results_purged_at)
+        select(Study.study_uid, Study.state, Study.needs_reprocess, Study.last_instance_at)
         .order_by(Study.last_instance_at, Study.id)
     ).all()
     deliveries = summary.summarise(session, max_attempts=max_attempts)
@@ -90,11 +87,10 @@ def _rows(session: Session, max_attempts: int) -> list[_Row]:
         select(Result.study_uid, func.count(Result.id)).where(Result.purged_at.is_(None))
         .group_by(Result.study_uid)).all())
     rows = []
-    for uid, state, reprocess, last, purged, results_purged in studies:
+    for uid, state, reprocess, last in studies:
         files, size = received.get(uid, (0, 0))
         rows.append(_Row(uid, state, classify(state, bool(reprocess), deliveries.get(uid)),
-                         as_utc(last), purged is not None, results_purged is not None,
-                         files, size, int(results.get(uid, 0))))
+                         as_utc(last), files, size, int(results.get(uid, 0))))
     return rows
 
 
@@ -115,7 +111,7 @@ def plan(session: Session, settings: RetentionSettings, now: datetime, *, max_at
     by_age: list[Candidate] = []
     spare: list[Candidate] = []
     for row in _rows(session, max_attempts):
-        if not row.received_purged:
+        if row.received_files:  # unpurged instances (also ones arriving after a purge)
             reason = _old(row, now, settings.received_days, settings.keep_failed_days)
             candidate = Candidate(row.study_uid, row.state, RECEIVED, reason or "disk-pressure",
                                   row.last_instance_at, row.received_files, row.received_bytes)
@@ -123,7 +119,7 @@ def plan(session: Session, settings: RetentionSettings, now: datetime, *, max_at
                 by_age.append(candidate)
             elif row.classification == FINISHED:
                 spare.append(candidate)
-        if not row.results_purged and row.result_files:
+        if row.result_files:
             reason = _old(row, now, settings.results_days, settings.keep_failed_days)
             if reason is not None:
                 by_age.append(Candidate(row.study_uid, row.state, RESULTS, reason,

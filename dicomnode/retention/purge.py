@@ -39,6 +39,10 @@ logger = logging.getLogger(__name__)
 _MB = 1024 * 1024
 
 
+class _Nothing(Exception):
+    """Nothing to purge after all: roll the marking transaction back."""
+
+
 @dataclass(frozen=True)
 class Report:
     purged: list[Candidate]
@@ -117,50 +121,63 @@ class Purger:
 
     def _mark_received(self, c: Candidate) -> tuple[list[str] | None, list[str]]:
         now = self.clock()
-        with self.database.transaction() as session:
-            claimed = session.execute(
-                update(Study).where(Study.study_uid == c.study_uid, Study.purged_at.is_(None),
-                                    Study.state == c.state, Study.needs_reprocess.is_(False))
-                .values(purged_at=now), execution_options={"synchronize_session": False})
-            if not getattr(claimed, "rowcount", 0):
-                return None, []
-            study_id = session.scalar(select(Study.id).where(Study.study_uid == c.study_uid))
-            paths = list(session.scalars(select(Instance.path).where(
-                Instance.study_id == study_id, Instance.purged_at.is_(None))))
-            session.execute(
-                update(Instance).where(Instance.study_id == study_id,
-                                       Instance.purged_at.is_(None)).values(purged_at=now),
-                execution_options={"synchronize_session": False})
-            folders = [p for p in session.scalars(select(Job.output_path).where(
-                Job.study_uid == c.study_uid, Job.output_path.is_not(None))) if p]
-            audit.record(session, "purged", actor=self.actor, study_uid=c.study_uid,
-                         detail=f"received files: {len(paths)} ({c.bytes / _MB:.1f} MB) and "
-                                f"{len(folders)} job output folder(s); reason {c.reason}; "
-                                f"state {c.state}")
+        try:
+            with self.database.transaction() as session:
+                # Guard: the study is still as the plan saw it (no late instances since).
+                claimed = session.execute(
+                    update(Study).where(Study.study_uid == c.study_uid,
+                                        Study.state == c.state,
+                                        Study.needs_reprocess.is_(False))
+                    .values(purged_at=now, purge_finished_at=None),
+                    execution_options={"synchronize_session": False})
+                if not getattr(claimed, "rowcount", 0):
+                    raise _Nothing
+                study_id = session.scalar(select(Study.id).where(Study.study_uid == c.study_uid))
+                # RETURNING: exactly the rows this transaction marked (another node that got
+                # there first leaves none).
+                paths = list(session.scalars(
+                    update(Instance).where(Instance.study_id == study_id,
+                                           Instance.purged_at.is_(None))
+                    .values(purged_at=now).returning(Instance.path),
+                    execution_options={"synchronize_session": False}))
+                if not paths:
+                    raise _Nothing
+                folders = [p for p in session.scalars(select(Job.output_path).where(
+                    Job.study_uid == c.study_uid, Job.output_path.is_not(None))) if p]
+                audit.record(session, "purged", actor=self.actor, study_uid=c.study_uid,
+                             detail=f"received files: {len(paths)} ({c.bytes / _MB:.1f} MB) "
+                                    f"and {len(folders)} job output folder(s); reason "
+                                    f"{c.reason}; state {c.state}")
+        except _Nothing:
+            return None, []
         logger.info("retention: purging %d received file(s) of a %s study (%s)",
                     len(paths), c.state, c.reason)
         return paths, folders
 
     def _mark_results(self, c: Candidate) -> tuple[list[str] | None, list[str]]:
         now = self.clock()
-        with self.database.transaction() as session:
-            claimed = session.execute(
-                update(Study).where(Study.study_uid == c.study_uid,
-                                    Study.results_purged_at.is_(None), Study.state == c.state)
-                .values(results_purged_at=now), execution_options={"synchronize_session": False})
-            if not getattr(claimed, "rowcount", 0):
-                return None, []
-            paths = list(session.scalars(select(Result.path).where(
-                Result.study_uid == c.study_uid, Result.purged_at.is_(None))))
-            session.execute(
-                update(Result).where(Result.study_uid == c.study_uid,
-                                     Result.purged_at.is_(None)).values(purged_at=now),
-                execution_options={"synchronize_session": False})
-            folders = [f for f in session.scalars(select(ResultSet.folder).where(
-                ResultSet.study_uid == c.study_uid, ResultSet.folder.is_not(None))) if f]
-            audit.record(session, "purged", actor=self.actor, study_uid=c.study_uid,
-                         detail=f"result objects: {len(paths)}; reason {c.reason}; "
-                                f"state {c.state} (their rows and deliveries are kept)")
+        try:
+            with self.database.transaction() as session:
+                claimed = session.execute(
+                    update(Study).where(Study.study_uid == c.study_uid, Study.state == c.state)
+                    .values(results_purged_at=now, results_purge_finished_at=None),
+                    execution_options={"synchronize_session": False})
+                if not getattr(claimed, "rowcount", 0):
+                    raise _Nothing
+                paths = list(session.scalars(
+                    update(Result).where(Result.study_uid == c.study_uid,
+                                         Result.purged_at.is_(None))
+                    .values(purged_at=now).returning(Result.path),
+                    execution_options={"synchronize_session": False}))
+                if not paths:
+                    raise _Nothing
+                folders = [f for f in session.scalars(select(ResultSet.folder).where(
+                    ResultSet.study_uid == c.study_uid, ResultSet.folder.is_not(None))) if f]
+                audit.record(session, "purged", actor=self.actor, study_uid=c.study_uid,
+                             detail=f"result objects: {len(paths)}; reason {c.reason}; "
+                                    f"state {c.state} (their rows and deliveries are kept)")
+        except _Nothing:
+            return None, []
         return paths, folders
 
     def _delete(self, paths: list[str], folders: list[str]) -> None:

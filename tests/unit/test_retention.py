@@ -269,3 +269,36 @@ def test_purge_command_dry_run_lists_and_changes_nothing(
     assert main(["purge", "--config", str(config)]) == 0
     assert "1 purge(s) purged" in capsys.readouterr().out
     assert _files(env, uid) == [] and _purged(env) == {uid}
+
+
+def test_an_instance_arriving_after_a_purge_is_kept_until_its_study_is_finished_again(
+    env: Env
+) -> None:
+    uid = _study(env, state="done", days_ago=40)
+    settings = env.settings(received_days=30)
+    assert [c.study_uid for c in Purger(settings, env.database, clock=lambda: NOW).run()
+            .purged] == [uid]
+    with env.database.transaction() as session:
+        series = session.scalar(select(Instance.path).join(Study)
+                                .where(Study.study_uid == uid))
+    assert series is not None
+    sop = generate_uid()
+    relative = storage.relative_path(uid, series.split("/")[1], sop)
+    (env.root / relative).parent.mkdir(parents=True, exist_ok=True)
+    (env.root / relative).write_bytes(b"late")
+    late = ingest.record_arrival(env.database, ingest.Arrival(
+        ids=Identifiers(uid, series.split("/")[1], sop, OP, "P1", "OP", "L"),
+        transfer_syntax_uid="1.2.840.10008.1.2.1", path=relative.as_posix(), size_bytes=4,
+        calling_ae="CAM1", called_ae="NODE", peer="127.0.0.1"), quiet_seconds=5)
+    assert late.outcome is ingest.Outcome.LATE
+    # Waiting for re-processing: kept, however old the study.
+    assert Purger(settings, env.database, clock=lambda: NOW).run().purged == []
+    assert (env.root / relative).exists()
+    _no_row_points_at_a_missing_file(env)
+    with env.database.transaction() as session:  # re-processed and delivered
+        session.execute(update(Study).where(Study.study_uid == uid)
+                        .values(needs_reprocess=False))
+    report = Purger(settings, env.database, clock=lambda: NOW).run()
+    assert [(c.study_uid, c.files) for c in report.purged] == [(uid, 1)]
+    assert not (env.root / relative).exists()
+    _no_row_points_at_a_missing_file(env)
