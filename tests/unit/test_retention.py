@@ -52,8 +52,9 @@ class Env:
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> Iterator[Env]:
-    database = open_database(f"sqlite:///{tmp_path / 'node.db'}")
+def env(tmp_path: Path, db_url: str) -> Iterator[Env]:
+    """SQLite and PostgreSQL (the conftest's `db_url`)."""
+    database = open_database(db_url)
     try:
         yield Env(tmp_path / "storage", database)
     finally:
@@ -260,7 +261,8 @@ def test_purge_command_dry_run_lists_and_changes_nothing(
     config = tmp_path / "dicomnode.yaml"
     config.write_text(json.dumps({
         "storage": {"path": str(env.root), "min_free_mb": 0},
-        "database": {"url": f"sqlite:///{tmp_path / 'node.db'}"},
+        "database": {"url": str(env.database.engine.url.render_as_string(
+            hide_password=False))},
         "retention": {"received_days": 30}}), "utf-8")
     assert main(["purge", "--dry-run", "--json", "--config", str(config)]) == 0
     listed = json.loads(capsys.readouterr().out)
