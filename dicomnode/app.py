@@ -15,10 +15,12 @@ from dicomnode.assemble.assembler import Assembler, StudyCompleteHook
 from dicomnode.db import open_database
 from dicomnode.db.engine import Database
 from dicomnode.dispatch import Dispatcher
+from dicomnode.dispatch.dimse_tls import check_destinations
 from dicomnode.errors import DicomNodeError
 from dicomnode.jobs import ProcessingService
 from dicomnode.receive.ae import Receiver
 from dicomnode.results.pipeline import ResultsPipeline
+from dicomnode.retention.service import RetentionService
 from dicomnode.routing.catalog import Catalog, CatalogHolder
 from dicomnode.routing.watcher import CatalogWatcher
 from dicomnode.settings import Settings
@@ -41,6 +43,7 @@ class Node:
         self.web: WebServer | None = None
         self.catalog: CatalogHolder | None = None
         self.watcher: CatalogWatcher | None = None
+        self.retention: RetentionService | None = None
         self._hooks = list(hooks or [])
         self._stopped = threading.Event()
 
@@ -52,6 +55,8 @@ class Node:
                 "callers is empty: any calling AE title is accepted; list the cameras "
                 "under 'callers' to restrict who may send"
             )
+        # Certificates and keys first: a bad file stops the start with the key that names it.
+        check_destinations(settings)
         self.database = open_database(settings.database.url)
         # One catalog holder per node: the console's preset edits and the watcher reload it.
         # Bad models and presets are reported and left out here; they never stop the node.
@@ -79,12 +84,20 @@ class Node:
         self.receiver = Receiver(settings, self.database, self.assembler)
         host, port = self.receiver.start()
         # Console/API last: preset edits reach the processing service and results pipeline.
-        self.web = start_web(settings, self.database, holder, health_probe=processing.health)
+        self.web = start_web(settings, self.database, holder, health_probe=processing.health,
+                             receive_listener=self.assembler)
         # Changes made on disk (other nodes, an editor, a new model version) reload too.
         self.watcher = CatalogWatcher(holder)
         self.watcher.start()
-        logger.info("dicomnode %s listening on %s:%d (storage %s)",
-                    settings.node.ae_title, host, port, settings.storage.path)
+        self.retention = RetentionService(settings, self.database)
+        self.retention.start()
+        tls_address = self.receiver.tls_address
+        logger.info("dicomnode %s listening on %s:%d%s (storage %s)",
+                    settings.node.ae_title, host, port,
+                    f", DICOM TLS on port {tls_address[1]}"
+                    if tls_address is not None and settings.node.port is not None else
+                    " (DICOM TLS)" if tls_address is not None else "",
+                    settings.storage.path)
         return host, port
 
     def _use_catalog(self, catalog: Catalog) -> None:
@@ -99,6 +112,8 @@ class Node:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if self.retention is not None:
+            self.retention.stop()
         if self.watcher is not None:
             self.watcher.stop()
         if self.web is not None:
@@ -135,8 +150,11 @@ def serve(settings: Settings) -> int:
         try:
             node.start()
         except OSError as exc:
+            ports = [str(p) for p in (settings.node.port,
+                                      settings.node.tls.port if settings.node.tls else None)
+                     if p is not None]
             raise DicomNodeError(
-                f"cannot listen on {settings.node.host}:{settings.node.port}: "
+                f"cannot listen on {settings.node.host}:{'/'.join(ports)}: "
                 f"{exc.strerror or exc}"
             ) from exc
         received = signal.sigwait(_STOP_SIGNALS)

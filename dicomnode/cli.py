@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "dicomnode.commands.results",
     "dicomnode.commands.users",
     "dicomnode.commands.evaluate",
+    "dicomnode.commands.retention",
 )
 
 EXIT_ERROR = 2

@@ -12,7 +12,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from dicomnode.errors import ConfigError
 
@@ -40,10 +51,35 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _resolve_against_config(value: Path, info: ValidationInfo) -> Path:
+    """A relative path in the settings file is relative to the file's folder."""
+    base = (info.context or {}).get("base")
+    value = value.expanduser()
+    return value if value.is_absolute() or base is None else (base / value).resolve()
+
+
+# A file named in the settings (certificates, keys, secrets): resolved like the other paths.
+ConfigPath = Annotated[Path, AfterValidator(_resolve_against_config)]
+
+
+class NodeTlsSettings(_Strict):
+    """DICOM TLS (PS3.15 B.1, BCP 195): a second listener beside the plain `node.port`."""
+
+    port: Annotated[int, Field(ge=1, le=65535)] = 2762  # IANA "dicom-tls"
+    certificate: ConfigPath  # PEM; may hold the chain after the node's own certificate
+    private_key: ConfigPath  # PEM, unencrypted
+    # PEM CAs that client certificates are checked against.
+    ca_certificates: ConfigPath | None = None
+    # Mutual TLS (IHE ATNA): a caller without a certificate signed by those CAs is refused.
+    require_client_certificate: bool = True
+
+
 class NodeSettings(_Strict):
     ae_title: str = "DICOMNODE"
     host: str = "0.0.0.0"
-    port: Annotated[int, Field(ge=1, le=65535)] = 11112
+    # The plain (non-TLS) listener; null turns it off (TLS only).
+    port: Annotated[int, Field(ge=1, le=65535)] | None = 11112
+    tls: NodeTlsSettings | None = None
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 32
     # 0 = unlimited; a large PDU is what makes pynetdicom ingest fast (PITFALLS.md).
     max_pdu: Annotated[int, Field(ge=0)] = 0
@@ -52,12 +88,37 @@ class NodeSettings(_Strict):
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
+    @model_validator(mode="after")
+    def _one_listener(self) -> NodeSettings:
+        if self.port is None and self.tls is None:
+            raise ValueError("node.port is null and node.tls is not set: nothing to listen on")
+        if self.tls is not None and self.port == self.tls.port:
+            raise ValueError(f"node.port and node.tls.port are both {self.port}")
+        return self
+
 
 class CallerSettings(_Strict):
     ae_title: str
     host: str | None = None
+    # RFC 4514 subject (`CN=CAM1,O=Eye Clinic`) the caller's TLS client certificate must have;
+    # a caller with a pin is only admitted over TLS.
+    certificate_subject: str | None = None
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("certificate_subject")
+    @classmethod
+    def _subject(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from dicomnode.tls import parse_subject  # cryptography only where TLS is used
+
+        try:
+            parse_subject(value)
+        except ValueError as exc:
+            raise ValueError("not an RFC 4514 distinguished name such as "
+                             f"'CN=CAM1,O=Eye Clinic' ({exc or 'unreadable'})") from exc
+        return value
 
 
 class StorageSettings(_Strict):
@@ -81,12 +142,76 @@ class CompletenessSettings(_Strict):
     sweep_seconds: Annotated[float, Field(gt=0)] = 10.0
 
 
+class DestinationTlsSettings(_Strict):
+    """DICOM TLS towards a DIMSE destination (C-STORE and C-ECHO)."""
+
+    # PEM CAs the destination's certificate is checked against; none = the system's CAs.
+    ca_certificates: ConfigPath | None = None
+    # Our client certificate and key, for destinations that require one (both or neither).
+    certificate: ConfigPath | None = None
+    private_key: ConfigPath | None = None
+    # The destination's certificate must name `host` (subject alternative name).
+    verify_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _pair(self) -> DestinationTlsSettings:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together: set both or neither")
+        return self
+
+
 class DestinationSettings(_Strict):
+    """A DIMSE destination (C-STORE), the default `type`."""
+
+    type: Literal["dimse"] = "dimse"
     ae_title: str
     host: str
     port: Annotated[int, Field(ge=1, le=65535)]
+    tls: DestinationTlsSettings | None = None
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class BasicAuthSettings(_Strict):
+    user: str
+    password_file: ConfigPath  # the password is read from this file, never from the settings
+
+
+class DicomWebAuthSettings(_Strict):
+    bearer_token_file: ConfigPath | None = None
+    basic: BasicAuthSettings | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> DicomWebAuthSettings:
+        if (self.bearer_token_file is None) == (self.basic is None):
+            raise ValueError("set exactly one of bearer_token_file and basic")
+        return self
+
+
+class DicomWebDestinationSettings(_Strict):
+    """A DICOMweb destination: results are sent with STOW-RS (PS3.18 10.5)."""
+
+    type: Literal["dicomweb"]
+    # The service's base URL (STOW-RS goes to `<url>/studies`), e.g. https://pacs/dicom-web
+    url: Annotated[str, Field(pattern=r"^https?://")]
+    auth: DicomWebAuthSettings | None = None
+    # true: verify the server's certificate with the system's CAs; false: do not (test rigs
+    # only); a path: verify it against this PEM CA file.
+    tls_verify: bool | ConfigPath = True
+    timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+
+
+def _destination_type(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("type", "dimse"))
+    return str(getattr(value, "type", "dimse"))
+
+
+AnyDestination = Annotated[
+    Annotated[DestinationSettings, Tag("dimse")]
+    | Annotated[DicomWebDestinationSettings, Tag("dicomweb")],
+    Discriminator(_destination_type),
+]
 
 
 class PathSettings(_Strict):
@@ -173,6 +298,35 @@ class ResultsSettings(_Strict):
     retry_seconds: Annotated[float, Field(gt=0)] = 60.0
 
 
+class RetentionSettings(_Strict):
+    """Deleting received files and results once they are no longer needed (rows are kept).
+
+    Ages count from the study's last received instance. None = keep for ever. Only studies
+    whose results were delivered (or that had nothing to deliver) are purged by age;
+    studies that failed wait `keep_failed_days`; nothing still receiving, processing or
+    sending is ever purged.
+    """
+
+    received_days: Annotated[float, Field(ge=0)] | None = None
+    results_days: Annotated[float, Field(ge=0)] | None = None
+    keep_failed_days: Annotated[float, Field(ge=0)] | None = None
+    # Below this much free space under storage.path, delivered studies go oldest first
+    # (whatever their age) until it is free again; 0 = off.
+    min_free_mb: Annotated[int, Field(ge=0)] = 0
+    # How often the purge runs (APScheduler; also once shortly after start).
+    interval_minutes: Annotated[float, Field(gt=0)] = 60.0
+
+    @property
+    def enabled(self) -> bool:
+        return (self.received_days is not None or self.results_days is not None
+                or self.keep_failed_days is not None or self.min_free_mb > 0)
+
+
+class WebTlsSettings(_Strict):
+    certificate: ConfigPath  # PEM; may hold the chain after the server's own certificate
+    private_key: ConfigPath  # PEM, unencrypted
+
+
 class WebSettings(_Strict):
     """The admin console and REST API (dicomnode.web), served inside the node."""
 
@@ -183,8 +337,11 @@ class WebSettings(_Strict):
     port: Annotated[int, Field(ge=0, le=65535)] = 8080  # 0 = any free port (tests)
     # A console login lasts this long without being renewed.
     session_minutes: Annotated[int, Field(ge=1, le=60 * 24 * 30)] = 480
-    # Mark the session cookie Secure (set when the console is only reached over HTTPS).
+    # Mark the session cookie Secure (set when the console is only reached over HTTPS, e.g.
+    # behind a TLS-terminating reverse proxy; always on with `web.tls`).
     secure_cookies: bool = False
+    # Serve HTTPS directly (uvicorn's TLS); without it, put TLS termination in front.
+    tls: WebTlsSettings | None = None
     # Password guessing: after this many failed logins within the window, for one user name
     # or from one client address, logins are refused unchecked until the window has passed.
     login_max_failures_per_user: Annotated[int, Field(ge=1, le=10000)] = 5
@@ -195,6 +352,11 @@ class WebSettings(_Strict):
     health_echo_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 3.0
     health_cache_seconds: Annotated[float, Field(ge=0, le=3600)] = 30.0
 
+    @property
+    def cookies_secure(self) -> bool:
+        """Session cookies are Secure when served over HTTPS here or behind a proxy."""
+        return self.secure_cookies or self.tls is not None
+
 
 class Settings(_Strict):
     node: NodeSettings = Field(default_factory=NodeSettings)
@@ -202,7 +364,7 @@ class Settings(_Strict):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     completeness: CompletenessSettings = Field(default_factory=CompletenessSettings)
-    destinations: dict[str, DestinationSettings] = Field(default_factory=dict)
+    destinations: dict[str, AnyDestination] = Field(default_factory=dict)
     registry: PathSettings = Field(
         default_factory=lambda: PathSettings(path=Path("./model_registry"))
     )
@@ -216,13 +378,16 @@ class Settings(_Strict):
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     results: ResultsSettings = Field(default_factory=ResultsSettings)
     web: WebSettings = Field(default_factory=WebSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     # Where the settings came from; relative paths were resolved against its folder.
     source: Path | None = None
 
 
 def _format_location(loc: tuple[int | str, ...]) -> str:
     parts: list[str] = []
-    for item in loc:
+    for index, item in enumerate(loc):
+        if index >= 2 and loc[index - 2] == "destinations" and item in ("dimse", "dicomweb"):
+            continue  # the union's tag, not a key of the file
         if isinstance(item, int):
             parts.append(f"[{item}]")
         else:
@@ -273,7 +438,7 @@ def load_settings(path: Path | str | None = None) -> Settings:
     raw = _resolve_paths(raw, config_path.resolve().parent)
     raw["source"] = config_path.resolve()
     try:
-        settings = Settings.model_validate(raw)
+        settings = Settings.model_validate(raw, context={"base": config_path.resolve().parent})
     except ValidationError as exc:
         problems = "; ".join(
             f"key '{_format_location(err['loc'])}': {err['msg']}" for err in exc.errors()

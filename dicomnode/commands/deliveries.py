@@ -17,7 +17,7 @@ from dicomnode.commands.common import (
 from dicomnode.db import opened_database
 from dicomnode.db.models import DeliveryState
 from dicomnode.dispatch import outbox
-from dicomnode.dispatch.sender import echo
+from dicomnode.dispatch.check import check_destination
 
 
 def register(subparsers: Any) -> None:
@@ -76,7 +76,7 @@ def run_check(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     calling = settings.dispatch.calling_ae_title or settings.node.ae_title
     results = [
-        echo(name, destination, calling_ae=calling, settings=settings.dispatch)
+        check_destination(name, destination, calling_ae=calling, settings=settings.dispatch)
         for name, destination in sorted(settings.destinations.items())
     ]
     if args.json:

@@ -1,4 +1,4 @@
-"""`dicomnode users add NAME --role admin|viewer`, `dicomnode users token NAME`,
+"""`dicomnode users add NAME --role admin|viewer|sender`, `dicomnode users token NAME`,
 `dicomnode users list`: console and API accounts. There is no default account: the first admin
 is made with `users add`."""
 

@@ -275,6 +275,17 @@ def _v9_login_failures(conn: Connection) -> None:
     md.create_all(conn)
 
 
+def _v11_retention(conn: Connection) -> None:
+    # Numbered 11 on the network branch; renumber at merge if another 10/11 landed first.
+    column_type = DateTime(timezone=True).compile(dialect=conn.dialect)
+    for table, column in (("studies", "purged_at"), ("studies", "purge_finished_at"),
+                          ("studies", "results_purged_at"),
+                          ("studies", "results_purge_finished_at"),
+                          ("instances", "purged_at"), ("results", "purged_at")):
+        conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {column_type}"))
+    conn.execute(text("CREATE INDEX ix_studies_purged_at ON studies (purged_at)"))
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "studies, series, instances", _v1_studies_series_instances),
     Migration(2, "audit trail", _v2_audit_events),
@@ -286,6 +297,8 @@ MIGRATIONS: list[Migration] = [
               _v7_users_sessions_preset_revisions),
     Migration(8, "model evaluations (dicomnode evaluate --record)", _v8_model_evaluations),
     Migration(9, "failed logins (login throttling)", _v9_login_failures),
+    Migration(11, "retention: purged files marked on studies, instances, results",
+              _v11_retention),
 ]
 
 HEAD = MIGRATIONS[-1].version

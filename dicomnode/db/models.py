@@ -61,6 +61,13 @@ class Study(Base):
     # elsewhere (another node, or `dicomnode study complete` with no node running) has it
     # NULL until a running node's sweep claims and announces it.
     announced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Retention (migration 11): when the received files were purged (rows kept; the instance
+    # rows are marked first, then the files deleted, then `purge_finished_at` set), and the
+    # same for the study's result objects.
+    purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    purge_finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    results_purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    results_purge_finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     series: Mapped[list[Series]] = relationship(back_populates="study")
     instances: Mapped[list[Instance]] = relationship(back_populates="study")
@@ -96,6 +103,8 @@ class Instance(Base):
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     late: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Set when retention purged the file (migration 11): `path` then names what it was.
+    purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     study: Mapped[Study] = relationship(back_populates="instances")
     series: Mapped[Series] = relationship(back_populates="instances")
@@ -267,14 +276,18 @@ class Result(Base):
     source_uid: Mapped[str | None] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)  # relative to the storage root
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Set when retention purged the file (migration 11); the row shows what was sent.
+    purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class UserRole:
-    """Console and API roles: admin may change presets and retry deliveries; viewer may look."""
+    """Console and API roles: admin may change presets and retry deliveries; viewer may look;
+    sender may only send studies (DICOMweb STOW-RS, with an API token), nothing else."""
 
     ADMIN = "admin"
     VIEWER = "viewer"
-    ALL = (ADMIN, VIEWER)
+    SENDER = "sender"
+    ALL = (ADMIN, VIEWER, SENDER)
 
 
 class User(Base):

@@ -20,9 +20,9 @@ from sqlalchemy.orm import Session
 
 from dicomnode.db.engine import Database
 from dicomnode.db.models import Delivery
-from dicomnode.dispatch import outbox
+from dicomnode.dispatch import dicomweb, outbox
 from dicomnode.dispatch.sender import send_batch
-from dicomnode.settings import Settings
+from dicomnode.settings import DestinationSettings, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -78,14 +78,17 @@ class Dispatcher:
             for name, items in by_destination.items():
                 destination = self.settings.destinations.get(name)
                 results: list[tuple[int, bool, str | None]]
+                storage = self.settings.storage.path
+                pairs = [(i.id, _resolve(i.path, storage)) for i in items]
                 if destination is None:
                     why = f"destination {name!r} is not in the settings"
                     results = [(i.id, False, why) for i in items]
-                else:
-                    storage = self.settings.storage.path
-                    pairs = [(i.id, _resolve(i.path, storage)) for i in items]
+                elif isinstance(destination, DestinationSettings):
                     results = [(o.key, o.ok, o.error) for o in send_batch(
                         destination, pairs, calling_ae=self.calling_ae, settings=dispatch)]
+                else:  # DICOMweb: STOW-RS
+                    results = [(o.key, o.ok, o.error)
+                               for o in dicomweb.send_batch(name, destination, pairs)]
                 for key, ok, error in results:
                     if ok:
                         outbox.mark_sent(self.database, key)

@@ -17,6 +17,7 @@ from pynetdicom.association import Association
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from dicomnode.dispatch import dimse_tls
 from dicomnode.settings import DestinationSettings, DispatchSettings
 
 logger = logging.getLogger(__name__)
@@ -68,15 +69,21 @@ def _associate(
             rejected.set()
 
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                         evt_handlers=[(evt.EVT_PDU_RECV, on_pdu)], **kwargs)
+                         evt_handlers=[(evt.EVT_PDU_RECV, on_pdu)],
+                         tls_args=dimse_tls.tls_args(destination), **kwargs)
     return assoc, rejected.is_set()
+
+
+def _where(destination: DestinationSettings) -> str:
+    tls = " (TLS)" if destination.tls is not None else ""
+    return f"{destination.ae_title}@{destination.host}:{destination.port}{tls}"
 
 
 def _describe_failure(assoc: Association, where: str, rejected: bool) -> str:
     if assoc.is_rejected or rejected:
         return f"association rejected by {where} (check the destination's AE title and " \
                "whether it accepts our calling AE title)"
-    # pynetdicom reports a refused TCP connection as an abort too.
+    # pynetdicom reports a refused TCP connection (or a failed TLS handshake) as an abort too.
     return f"could not connect to, or association aborted by, {where}"
 
 
@@ -88,7 +95,7 @@ def send_batch(
     settings: DispatchSettings,
 ) -> list[StoreOutcome]:
     """C-STORE `items` ((key, path) pairs) over one association; one outcome per item."""
-    where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+    where = _where(destination)
     datasets: list[tuple[int, pydicom.Dataset]] = []
     outcomes: list[StoreOutcome] = []
     for key, path in items:
@@ -132,7 +139,7 @@ def echo(
     name: str, destination: DestinationSettings, *, calling_ae: str, settings: DispatchSettings
 ) -> EchoOutcome:
     """C-ECHO one destination: can we associate, and does it answer Success?"""
-    where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+    where = _where(destination)
     ae = _ae(calling_ae, settings)
     ae.add_requested_context(Verification)
     started = time.monotonic()

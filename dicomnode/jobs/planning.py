@@ -53,7 +53,8 @@ def study_facts(database: Database, storage_root: Path, study_uid: str) -> Study
             raise StudyNotFoundError(f"no study {study_uid}")
         calling, called = study.calling_ae, study.called_ae
         rows = session.execute(
-            select(Instance.path, Instance.calling_ae).where(Instance.study_id == study.id)
+            select(Instance.path, Instance.calling_ae)
+            .where(Instance.study_id == study.id, Instance.purged_at.is_(None))  # retention
             .order_by(Instance.id)
         ).all()
     datasets: list[Dataset] = []

@@ -45,7 +45,7 @@ def load_study(database: Database, storage_root: Path, study_uid: str) -> Loaded
         rows = session.execute(
             select(Instance.sop_instance_uid, Instance.path, Instance.laterality)
             .join(Study, Study.id == Instance.study_id)
-            .where(Study.study_uid == study_uid)
+            .where(Study.study_uid == study_uid, Instance.purged_at.is_(None))  # retention
             .order_by(Instance.id)
         ).all()
     def decode(path: str) -> tuple[NDArray[np.uint8], tuple[float, float] | None] | str:

@@ -12,6 +12,7 @@ from pynetdicom import AE
 from dicomnode.db.engine import Database
 from dicomnode.receive.handlers import ReceiveHandlers, ReceiveListener
 from dicomnode.receive.sop_classes import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION
+from dicomnode.receive.tls import start_tls_server
 from dicomnode.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -43,23 +44,38 @@ class Receiver:
         self.settings = settings
         self.handlers = ReceiveHandlers(settings, database, listener)
         self._ae: Any = None
-        self._server: Any = None
+        self._server: Any = None  # the plain listener (node.port), if any
+        self._tls_server: Any = None  # the TLS listener (node.tls), if any
 
     @property
     def address(self) -> tuple[str, int]:
-        if self._server is None:
+        """The plain listener's address, or the TLS one's when the plain port is off."""
+        server = self._server if self._server is not None else self._tls_server
+        if server is None:
             raise RuntimeError("the receiver is not running")
-        host, port = self._server.server_address[:2]
+        host, port = server.server_address[:2]
+        return str(host), int(port)
+
+    @property
+    def tls_address(self) -> tuple[str, int] | None:
+        if self._tls_server is None:
+            return None
+        host, port = self._tls_server.server_address[:2]
         return str(host), int(port)
 
     def start(self) -> tuple[str, int]:
         self.settings.storage.path.mkdir(parents=True, exist_ok=True)
         self._ae = build_ae(self.settings)
-        self._server = self._ae.start_server(
-            (self.settings.node.host, self.settings.node.port),
-            block=False,
-            evt_handlers=self.handlers.bindings(),
-        )
+        node = self.settings.node
+        if node.tls is not None:  # first: a bad certificate stops the start before binding
+            self._tls_server = start_tls_server(
+                self._ae, node, self.handlers.bindings(), self.handlers.on_tls_refused)
+        if node.port is not None:
+            self._server = self._ae.start_server(
+                (node.host, node.port),
+                block=False,
+                evt_handlers=self.handlers.bindings(),
+            )
         return self.address
 
     def active_associations(self) -> int:
@@ -75,9 +91,11 @@ class Receiver:
         Stores already inside the handler always finish (file fsync'd, row committed):
         aborting an association only stops further requests on it.
         """
-        if self._server is None:
+        if self._server is None and self._tls_server is None:
             return
-        self._server.shutdown()  # stop the accept loop and close the listening socket
+        for server in (self._server, self._tls_server):
+            if server is not None:
+                server.shutdown()  # stop the accept loop and close the listening socket
         deadline = time.monotonic() + grace_seconds
         while self.active_associations() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -97,4 +115,4 @@ class Receiver:
         if not self.handlers.in_flight.close_and_wait(timeout=max(5.0, grace_seconds)):
             logger.error("%d store(s) still running at shutdown",
                          self.handlers.in_flight.count)
-        self._server = None
+        self._server = self._tls_server = None

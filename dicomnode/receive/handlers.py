@@ -9,37 +9,28 @@ Ordinary logs carry AE titles, addresses and counts, never patient data.
 
 from __future__ import annotations
 
-import errno
 import logging
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from pynetdicom import evt
 from pynetdicom.dsutils import encode_file_meta
 
-from dicomnode.db import audit
 from dicomnode.db.engine import Database
-from dicomnode.receive import ingest, statuses, storage
-from dicomnode.receive.identifiers import Refused, read_identifiers
+from dicomnode.receive import ingest, statuses
+from dicomnode.receive.accept import Acceptor, Offer, ReceiveListener
+from dicomnode.receive.identifiers import Refused
 from dicomnode.receive.policy import CallerPolicy
-from dicomnode.receive.sop_classes import is_implicit_vr
+from dicomnode.receive.tls import peer_certificate
 from dicomnode.settings import Settings
+
+__all__ = ["InFlight", "ReceiveHandlers", "ReceiveListener"]
 
 logger = logging.getLogger(__name__)
 
 _PREAMBLE = b"\x00" * 128 + b"DICM"
-_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
-
-
-class ReceiveListener(Protocol):
-    """What the receiver tells the study assembler (implemented by `Assembler`)."""
-
-    def instance_stored(self, study_uid: str, quiet_until: datetime) -> None: ...
-
-    def association_ended(self, study_uids: set[str]) -> None: ...
 
 
 @dataclass
@@ -96,6 +87,7 @@ class ReceiveHandlers:
         self.database = database
         self.listener = listener
         self.policy = CallerPolicy(settings.node.ae_title, settings.callers)
+        self.acceptor = Acceptor(settings, database, listener)
         self.root: Path = settings.storage.path
         self.in_flight = InFlight()
         self._associations: dict[Any, _AssociationLog] = {}
@@ -120,7 +112,7 @@ class ReceiveHandlers:
         calling = str(request.calling_ae_title).strip()
         called = str(request.called_ae_title).strip()
         peer = str(assoc.requestor.address)
-        rejection = self.policy.check(called, calling, peer)
+        rejection = self.policy.check(called, calling, peer, peer_certificate(assoc))
         if rejection is None:
             with self._lock:
                 self._associations[assoc] = _AssociationLog(calling, peer)
@@ -133,6 +125,11 @@ class ReceiveHandlers:
         assoc.acse.send_reject(0x01, 0x01, rejection.diagnostic)
         assoc.kill()
 
+    def on_tls_refused(self, peer: str, reason: str) -> None:
+        """A TLS handshake failed: no association was requested, but the attempt is on record
+        as a rejected one (the calling AE title is unknown at this point)."""
+        self._audit("association-rejected", peer=peer, detail=f"TLS: {reason}")
+
     def on_ended(self, event: Any) -> None:
         with self._lock:
             log = self._associations.pop(event.assoc, None)
@@ -142,11 +139,7 @@ class ReceiveHandlers:
             "association from %s@%s ended: %d stored, %d late, %d duplicate, %d refused",
             log.calling_ae, log.peer, log.stored, log.late, log.duplicates, log.refused,
         )
-        if log.studies and self.listener is not None:
-            try:
-                self.listener.association_ended(log.studies)
-            except Exception:
-                logger.exception("study assembler failed at the end of an association")
+        self.acceptor.sender_finished(log.studies)
 
     def on_echo(self, _event: Any) -> int:
         return statuses.SUCCESS
@@ -190,66 +183,26 @@ class ReceiveHandlers:
             return log
 
     def _store(self, event: Any, log: _AssociationLog) -> int:
-        if not storage.has_room(self.root, self.settings.storage.min_free_mb):
-            raise Refused(statuses.OUT_OF_RESOURCES,
-                          f"storage below the {self.settings.storage.min_free_mb} MB watermark")
         request = event.request
-        transfer_syntax = str(event.context.transfer_syntax)
         with request.DataSet.getbuffer() as data:
-            ids = read_identifiers(
-                data,
-                implicit_vr=is_implicit_vr(transfer_syntax),
-                command_sop_class_uid=str(request.AffectedSOPClassUID),
-                command_sop_instance_uid=str(request.AffectedSOPInstanceUID),
+            accepted = self.acceptor.accept(
+                Offer(data=data, transfer_syntax=str(event.context.transfer_syntax),
+                      sop_class_uid=str(request.AffectedSOPClassUID),
+                      sop_instance_uid=str(request.AffectedSOPInstanceUID),
+                      calling_ae=log.calling_ae, peer=log.peer),
+                file_meta=lambda _ids: _PREAMBLE + encode_file_meta(event.file_meta),
             )
-            relative = storage.relative_path(ids.study_uid, ids.series_uid, ids.sop_instance_uid)
-            target = self.root / relative
-            # Keep the first copy: a resend must not rewrite a file a row already points to.
-            if target.exists() and ingest.is_stored(self.database, ids.sop_instance_uid):
-                log.duplicates += 1
-                self._audit("duplicate", calling_ae=log.calling_ae, peer=log.peer,
-                            study_uid=ids.study_uid, sop_instance_uid=ids.sop_instance_uid,
-                            status=statuses.SUCCESS, detail="SOP Instance already held")
-                return statuses.SUCCESS
-            meta = _PREAMBLE + encode_file_meta(event.file_meta)
-            try:
-                size = storage.write_atomic(target, (meta, data),
-                                            durable=self.settings.storage.fsync)
-            except OSError as exc:
-                if exc.errno in _NO_SPACE:
-                    raise Refused(statuses.OUT_OF_RESOURCES, f"disk full: {exc}") from exc
-                raise
-        result = ingest.record_arrival(
-            self.database,
-            ingest.Arrival(
-                ids=ids, transfer_syntax_uid=transfer_syntax, path=relative.as_posix(),
-                size_bytes=size, calling_ae=log.calling_ae,
-                called_ae=self.settings.node.ae_title, peer=log.peer,
-            ),
-            quiet_seconds=self.settings.completeness.quiet_seconds,
-        )
-        if result.outcome is ingest.Outcome.DUPLICATE:
+        if accepted.outcome is ingest.Outcome.DUPLICATE:
             log.duplicates += 1
-        elif result.outcome is ingest.Outcome.LATE:
+        elif accepted.outcome is ingest.Outcome.LATE:
             log.late += 1
         else:
             log.stored += 1
-            log.studies.add(ids.study_uid)
-            if self.listener is not None and result.quiet_until is not None:
-                # The rows are committed; a failing timer only delays completion to the sweep.
-                try:
-                    self.listener.instance_stored(ids.study_uid, result.quiet_until)
-                except Exception:
-                    logger.exception("could not schedule the quiet period of a study")
+            log.studies.add(accepted.ids.study_uid)
         return statuses.SUCCESS
 
     def _audit(self, kind: str, **fields: Any) -> None:
-        """Write an audit row in its own transaction; never let auditing break serving."""
-        try:
-            with self.database.transaction() as session:
-                audit.record(session, kind, **fields)
-        except Exception:
-            logger.exception("could not write a %r audit row", kind)
+        self.acceptor.audit(kind, **fields)
 
 
 def _command_uid(event: Any) -> str | None:

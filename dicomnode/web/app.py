@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.staticfiles import StaticFiles
 
 from dicomnode import __version__
-from dicomnode.web import console
+from dicomnode.web import console, stow
 from dicomnode.web.api import (
     health,
     models,
@@ -68,6 +68,7 @@ def create_app(state: WebState) -> FastAPI:
     for module in (models, presets, resolve, route_test, studies, results, health, schema):
         app.include_router(module.router, prefix="/api")
     app.include_router(health.metrics_router)
+    app.include_router(stow.router)
     app.include_router(console.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

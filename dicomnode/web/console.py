@@ -85,7 +85,7 @@ def login_submit(
     redirect = RedirectResponse(_safe_next(next), status_code=303)
     redirect.set_cookie(
         SESSION_COOKIE, secret, max_age=minutes * 60, httponly=True, samesite="strict",
-        secure=state.settings.web.secure_cookies, path="/",
+        secure=state.settings.web.cookies_secure, path="/",
     )
     return redirect
 

@@ -14,6 +14,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 
+from dicomnode.db.models import UserRole
 from dicomnode.web import auth
 from dicomnode.web.auth import Principal
 from dicomnode.web.state import WebState
@@ -33,14 +34,25 @@ def get_state(request: Request) -> WebState:
 State = Annotated[WebState, Depends(get_state)]
 
 
-def optional_principal(request: Request, state: State) -> Principal | None:
+def bearer_principal(request: Request, state: State) -> Principal | None:
     header = request.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
         return auth.principal_for_token(state.database, header[7:].strip())
-    secret = request.cookies.get(SESSION_COOKIE)
-    if secret:
-        return auth.principal_for_session(state.database, secret)
     return None
+
+
+def optional_principal(request: Request, state: State) -> Principal | None:
+    principal = bearer_principal(request, state)
+    if principal is None:
+        secret = request.cookies.get(SESSION_COOKIE)
+        if secret:
+            principal = auth.principal_for_session(state.database, secret)
+    if principal is not None and principal.role == UserRole.SENDER:
+        # A gateway's account sends studies and sees nothing (not even as a viewer).
+        raise HTTPException(status.HTTP_403_FORBIDDEN,
+                            f"user '{principal.name}' has role sender: it may only send "
+                            "studies (POST /dicomweb/studies)")
+    return principal
 
 
 async def _form_csrf(request: Request) -> str | None:

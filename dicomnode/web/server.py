@@ -11,8 +11,10 @@ from typing import Any
 
 import uvicorn
 
+from dicomnode import tls
 from dicomnode.db.engine import Database
 from dicomnode.errors import DicomNodeError
+from dicomnode.receive.accept import ReceiveListener
 from dicomnode.settings import Settings, WebSettings
 from dicomnode.web.app import create_app
 from dicomnode.web.state import CatalogHolder, WebState
@@ -25,9 +27,17 @@ class WebServer:
 
     def __init__(self, state: WebState, settings: WebSettings) -> None:
         self._settings = settings
+        https: dict[str, Any] = {}
+        if settings.tls is not None:
+            # Checked here, so a bad pair stops the start naming web.tls.* and the file.
+            tls.check_pair(tls.KeyPair(settings.tls.certificate, settings.tls.private_key,
+                                       "web.tls"))
+            https = {"ssl_certfile": str(settings.tls.certificate),
+                     "ssl_keyfile": str(settings.tls.private_key)}
+        self.scheme = "https" if https else "http"
         config = uvicorn.Config(
             create_app(state), host=settings.host, port=settings.port, log_level="warning",
-            access_log=False, lifespan="off",
+            access_log=False, lifespan="off", **https,
         )
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
@@ -57,7 +67,7 @@ class WebServer:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 raise DicomNodeError("web console did not start (see the log)")
             time.sleep(0.02)
-        logger.info("web console and API on http://%s:%d/", host, port)
+        logger.info("web console and API on %s://%s:%d/", self.scheme, host, port)
         return self.address
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -71,13 +81,15 @@ class WebServer:
 def start_web(
     settings: Settings, database: Database, catalog: CatalogHolder,
     health_probe: Callable[[], dict[str, Any]] | None = None,
+    receive_listener: ReceiveListener | None = None,
 ) -> WebServer | None:
     """Start the console/API if `web.enabled`, on the node's catalog holder (one per node:
     preset edits reload it, and its listeners hand the new catalog to processing)."""
     if not settings.web.enabled:
         logger.info("web console disabled (web.enabled: false)")
         return None
-    state = WebState(settings, database, catalog, health_probe=health_probe)
+    state = WebState(settings, database, catalog, health_probe=health_probe,
+                     receive_listener=receive_listener)
     server = WebServer(state, settings.web)
     server.start()
     return server

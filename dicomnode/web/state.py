@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dicomnode.db.engine import Database
+from dicomnode.receive.accept import ReceiveListener
 from dicomnode.routing.catalog import CatalogHolder, CatalogListener
 from dicomnode.settings import Settings
 
@@ -31,3 +32,6 @@ class WebState:
     preset_lock: threading.Lock = field(default_factory=threading.Lock)
     # Extra health facts from the node (e.g. the processing service's providers in use).
     health_probe: Callable[[], dict[str, Any]] | None = None
+    # The node's study assembler, told about instances received by STOW-RS (as by C-STORE);
+    # None: completion is left to the assembler's sweep (a web layer without a receiver).
+    receive_listener: ReceiveListener | None = None

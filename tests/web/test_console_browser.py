@@ -283,6 +283,7 @@ def test_new_camera_preset_from_the_console_runs_the_next_study(
         page.wait_for_url(f"{base}/presets/cam9-clinic")
 
         study_uid, paths = write_study(tmp_path / "study")
+        assert settings.node.port is not None  # the plain listener is on
         _send(settings.node.port, "CAM9", paths)
         deadline = time.monotonic() + 90
         job = None

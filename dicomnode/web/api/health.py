@@ -22,14 +22,16 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dicomnode import __version__
 from dicomnode.db.models import Delivery, DeliveryState, Job, ModelRun, Study, utcnow
-from dicomnode.dispatch.sender import echo
-from dicomnode.settings import DestinationSettings, Settings
+from dicomnode.dispatch.check import check_destination, describe
+from dicomnode.settings import DestinationSettings, DicomWebDestinationSettings, Settings
 from dicomnode.web.deps import State, Viewer
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["health"])
 metrics_router = APIRouter(tags=["health"])
+
+AnyDestination = DestinationSettings | DicomWebDestinationSettings
 
 # Destinations echoed at once, at most (each echo is one association and a thread).
 MAX_PARALLEL_ECHOES = 16
@@ -43,10 +45,9 @@ class DestinationCheck:
     seconds: float
     monotonic: float  # when it was made, for the cache's age
 
-    def to_dict(self, destination: DestinationSettings) -> dict[str, Any]:
+    def to_dict(self, destination: AnyDestination) -> dict[str, Any]:
         report: dict[str, Any] = {
-            "reachable": self.reachable, "ae_title": destination.ae_title,
-            "address": f"{destination.host}:{destination.port}", "detail": self.detail,
+            "reachable": self.reachable, **describe(destination), "detail": self.detail,
             "checked_at": self.checked_at.isoformat(), "seconds": round(self.seconds, 3),
         }
         if self.reachable:
@@ -57,17 +58,17 @@ class DestinationCheck:
 
 
 # What a check depends on: a changed destination or calling AE title is checked afresh.
-_Key = tuple[str, str, str, int, str]
+_Key = tuple[str, str, str]
 
 
-def _echo(name: str, destination: DestinationSettings, calling_ae: str,
+def _echo(name: str, destination: AnyDestination, calling_ae: str,
           settings: Settings) -> DestinationCheck:
     timeout = settings.web.health_echo_timeout_seconds
     short = settings.dispatch.model_copy(
         update={"connect_timeout_seconds": timeout, "network_timeout_seconds": timeout})
     checked_at, started = utcnow(), time.monotonic()
     try:
-        outcome = echo(name, destination, calling_ae=calling_ae, settings=short)
+        outcome = check_destination(name, destination, calling_ae=calling_ae, settings=short)
     except (OSError, RuntimeError, ValueError) as exc:  # pynetdicom's own refusals
         return DestinationCheck(False, f"C-ECHO failed: {exc}", checked_at,
                                 time.monotonic() - started, started)
@@ -84,7 +85,7 @@ class EchoCache:
 
     def report(self, settings: Settings) -> dict[str, dict[str, Any]]:
         calling = settings.dispatch.calling_ae_title or settings.node.ae_title
-        keys = {name: (name, d.ae_title, d.host, d.port, calling)
+        keys = {name: (name, d.model_dump_json(), calling)
                 for name, d in settings.destinations.items()}
         max_age = settings.web.health_cache_seconds
         with self._lock:
@@ -110,7 +111,8 @@ def health(request: Request, state: State, _: Viewer) -> dict[str, Any]:
     settings = state.settings
     report: dict[str, Any] = {
         "node": {"version": __version__, "ae_title": settings.node.ae_title,
-                 "port": settings.node.port},
+                 "port": settings.node.port,
+                 "tls_port": settings.node.tls.port if settings.node.tls else None},
         "models": len(state.catalog.catalog.registry),
         "presets": len(state.catalog.catalog.presets.presets),
     }

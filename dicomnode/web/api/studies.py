@@ -154,11 +154,13 @@ def image(study_uid: str, sop_instance_uid: str, state: State, _: Viewer,
         raise HTTPException(422, f"size is {PNG_SIZES.start}..{PNG_SIZES.stop - 1}")
     with state.database.transaction() as session:
         row = session.execute(
-            select(Instance.path).join(Study, Study.id == Instance.study_id)
+            select(Instance.path, Instance.purged_at).join(Study, Study.id == Instance.study_id)
             .where(Study.study_uid == study_uid, Instance.sop_instance_uid == sop_instance_uid)
         ).first()
     if row is None:
         raise HTTPException(404, f"no image {sop_instance_uid} in study {study_uid}")
+    if row[1] is not None:
+        raise HTTPException(410, f"image {sop_instance_uid} was purged by retention")
     try:
         png = results_view.image_png(state.settings.storage.path / row[0], size)
     except ViewError as exc:
