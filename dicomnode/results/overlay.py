@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
@@ -16,8 +17,10 @@ from pydicom.uid import generate_uid
 
 from dicomnode import MANUFACTURER
 from dicomnode.inference.decode import decode_rgb
+from dicomnode.inference.fov import find_field_of_view
 from dicomnode.results.codes import unit_label
 from dicomnode.results.common import patient_orientation, stamp_equipment
+from dicomnode.results.eye import Eye, eye_of, series_with_eye, stamp_laterality
 from dicomnode.results.model import AlgorithmInfo, ImageFindings, MaskResult
 
 logger = logging.getLogger(__name__)
@@ -60,17 +63,69 @@ def _colour_name(index: int) -> str:
     return names[index % len(names)]
 
 
-def draw_text(rgb: NDArray[np.uint8], lines: Sequence[str]) -> NDArray[np.uint8]:
-    """Write `lines` top-left on a dark band, with Pillow's built-in font (no downloads)."""
+@dataclass(frozen=True)
+class LegendPlacement:
+    """Where the legend's top-left corner goes; `extra_rows` > 0: a band added below the image."""
+
+    x: int
+    y: int
+    extra_rows: int = 0
+
+
+MARGIN = 4
+
+
+def place_legend(retina: NDArray[np.bool_], width: int, height: int) -> LegendPlacement:
+    """A spot for a `width` x `height` legend that covers no retina.
+
+    The four corners are tried (top-left first); a corner whose box holds no retina pixel
+    wins. When none is free (a square frame filled by the fundus, or a small image), the
+    legend goes on a black band added below the image, so the retina is never covered.
+    """
+    rows, cols = retina.shape
+    w, h = width + 2 * MARGIN, height + 2 * MARGIN
+    if w <= cols and h <= rows:
+        for x, y in ((0, 0), (cols - w, 0), (0, rows - h), (cols - w, rows - h)):
+            if not retina[y:y + h, x:x + w].any():
+                return LegendPlacement(x + MARGIN, y + MARGIN)
+    return LegendPlacement(MARGIN, rows + MARGIN, extra_rows=h)
+
+
+def _font(rows: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    size = max(10, rows // 48)  # readable on a 2000-pixel image and on a thumbnail
+    return ImageFont.load_default(size=size)
+
+
+def _legend_size(lines: Sequence[str], font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
+                 draw: ImageDraw.ImageDraw) -> tuple[int, int]:
+    width = height = 0
+    for line in lines:
+        box = draw.textbbox((0, height), line, font=font)
+        width = max(width, int(box[2]) + 2)
+        height = int(box[3]) + 3
+    return width, height
+
+
+def draw_text(rgb: NDArray[np.uint8], lines: Sequence[str],
+              retina: NDArray[np.bool_] | None = None) -> NDArray[np.uint8]:
+    """Write `lines` on dark boxes where `retina` (default: the whole image) is not; with
+    Pillow's built-in font (no downloads). The result may be taller than `rgb` (see
+    `place_legend`)."""
+    if retina is None:
+        retina = np.ones(rgb.shape[:2], dtype=bool)
+    font = _font(rgb.shape[0])
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    place = place_legend(retina, *_legend_size(lines, font, probe))
+    if place.extra_rows:
+        band = np.zeros((place.extra_rows, *rgb.shape[1:]), dtype=np.uint8)
+        rgb = np.concatenate([rgb, band], axis=0)
     image = Image.fromarray(rgb, mode="RGB")
     draw = ImageDraw.Draw(image)
-    size = max(10, rgb.shape[0] // 48)  # readable on a 2000-pixel image and on a thumbnail
-    font = ImageFont.load_default(size=size)
-    y = 4
+    y = place.y
     for line in lines:
-        box = draw.textbbox((4, y), line, font=font)
+        box = draw.textbbox((place.x, y), line, font=font)
         draw.rectangle((box[0] - 2, box[1] - 1, box[2] + 2, box[3] + 1), fill=(0, 0, 0))
-        draw.text((4, y), line, fill=(255, 255, 255), font=font)
+        draw.text((place.x, y), line, fill=(255, 255, 255), font=font)
         y = int(box[3]) + 3
     return np.asarray(image, dtype=np.uint8)
 
@@ -85,11 +140,18 @@ def build_overlay(
     instance_number: int = 1,
     sop_instance_uid: str | None = None,
     series_description: str = SERIES_DESCRIPTION,
+    eye: Eye | None = None,
 ) -> hd.sc.SCImage:
-    """The overlay image of one source, same size, same study and patient, own series."""
-    rgb = blend_masks(decode_rgb(source), masks)
-    rgb = draw_text(rgb, finding_lines(masks, findings))
-    laterality = str(source.get("ImageLaterality") or source.get("Laterality") or "") or None
+    """The overlay image of one source, same study and patient, own series (one per eye).
+
+    Same width as the source; taller when the legend needed a band below the fundus.
+    Laterality is the header's, else the laterality model's (`eye_of`); Derivation
+    Description says which.
+    """
+    eye = eye or eye_of(source, findings)
+    plain = decode_rgb(source)
+    rgb = blend_masks(plain, masks)
+    rgb = draw_text(rgb, finding_lines(masks, findings), find_field_of_view(plain).mask)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
         pixel_array=rgb,
@@ -101,17 +163,20 @@ def build_overlay(
         sop_instance_uid=sop_instance_uid or generate_uid(),
         instance_number=instance_number,
         manufacturer=MANUFACTURER,
-        laterality=laterality,
+        laterality=eye.side,
         # highdicom asks for two values; the source's own value (often empty) replaces them
         # below, so the overlay claims no orientation the camera did not record.
         patient_orientation=("L", "F"),
         transfer_syntax_uid="1.2.840.10008.1.2.1",
     )
     sc.add_new("PatientOrientation", "CS", patient_orientation(source))  # 2C: empty if unknown
-    sc.SeriesDescription = series_description
+    stamp_laterality(sc, eye)
+    sc.SeriesDescription = series_with_eye(series_description, eye)
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"  # findings are written into the pixels
-    sc.DerivationDescription = "Fundus photograph with AI segmentations and findings drawn on it"
+    sc.DerivationDescription = (
+        "Fundus photograph with AI segmentations and findings drawn on it. "
+        f"{eye.describe()}")[:1024]  # ST
     reference = Dataset()
     reference.ReferencedSOPClassUID = source.SOPClassUID
     reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
