@@ -50,7 +50,8 @@ def register(subparsers: Any) -> None:
     )
     health.add_argument(
         "--probe", action="store_true",
-        help="load every model's session to show the provider it really gets here",
+        help="create a tiny session per execution provider (is a device there?) and load "
+             "every model's session, to show the provider each really gets here",
     )
     add_config_option(health)
     add_json_option(health)
@@ -114,7 +115,7 @@ def run_health(args: argparse.Namespace) -> int:
                     sessions.get(entry)
                 except InferenceError as exc:
                     failures[entry.key] = str(exc)
-        report = health_report(database, sessions)
+        report = health_report(database, sessions, probe=args.probe)
         if args.probe:
             report["load_failures"] = failures
     if args.json:
@@ -122,9 +123,16 @@ def run_health(args: argparse.Namespace) -> int:
         return 0 if report["ok"] else 1
     db = report["database"]
     print(f"database: {'ok' if db['ok'] else 'UNREACHABLE: ' + db.get('error', '')}")
-    print(f"onnxruntime {report['onnxruntime']}; available: "
-          f"{', '.join(report['providers_available'])}")
+    print(f"onnxruntime {report['onnxruntime']}")
+    for status in report["execution"]["providers"]:
+        print(f"  {status['name']}: in package, device {status['device']}"
+              + (f" ({status['detail']})" if status["detail"] else ""))
+    if not report["execution"]["probed"]:
+        print("  (run with --probe to find out whether a device answers)")
     print(f"requested: {', '.join(report['providers_requested'] or [])}")
+    run = report["execution"].get("last_run")
+    print(f"in use: {report['execution'].get('in_use') or 'no model has run yet'}"
+          + (f" (last run: job {run['job_id']})" if run else ""))
     for item in report["sessions"]:
         print(f"  {item['model']}: in use {item['provider']}")
     for model, error in sorted((report.get("load_failures") or {}).items()):
