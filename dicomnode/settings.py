@@ -101,6 +101,8 @@ class PresetsSettings(PathSettings):
 
 class LoggingSettings(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # text: "time LEVEL logger: message"; json: one JSON object per line (log shippers).
+    format: Literal["text", "json"] = "text"
 
 
 ExecutionProvider = Literal[

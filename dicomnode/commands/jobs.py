@@ -156,7 +156,7 @@ def run_worker(args: argparse.Namespace) -> int:
     stop_signals = {signal.SIGINT, signal.SIGTERM}
     # Blocked before any thread starts, so only sigwait below sees them.
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
-    settings = settings_from(args)
+    settings = settings_from(args, service=True)
     database = open_database(settings.database.url)
     holder = CatalogHolder(settings)
     catalog = holder.catalog
