@@ -17,6 +17,7 @@ logger = logging.getLogger(__name__)
 # Each module has `register(subparsers)`, adding its parsers with `func(args) -> int`.
 COMMAND_MODULES: tuple[str, ...] = (
     "dicomnode.commands.node",
+    "dicomnode.commands.init",
     "dicomnode.commands.demo",
     "dicomnode.commands.models",
     "dicomnode.commands.presets",
