@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dicomnode.bundled import init_folder, shipped_root
+from dicomnode.bundled import shipped_root
 from dicomnode.cli import main
 from dicomnode.settings import DEFAULT_CONFIG_PATH, default_config_path, load_settings
 
