@@ -130,15 +130,15 @@ def run_health(args: argparse.Namespace) -> int:
     if not report["execution"]["probed"]:
         print("  (run with --probe to find out whether a device answers)")
     print(f"requested: {', '.join(report['providers_requested'] or [])}")
-    run = report["execution"].get("last_run")
-    print(f"in use: {report['execution'].get('in_use') or 'no model has run yet'}"
-          + (f" (last run: job {run['job_id']})" if run else ""))
     for item in report["sessions"]:
-        print(f"  {item['model']}: in use {item['provider']}")
+        print(f"  {item['model']}: a session here runs on {item['provider']}")
     for model, error in sorted((report.get("load_failures") or {}).items()):
         print(f"  {model}: CANNOT LOAD: {error}")
     for model, provider in sorted((report.get("last_run_providers") or {}).items()):
         print(f"  {model}: last run on {provider}")
+    run = report["execution"].get("last_run")
+    print(f"in use: {report['execution'].get('in_use') or 'no model has run yet'}"
+          + (f" (last run: job {run['job_id']})" if run else ""))
     if "queue" in report:
         depth = report["queue"]
         print(f"queue: {depth.get('queued', 0)} queued, {depth.get('running', 0)} running")
