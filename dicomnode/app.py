@@ -143,8 +143,6 @@ def serve(settings: Settings) -> int:
     # The mask stays in place afterwards: a second signal during shutdown must not kill
     # the process halfway through; the process ends when serve returns.
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    # APScheduler logs every job run at INFO; the node logs what matters itself.
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
     node = Node(settings)
     try:
         try:

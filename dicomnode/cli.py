@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from dicomnode import __version__
+from dicomnode.commands.common import add_verbose_option
 from dicomnode.errors import DicomNodeError
 
 logger = logging.getLogger(__name__)
@@ -16,6 +17,7 @@ logger = logging.getLogger(__name__)
 # Each module has `register(subparsers)`, adding its parsers with `func(args) -> int`.
 COMMAND_MODULES: tuple[str, ...] = (
     "dicomnode.commands.node",
+    "dicomnode.commands.init",
     "dicomnode.commands.demo",
     "dicomnode.commands.models",
     "dicomnode.commands.presets",
@@ -37,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dicomnode", description="DICOM AI gateway for retinal (fundus) imaging"
     )
     parser.add_argument("--version", action="version", version=f"dicomnode {__version__}")
-    parser.set_defaults(config=None, json=False)
+    parser.set_defaults(config=None, json=False, verbose=0)
+    add_verbose_option(parser)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)

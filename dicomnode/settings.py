@@ -33,6 +33,19 @@ logger = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "config" / "dicomnode.yaml"
 
+
+def default_config_path() -> Path:
+    """Without --config: ./config/dicomnode.yaml (a folder `dicomnode init` wrote) if there is
+    one, else the checkout's embedded default; an installed package has no writable default."""
+    local = Path.cwd() / "config" / "dicomnode.yaml"
+    if local.is_file():
+        return local
+    if DEFAULT_CONFIG_PATH.is_file():
+        return DEFAULT_CONFIG_PATH
+    raise ConfigError(
+        "no settings file: pass --config PATH, or write a node folder with "
+        "`dicomnode init DIR` and run from DIR")
+
 # The default character repertoire, without backslash (the value separator).
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 
@@ -226,6 +239,8 @@ class PresetsSettings(PathSettings):
 
 class LoggingSettings(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # text: "time LEVEL logger: message"; json: one JSON object per line (log shippers).
+    format: Literal["text", "json"] = "text"
 
 
 ExecutionProvider = Literal[
@@ -418,7 +433,7 @@ def resolve_sqlite_url(url: str, base: Path) -> str:
 
 def load_settings(path: Path | str | None = None) -> Settings:
     """Load and validate a settings file; raise ConfigError naming the file and key."""
-    config_path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    config_path = Path(path) if path is not None else default_config_path()
     try:
         text = config_path.read_text(encoding="utf-8")
     except OSError as exc:

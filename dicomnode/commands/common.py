@@ -7,10 +7,12 @@ import getpass
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from dicomnode.logs import configure_logging
 from dicomnode.settings import Settings, load_settings
 
 
@@ -25,6 +27,14 @@ def add_config_option(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="settings file (default: config/dicomnode.yaml, the embedded default)",
     )
+    add_verbose_option(parser)
+
+
+def add_verbose_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=argparse.SUPPRESS,
+        help="log more: one-shot commands log warnings only, -v adds INFO, -vv DEBUG",
+    )
 
 
 def add_json_option(parser: argparse.ArgumentParser) -> None:
@@ -34,20 +44,31 @@ def add_json_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def settings_from(args: argparse.Namespace) -> Settings:
+def settings_from(args: argparse.Namespace, *, service: bool = False) -> Settings:
+    """Load the settings and set up logging: `service` for the long-running commands."""
     settings = load_settings(args.config)
-    configure_logging(settings.logging.level)
+    configure_logging(settings.logging.level, settings.logging.format, service=service,
+                      verbose=getattr(args, "verbose", 0) or 0)
     return settings
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # pynetdicom logs every PDU at INFO; keep ordinary logs readable and free of patient data.
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, getattr(logging, level)))
+# The loggers that report each left-out model and refused preset while the catalog loads.
+CATALOG_LOGGERS = ("dicomnode.registry", "dicomnode.routing")
+
+
+@contextmanager
+def problems_printed_here() -> Iterator[None]:
+    """For commands whose output lists every catalog problem (`models check`, `presets
+    validate`): the loaders' own warning lines would repeat each one, so hold them back."""
+    loggers = [logging.getLogger(name) for name in CATALOG_LOGGERS]
+    before = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(logging.ERROR, lg.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, before, strict=True):
+            lg.setLevel(level)
 
 
 def print_json(value: Any) -> None:

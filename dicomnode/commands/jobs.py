@@ -50,7 +50,8 @@ def register(subparsers: Any) -> None:
     )
     health.add_argument(
         "--probe", action="store_true",
-        help="load every model's session to show the provider it really gets here",
+        help="create a tiny session per execution provider (is a device there?) and load "
+             "every model's session, to show the provider each really gets here",
     )
     add_config_option(health)
     add_json_option(health)
@@ -114,7 +115,7 @@ def run_health(args: argparse.Namespace) -> int:
                     sessions.get(entry)
                 except InferenceError as exc:
                     failures[entry.key] = str(exc)
-        report = health_report(database, sessions)
+        report = health_report(database, sessions, probe=args.probe)
         if args.probe:
             report["load_failures"] = failures
     if args.json:
@@ -122,15 +123,22 @@ def run_health(args: argparse.Namespace) -> int:
         return 0 if report["ok"] else 1
     db = report["database"]
     print(f"database: {'ok' if db['ok'] else 'UNREACHABLE: ' + db.get('error', '')}")
-    print(f"onnxruntime {report['onnxruntime']}; available: "
-          f"{', '.join(report['providers_available'])}")
+    print(f"onnxruntime {report['onnxruntime']}")
+    for status in report["execution"]["providers"]:
+        print(f"  {status['name']}: in package, device {status['device']}"
+              + (f" ({status['detail']})" if status["detail"] else ""))
+    if not report["execution"]["probed"]:
+        print("  (run with --probe to find out whether a device answers)")
     print(f"requested: {', '.join(report['providers_requested'] or [])}")
     for item in report["sessions"]:
-        print(f"  {item['model']}: in use {item['provider']}")
+        print(f"  {item['model']}: a session here runs on {item['provider']}")
     for model, error in sorted((report.get("load_failures") or {}).items()):
         print(f"  {model}: CANNOT LOAD: {error}")
     for model, provider in sorted((report.get("last_run_providers") or {}).items()):
         print(f"  {model}: last run on {provider}")
+    run = report["execution"].get("last_run")
+    print(f"in use: {report['execution'].get('in_use') or 'no model has run yet'}"
+          + (f" (last run: job {run['job_id']})" if run else ""))
     if "queue" in report:
         depth = report["queue"]
         print(f"queue: {depth.get('queued', 0)} queued, {depth.get('running', 0)} running")
@@ -148,7 +156,7 @@ def run_worker(args: argparse.Namespace) -> int:
     stop_signals = {signal.SIGINT, signal.SIGTERM}
     # Blocked before any thread starts, so only sigwait below sees them.
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
-    settings = settings_from(args)
+    settings = settings_from(args, service=True)
     database = open_database(settings.database.url)
     holder = CatalogHolder(settings)
     catalog = holder.catalog

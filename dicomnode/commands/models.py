@@ -13,6 +13,7 @@ from dicomnode.commands.common import (
     add_json_option,
     print_json,
     print_table,
+    problems_printed_here,
     settings_from,
 )
 from dicomnode.errors import ResolutionError
@@ -136,8 +137,10 @@ def _unresolvable(registry: Registry) -> dict[str, str]:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    registry = _registry(args)
-    unresolvable = _unresolvable(registry)
+    settings = settings_from(args)
+    with problems_printed_here():  # each problem once: printed below, not also logged
+        registry = load_registry(settings.registry.path)
+        unresolvable = _unresolvable(registry)
     if args.json:
         print_json(
             {

@@ -46,7 +46,7 @@ def _serve(args: argparse.Namespace) -> int:
     # Imported here: the network stack is not needed by the other commands' start-up.
     from dicomnode.app import serve
 
-    return serve(settings_from(args))
+    return serve(settings_from(args, service=True))
 
 
 def _studies(args: argparse.Namespace) -> int:

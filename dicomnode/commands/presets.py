@@ -14,6 +14,7 @@ from dicomnode.commands.common import (
     add_json_option,
     print_json,
     print_table,
+    problems_printed_here,
     settings_from,
 )
 from dicomnode.errors import ResolutionError
@@ -105,11 +106,13 @@ def run_show(args: argparse.Namespace) -> int:
 def run_validate(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     destinations = set(settings.destinations)
-    if args.files:
-        registry = load_registry(settings.registry.path)
-        result = load_preset_paths(args.files, registry=registry, destinations=destinations)
-    else:
-        result = load_catalog(settings).presets  # also checks the modality defaults
+    with problems_printed_here():  # each problem once: printed below, not also logged
+        if args.files:
+            registry = load_registry(settings.registry.path)
+            result = load_preset_paths(args.files, registry=registry,
+                                       destinations=destinations)
+        else:
+            result = load_catalog(settings).presets  # also checks the modality defaults
     if args.json:
         print_json(
             {

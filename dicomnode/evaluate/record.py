@@ -28,10 +28,14 @@ from dicomnode.registry.registry import ModelEntry
 logger = logging.getLogger(__name__)
 
 
-def numeric_figures(evaluation: Evaluation) -> dict[str, float]:
-    """The figures a manifest can hold: finite numbers only."""
-    out: dict[str, float] = {}
+def numeric_figures(evaluation: Evaluation) -> dict[str, float | list[float]]:
+    """The figures a manifest can hold: finite numbers, and `<name>_ci` intervals [low, high]."""
+    out: dict[str, float | list[float]] = {}
     for key, value in evaluation.flat_figures().items():
+        if (key.endswith("_ci") and isinstance(value, list | tuple) and len(value) == 2
+                and all(math.isfinite(float(v)) for v in value)):
+            out[key] = [round(float(v), 6) for v in value]
+            continue
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
         if math.isfinite(float(value)):

@@ -83,17 +83,15 @@ class Evaluation:
         }
 
     def flat_figures(self) -> dict[str, Any]:
-        """The figures with intervals and per-class values spread into plain keys, as a
-        manifest's `metrics[].figures` holds them: `auc_ci` [a, b] -> `auc_ci_low`,
-        `auc_ci_high`; `auc_per_class` {mild: x} -> `auc_per_class.mild`. The bootstrap's
+        """The figures as a manifest's `metrics[].figures` holds them: an interval stays
+        `auc_ci: [a, b]` (the console shows it beside `auc`); per-class values are spread into
+        plain keys, `auc_per_class` {mild: x} -> `auc_per_class.mild`. The bootstrap's
         settings are how, not what, and stay out."""
         out: dict[str, Any] = {}
         for key, value in self.figures.items():
             if key == "bootstrap":
                 continue
-            if isinstance(value, list | tuple) and key.endswith("_ci") and len(value) == 2:
-                out[f"{key}_low"], out[f"{key}_high"] = value
-            elif isinstance(value, dict):
+            if isinstance(value, dict):
                 out.update({f"{key}.{name}": item for name, item in value.items()})
             else:
                 out[key] = value

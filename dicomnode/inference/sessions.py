@@ -29,7 +29,7 @@ _process_setup = threading.Lock()
 _process_ready = False
 
 
-def _prepare_process(wants_gpu: bool) -> None:
+def prepare_process(wants_gpu: bool) -> None:
     """Once per process: quiet ORT's fallback noise; load CUDA/cuDNN from pip packages."""
     global _process_ready
     with _process_setup:
@@ -113,7 +113,7 @@ class SessionPool:
         if path is None or not Path(path).is_file():
             raise InferenceError(f"{entry.key}: no ONNX file at {path}")
         providers = self._providers()
-        _prepare_process(bool(_GPU_PROVIDERS & set(providers)))
+        prepare_process(bool(_GPU_PROVIDERS & set(providers)))
         options = ort.SessionOptions()
         if self.intra_op_threads:
             options.intra_op_num_threads = self.intra_op_threads

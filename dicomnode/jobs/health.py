@@ -15,6 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dicomnode.db.engine import Database
 from dicomnode.db.models import ModelRun
+from dicomnode.inference.devices import provider_statuses
 from dicomnode.inference.sessions import SessionPool
 from dicomnode.jobs import queue
 
@@ -32,10 +33,45 @@ def _last_providers(database: Database) -> dict[str, str | None]:
     return {f"{m}@{v}": p for m, v, p in rows}
 
 
-def health_report(database: Database, sessions: SessionPool | None) -> dict[str, Any]:
+def last_run(database: Database) -> dict[str, Any] | None:
+    """The providers the most recent job's model runs actually used (None: no run yet)."""
+    with database.transaction() as session:
+        job_id = session.scalar(
+            select(ModelRun.job_id).where(ModelRun.provider.is_not(None))
+            .order_by(ModelRun.id.desc()).limit(1))
+        if job_id is None:
+            return None
+        rows = session.execute(
+            select(ModelRun.provider, ModelRun.finished_at)
+            .where(ModelRun.job_id == job_id, ModelRun.provider.is_not(None))).all()
+    finished = max((f for _, f in rows if f is not None), default=None)
+    return {"job_id": job_id, "providers": sorted({str(p) for p, _ in rows}),
+            "finished_at": finished.isoformat() if finished is not None else None}
+
+
+def execution_report(database: Database | None, *, probe: bool) -> dict[str, Any]:
+    """Providers in the package, whether a device answers (with `probe`), what the last run
+    used. Three separate facts: "in the package" is not "works here" (module docstring)."""
+    report: dict[str, Any] = {
+        "providers": [s.to_dict() for s in provider_statuses(probe)],
+        "probed": probe,
+    }
+    if database is not None:
+        try:
+            run = last_run(database)
+        except SQLAlchemyError as exc:
+            logger.warning("health: cannot read the last model runs: %s", exc)
+            run = None
+        report["last_run"] = run
+        report["in_use"] = ", ".join(run["providers"]) if run else None
+    return report
+
+
+def health_report(database: Database, sessions: SessionPool | None,
+                  *, probe: bool = False) -> dict[str, Any]:
     report: dict[str, Any] = {
         "onnxruntime": ort.__version__,
-        "providers_available": list(ort.get_available_providers()),
+        "providers_in_package": list(ort.get_available_providers()),
         "providers_requested": list(sessions.requested) if sessions else None,
         "sessions": [
             {"model": s.key, "provider": s.provider, "providers": s.providers}
@@ -51,5 +87,7 @@ def health_report(database: Database, sessions: SessionPool | None) -> dict[str,
         report["last_run_providers"] = _last_providers(database)
     except SQLAlchemyError as exc:
         report["database"] = {"ok": False, "error": str(exc).splitlines()[0]}
+    report["execution"] = execution_report(
+        database if report["database"]["ok"] else None, probe=probe)
     report["ok"] = bool(report["database"]["ok"])
     return report

@@ -377,9 +377,20 @@ class MetricRecord(_Strict):
     dataset: str
     split: str
     date: str  # ISO date of the measurement
-    figures: dict[str, float]
+    # A figure is a number; `<name>_ci: [low, high]` is the confidence interval of `<name>`.
+    figures: dict[str, float | list[float]]
     dataset_sha256: str | None = None
     notes: str | None = None
+
+    @field_validator("figures")
+    @classmethod
+    def _intervals(cls, value: dict[str, float | list[float]]) -> dict[str, float | list[float]]:
+        for name, figure in value.items():
+            if isinstance(figure, list) and not (
+                    name.endswith("_ci") and len(figure) == 2 and figure[0] <= figure[1]):
+                raise ValueError(f"figure '{name}': only a '<name>_ci' figure is a list, "
+                                 "[low, high] with low <= high")
+        return value
 
 
 class Manifest(_Strict):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pydicom import Dataset
 from pydicom.uid import generate_uid
 
+from dicomnode.results.eye import eye_of
 from dicomnode.results.job_outputs import JobResults
 from dicomnode.results.model import ImageFindings
 from dicomnode.results.overlay import build_overlay
@@ -44,6 +45,10 @@ def derived_uid(seed: str, *parts: str) -> str:
     return str(generate_uid(entropy_srcs=["dicomnode result", seed, *parts]))
 
 
+def _series_uid(seed: str, kind: str, eye_key: str) -> str:
+    return derived_uid(seed, kind, "series", eye_key)
+
+
 def encode_objects(
     sources: Sequence[Dataset],
     results: JobResults,
@@ -56,18 +61,26 @@ def encode_objects(
     """The job's objects in sending order: SEGs, then the SR (it references them), overlays."""
     objects: list[EncodedObject] = []
     segs: list[Dataset] = []
+    # SEGs and overlays go into one series per eye (dicomnode.results.eye); instance numbers
+    # count within each series.
+    numbers: dict[tuple[str, str], int] = {}
+
+    def next_number(kind: str, key: str) -> int:
+        numbers[kind, key] = numbers.get((kind, key), 0) + 1
+        return numbers[kind, key]
+
     if outputs.seg:
-        series = derived_uid(seed, SEG, "series")
-        number = 0
         for source in sources:
             uid = str(source.SOPInstanceUID)
             masks = results.masks.get(uid)
             if not masks:
                 continue
-            number += 1
-            seg = build_segmentation(source, masks, series_instance_uid=series,
-                                     instance_number=number,
-                                     sop_instance_uid=derived_uid(seed, SEG, uid))
+            eye = eye_of(source, results.findings.get(uid))
+            seg = build_segmentation(source, masks,
+                                     series_instance_uid=_series_uid(seed, SEG, eye.series_key),
+                                     series_number=900 + eye.series_offset,
+                                     instance_number=next_number(SEG, eye.series_key),
+                                     sop_instance_uid=derived_uid(seed, SEG, uid), eye=eye)
             segs.append(seg)
             objects.append(EncodedObject(SEG, seg, uid))
     if outputs.sr:
@@ -77,17 +90,18 @@ def encode_objects(
                           predecessor=predecessor)
         objects.append(EncodedObject(SR, sr, None))
     if outputs.overlay:
-        series = derived_uid(seed, OVERLAY, "series")
-        number = 0
         for source in sources:
             uid = str(source.SOPInstanceUID)
             masks = results.masks.get(uid, [])
             findings = results.findings.get(uid, ImageFindings())
             if not masks and uid not in results.findings:
                 continue  # no model looked at this image: nothing to draw
-            number += 1
-            overlay = build_overlay(source, masks, findings, series_instance_uid=series,
-                                    instance_number=number,
-                                    sop_instance_uid=derived_uid(seed, OVERLAY, uid))
+            eye = eye_of(source, findings)
+            overlay = build_overlay(
+                source, masks, findings,
+                series_instance_uid=_series_uid(seed, OVERLAY, eye.series_key),
+                series_number=902 + eye.series_offset,
+                instance_number=next_number(OVERLAY, eye.series_key),
+                sop_instance_uid=derived_uid(seed, OVERLAY, uid), eye=eye)
             objects.append(EncodedObject(OVERLAY, overlay, uid))
     return objects

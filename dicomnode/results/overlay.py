@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import highdicom as hd
@@ -20,6 +21,7 @@ from dicomnode.inference.decode import decode_rgb
 from dicomnode.inference.fov import find_field_of_view
 from dicomnode.results.codes import unit_label
 from dicomnode.results.common import patient_orientation, stamp_equipment
+from dicomnode.results.eye import Eye, eye_of, series_with_eye, stamp_laterality
 from dicomnode.results.model import AlgorithmInfo, ImageFindings, MaskResult
 
 logger = logging.getLogger(__name__)
@@ -78,57 +80,92 @@ def _colour_name(index: int) -> str:
 
 MARGIN = 4
 
+Block = Sequence[str | tuple[str, Colour | None]]
+
+
+@dataclass(frozen=True)
+class LegendPlacement:
+    """Where a text block's top-left corner goes; `extra_rows` > 0: a band added below the image."""
+
+    x: int
+    y: int
+    extra_rows: int = 0
+
+
+def _corners(rows: int, cols: int, w: int, h: int) -> list[tuple[int, int]]:
+    """Top-left (x, y) of a `w` x `h` box (margins included) in the four corners, top-left first."""
+    return [(0, 0), (cols - w, 0), (0, rows - h), (cols - w, rows - h)]
+
+
+def place_legend(retina: NDArray[np.bool_], width: int, height: int,
+                 taken: frozenset[int] = frozenset()) -> LegendPlacement:
+    """A spot for a `width` x `height` block that covers no retina.
+
+    The four corners not in `taken` are tried (top-left first); a corner whose box holds no
+    retina pixel wins. When none is free (a square frame filled by the fundus, or a small
+    image), the block goes on a black band added below the image, so the retina is never
+    covered.
+    """
+    rows, cols = retina.shape
+    w, h = width + 2 * MARGIN, height + 2 * MARGIN
+    if w <= cols and h <= rows:
+        for index, (x, y) in enumerate(_corners(rows, cols, w, h)):
+            if index not in taken and not retina[y:y + h, x:x + w].any():
+                return LegendPlacement(x + MARGIN, y + MARGIN)
+    return LegendPlacement(MARGIN, rows + MARGIN, extra_rows=h)
+
+
+def _font(rows: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    size = max(10, rows // 48)  # readable on a 2000-pixel image and on a thumbnail
+    return ImageFont.load_default(size=size)
+
 
 def _block_size(draw: ImageDraw.ImageDraw, lines: Sequence[str], font: Any,
                 swatch: int) -> tuple[int, int]:
     width = height = 0
     for line in lines:
-        box = draw.textbbox((0, 0), line, font=font)
-        width = max(width, int(box[2]) + swatch)
-        height += int(box[3]) + 3
-    return width + 4, height
+        box = draw.textbbox((0, height), line, font=font)
+        width = max(width, int(box[2]) + swatch + 2)
+        height = int(box[3]) + 3
+    return width, height
 
 
-def _corners(shape: tuple[int, int], size: tuple[int, int]) -> list[tuple[int, int]]:
-    """(x, y) of a block of `size` in the top-left, top-right, bottom-left, bottom-right."""
-    rows, cols = shape
-    width, height = size
-    right = max(MARGIN, cols - width - MARGIN)
-    bottom = max(MARGIN, rows - height - MARGIN)
-    return [(MARGIN, MARGIN), (right, MARGIN), (MARGIN, bottom), (right, bottom)]
-
-
-def _overlap(avoid: NDArray[np.bool_], corner: tuple[int, int], size: tuple[int, int]) -> int:
-    x, y = corner
-    return int(np.count_nonzero(avoid[y:y + size[1], x:x + size[0]]))
-
-
-def draw_text(rgb: NDArray[np.uint8], lines: Sequence[str | tuple[str, Colour | None]],
-              *more: Sequence[str | tuple[str, Colour | None]],
+def draw_text(rgb: NDArray[np.uint8], lines: Block, *more: Block,
               avoid: NDArray[np.bool_] | None = None) -> NDArray[np.uint8]:
-    """Write each block of lines on a dark band, with Pillow's built-in font (no downloads).
+    """Write each block of lines on dark boxes, with Pillow's built-in font (no downloads).
 
-    A line may carry a colour: a swatch of it is drawn before the text (the legend). Each block
-    goes into the free corner that covers the fewest `avoid` pixels (the retina), so the text
-    stays in the dark corners where it can; without `avoid`, top-left then top-right.
+    A line may carry a colour: a swatch of it is drawn before the text (the legend). Each
+    block goes into a corner holding none of `avoid` (the retina; default: the whole image),
+    one block per corner; a block with no free corner goes on a black band added below the
+    image, so the result may be taller than `rgb` and the retina is never covered.
     """
-    image = Image.fromarray(rgb, mode="RGB")
-    draw = ImageDraw.Draw(image)
-    size = max(10, rgb.shape[0] // 48)  # readable on a 2000-pixel image and on a thumbnail
-    font = ImageFont.load_default(size=size)
-    used: set[int] = set()
+    retina = np.ones(rgb.shape[:2], dtype=bool) if avoid is None else avoid
+    font = _font(rgb.shape[0])
+    size = max(10, rgb.shape[0] // 48)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    placed: list[tuple[list[tuple[str, Colour | None]], int, int, int]] = []
+    taken: set[int] = set()
+    band = 0
     for block in (lines, *more):
         items = [(item, None) if isinstance(item, str) else item for item in block]
         if not items:
             continue
         swatch = size + 4 if any(colour for _, colour in items) else 0
-        block_size = _block_size(draw, [text for text, _ in items], font, swatch)
-        corners = _corners(rgb.shape[:2], block_size)
-        order = [i for i in range(4) if i not in used] or [0]
-        best = min(order, key=lambda i: _overlap(avoid, corners[i], block_size)
-                   if avoid is not None else 0)
-        used.add(best)
-        x, y = corners[best]
+        width, height = _block_size(probe, [text for text, _ in items], font, swatch)
+        place = place_legend(retina, width, height, frozenset(taken))
+        if place.extra_rows:  # stacked on the band below, one block under the other
+            placed.append((items, swatch, place.x, rgb.shape[0] + band + MARGIN))
+            band += place.extra_rows
+            continue
+        rows, cols = retina.shape
+        corners = _corners(rows, cols, width + 2 * MARGIN, height + 2 * MARGIN)
+        taken.add(corners.index((place.x - MARGIN, place.y - MARGIN)))
+        placed.append((items, swatch, place.x, place.y))
+    if band:
+        rgb = np.concatenate([rgb, np.zeros((band, *rgb.shape[1:]), dtype=np.uint8)], axis=0)
+    image = Image.fromarray(rgb, mode="RGB")
+    draw = ImageDraw.Draw(image)
+    for items, swatch, x, y in placed:
         for text, colour in items:
             box = draw.textbbox((x + swatch, y), text, font=font)
             draw.rectangle((x - 2, box[1] - 1, box[2] + 2, box[3] + 1), fill=(0, 0, 0))
@@ -149,13 +186,19 @@ def build_overlay(
     instance_number: int = 1,
     sop_instance_uid: str | None = None,
     series_description: str = SERIES_DESCRIPTION,
+    eye: Eye | None = None,
 ) -> hd.sc.SCImage:
-    """The overlay image of one source, same size, same study and patient, own series."""
-    fundus = decode_rgb(source)
+    """The overlay image of one source, same study and patient, own series (one per eye).
+
+    Same width as the source; taller when the legend needed a band below the fundus.
+    Laterality is the header's, else the laterality model's (`eye_of`); Derivation
+    Description says which.
+    """
+    eye = eye or eye_of(source, findings)
+    plain = decode_rgb(source)
+    rgb = blend_masks(plain, masks)
     legend, lines = overlay_text(masks, findings)
-    rgb = draw_text(blend_masks(fundus, masks), legend, lines,
-                    avoid=find_field_of_view(fundus).mask)
-    laterality = str(source.get("ImageLaterality") or source.get("Laterality") or "") or None
+    rgb = draw_text(rgb, legend, lines, avoid=find_field_of_view(plain).mask)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
         pixel_array=rgb,
@@ -167,17 +210,20 @@ def build_overlay(
         sop_instance_uid=sop_instance_uid or generate_uid(),
         instance_number=instance_number,
         manufacturer=MANUFACTURER,
-        laterality=laterality,
+        laterality=eye.side,
         # highdicom asks for two values; the source's own value (often empty) replaces them
         # below, so the overlay claims no orientation the camera did not record.
         patient_orientation=("L", "F"),
         transfer_syntax_uid="1.2.840.10008.1.2.1",
     )
     sc.add_new("PatientOrientation", "CS", patient_orientation(source))  # 2C: empty if unknown
-    sc.SeriesDescription = series_description
+    stamp_laterality(sc, eye)
+    sc.SeriesDescription = series_with_eye(series_description, eye)
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"  # findings are written into the pixels
-    sc.DerivationDescription = "Fundus photograph with AI segmentations and findings drawn on it"
+    sc.DerivationDescription = (
+        "Fundus photograph with AI segmentations and findings drawn on it. "
+        f"{eye.describe()}")[:1024]  # ST
     reference = Dataset()
     reference.ReferencedSOPClassUID = source.SOPClassUID
     reference.ReferencedSOPInstanceUID = source.SOPInstanceUID

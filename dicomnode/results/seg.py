@@ -31,6 +31,7 @@ from dicomnode.results.common import (
     software_versions,
     stamp_equipment,
 )
+from dicomnode.results.eye import Eye, eye_of, series_with_eye
 from dicomnode.results.model import MaskResult
 
 logger = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ def build_segmentation(
     sop_instance_uid: str | None = None,
     device_serial_number: str = "0",
     series_description: str = SERIES_DESCRIPTION,
+    eye: Eye | None = None,
 ) -> hd.seg.Segmentation:
     """A binary Segmentation of `source`, segment i+1 = masks[i], same pixel grid.
 
@@ -164,6 +166,11 @@ def build_segmentation(
     if view.SOPClassUID != source.SOPClassUID:
         _restore_references(seg, str(source.SOPInstanceUID), str(source.SOPClassUID))
     seg.PatientOrientation = patient_orientation(source)
+    # One SEG series per eye (encode.py), named in its description. No Laterality element:
+    # the Segmentation IOD has no paired body part to make it required, and dciodvfy refuses
+    # it then; the eye is in the SR and the source image.
+    eye = eye or eye_of(source, None)
+    seg.SeriesDescription = series_with_eye(series_description, eye)
     stamp_equipment(seg, algorithms)
     declare_private_schemes(seg)
     logger.info("built SEG %s with %d segment(s) for source %s", seg.SOPInstanceUID,

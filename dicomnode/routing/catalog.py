@@ -9,10 +9,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from dicomnode.errors import ResolutionError
+from dicomnode.graph.resolver import resolve
+from dicomnode.graph.selection import Selection
 from dicomnode.registry.loader import load_registry
 from dicomnode.registry.registry import Registry
 from dicomnode.routing.fingerprint import CatalogPrint, catalog_print
 from dicomnode.routing.loader import PresetProblem, PresetSet, load_presets
+from dicomnode.routing.preset import Preset
 from dicomnode.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -30,12 +34,14 @@ def load_catalog(settings: Settings) -> Catalog:
     presets = load_presets(
         settings.presets.path, registry=registry, destinations=set(settings.destinations)
     )
-    presets.problems.extend(check_modality_defaults(settings, presets))
+    presets.problems.extend(check_modality_defaults(settings, presets, registry))
     return Catalog(registry, presets)
 
 
-def check_modality_defaults(settings: Settings, presets: PresetSet) -> list[PresetProblem]:
-    """A modality default must name a loaded, enabled preset, or studies silently go unrouted."""
+def check_modality_defaults(settings: Settings, presets: PresetSet,
+                            registry: Registry | None = None) -> list[PresetProblem]:
+    """A modality default must name a loaded, enabled preset whose models take that modality;
+    otherwise its studies silently go unrouted, or fail at planning."""
     problems = []
     for modality, preset_id in sorted(settings.modality_defaults.items()):
         preset = presets.presets.get(preset_id)
@@ -43,12 +49,24 @@ def check_modality_defaults(settings: Settings, presets: PresetSet) -> list[Pres
             message = f"names preset '{preset_id}', which is not loaded"
         elif not preset.enabled:
             message = f"names preset '{preset_id}', which is disabled"
+        elif registry is not None and (why := _cannot_take(preset, modality, registry)):
+            message = (f"names preset '{preset_id}', whose models cannot take modality "
+                       f"{modality}: {why}")
         else:
             continue
         problem = PresetProblem(settings.source, None, f"modality_defaults.{modality}", message)
         logger.warning("settings: %s", problem)
         problems.append(problem)
     return problems
+
+
+def _cannot_take(preset: Preset, modality: str, registry: Registry) -> str | None:
+    """Why the preset's graph cannot be resolved for `modality` (None: it can)."""
+    try:
+        resolve(Selection.of(preset.models, modality=modality, preset=preset.id), registry)
+    except ResolutionError as exc:
+        return str(exc)
+    return None
 
 
 CatalogListener = Callable[[Catalog], None]

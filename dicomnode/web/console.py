@@ -16,6 +16,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from dicomnode.errors import UserError
+from dicomnode.jobs.health import execution_report
 from dicomnode.web import auth, presets_store
 from dicomnode.web.api.models import get_model, list_models
 from dicomnode.web.api.presets import preset_dict
@@ -179,6 +180,12 @@ def studies_page(request: Request, state: State, who: Page,
 def study_page(study_uid: str, request: Request, state: State, who: Page) -> HTMLResponse:
     return render(request, "study.html", who, study=get_study(study_uid, state, who),
                   page="studies")
+
+
+@router.get("/health", response_class=HTMLResponse)
+def health_page(request: Request, state: State, who: Page) -> HTMLResponse:
+    return render(request, "health.html", who, page="health",
+                  execution=execution_report(state.database, probe=True))
 
 
 @router.get("/audit", response_class=HTMLResponse)

@@ -197,11 +197,15 @@ def test_camera_to_pacs_valid_sr_seg_overlay_equal_to_stored_outputs(
         v["code"]["value"] for v in
         index["models"]["image-quality"]["outputs"]["probabilities"]["per_image"].values())
     assert answers == stored_answers and len(answers) == 2
-    # The overlays are the source's size and name their source.
+    # The overlays have the source's width (a legend band below the fundus when no corner is
+    # free of retina), name their source, and sit in one series per eye.
+    series = set()
     for row in (r for r in results if r.kind == "overlay"):
         overlay = hd.imread(fetched[row.sop_instance_uid])
         assert overlay.SourceImageSequence[0].ReferencedSOPInstanceUID == row.source_uid
-        assert (overlay.Rows, overlay.Columns) == (512, 512)
+        assert overlay.Columns == 512 and overlay.Rows >= 512
+        series.add((str(overlay.SeriesInstanceUID), str(overlay.Laterality)))
+    assert sorted(side for _, side in series) == ["L", "R"] and len(series) == 2
 
 
 def _sop_uid(path: Path) -> str:

@@ -223,8 +223,7 @@ def test_multi_class_kappa_and_per_class_auc_recorded(
         (tmp_path / "registry" / "green-grade" / "1.0.0" / "manifest.yaml").read_text())
     figures = manifest["metrics"][-1]["figures"]
     assert figures["kappa"] == pytest.approx(0.8)
-    assert figures["auc_ci_low"] == pytest.approx(low)
-    assert figures["auc_ci_high"] == pytest.approx(high)
+    assert figures["auc_ci"] == [pytest.approx(low), pytest.approx(high)]
     assert figures["auc_per_class.mild"] == pytest.approx(5 / 6, abs=1e-6)
     assert not any(key.startswith("bootstrap") for key in figures)
 

@@ -225,7 +225,30 @@ def test_cli_lists_and_shows_jobs_and_health(
     assert report["load_failures"] == {}
     assert "CUDAExecutionProvider" in report["providers_requested"]
     assert report["last_run_providers"]["total@1.0.0"] == "CPUExecutionProvider"
+    _check_no_gpu_report(report["execution"], job_id)
+    assert main(["health", "--config", str(config), "--probe"]) == 0
+    text = capsys.readouterr().out
+    assert "in use: CPUExecutionProvider" in text
+    if "CUDAExecutionProvider" in report["providers_in_package"] and not _has_gpu():
+        assert "CUDAExecutionProvider: in package, device not found" in text
     assert main(["job", "show", "999", "--config", str(config)]) == 2
+
+
+def _has_gpu() -> bool:
+    return Path("/dev/nvidia0").exists()
+
+
+def _check_no_gpu_report(execution: dict[str, object], job_id: int | None) -> None:
+    """On this machine (no GPU): CUDA is in the package, its device is not found, and the last
+    run used the CPU. "In the package" must never read as "works here"."""
+    statuses = {p["name"]: p for p in execution["providers"]}  # type: ignore[attr-defined]
+    assert statuses["CPUExecutionProvider"]["device"] == "found"
+    if "CUDAExecutionProvider" in statuses and not _has_gpu():
+        cuda = statuses["CUDAExecutionProvider"]
+        assert cuda["in_package"] is True and cuda["device"] == "not found", cuda
+        assert "CPUExecutionProvider" in cuda["detail"]
+    assert execution["in_use"] == "CPUExecutionProvider"
+    assert execution["last_run"]["job_id"] == job_id  # type: ignore[index]
 
 
 def test_a_failing_model_makes_the_job_and_study_partial(

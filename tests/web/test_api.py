@@ -313,6 +313,10 @@ def test_health_and_metrics(client: TestClient, viewer: dict[str, str], env: Env
     assert health["ok"] is True and health["database"]["ok"] is True
     assert health["destinations"]["pacs"]["reachable"] is False
     assert health["presets"] == 2
+    providers = {p["name"]: p for p in health["execution"]["providers"]}
+    assert providers["CPUExecutionProvider"]["device"] == "found"
+    if "CUDAExecutionProvider" in providers and not Path("/dev/nvidia0").exists():
+        assert providers["CUDAExecutionProvider"]["device"] == "not found"
     text = client.get("/metrics", headers=viewer).text
     assert "dicomnode_studies_received_total 1" in text
     assert 'dicomnode_studies{state="done"} 1' in text

@@ -23,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from dicomnode import __version__
 from dicomnode.db.models import Delivery, DeliveryState, Job, ModelRun, Study, utcnow
 from dicomnode.dispatch.check import check_destination, describe
+from dicomnode.jobs.health import execution_report
 from dicomnode.settings import DestinationSettings, DicomWebDestinationSettings, Settings
 from dicomnode.web.deps import State, Viewer
 
@@ -128,6 +129,9 @@ def health(request: Request, state: State, _: Viewer) -> dict[str, Any]:
         report["providers_in_use"] = providers
     except SQLAlchemyError as exc:
         report["database"] = {"ok": False, "error": str(exc).splitlines()[0]}
+    # Package providers, whether a device answers (probed once per process), last run's.
+    report["execution"] = execution_report(
+        state.database if report["database"]["ok"] else None, probe=True)
     if state.health_probe is not None:
         report["processing"] = state.health_probe()
     echoes: EchoCache = request.app.state.destination_echoes

@@ -10,6 +10,7 @@ from fastapi import APIRouter, HTTPException
 from dicomnode.errors import RegistryLookupError
 from dicomnode.registry.registry import ModelEntry, Registry
 from dicomnode.web.deps import State, Viewer
+from dicomnode.web.efficacy import efficacy
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ def model_summary(entry: ModelEntry, registry: Registry) -> dict[str, Any]:
         "requires": list(m.requires),
         "conflicts": list(m.conflicts),
         "metrics": [metric.model_dump(mode="json") for metric in m.metrics],
+        # Figures per dataset with their intervals, operating points; measured: any figures.
+        **efficacy(m),
         "left_out": False,
     }
 

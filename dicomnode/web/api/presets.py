@@ -14,6 +14,7 @@ from dicomnode.routing import Preset
 from dicomnode.routing.catalog import Catalog
 from dicomnode.web import presets_store
 from dicomnode.web.deps import Admin, State, Viewer
+from dicomnode.web.efficacy import unmeasured
 from dicomnode.web.presets_store import Change, PresetConflict, PresetMissing, PresetStale
 
 logger = logging.getLogger(__name__)
@@ -44,9 +45,12 @@ def preset_dict(preset: Preset, catalog: Catalog) -> dict[str, Any]:
             Selection.of(preset.models, modality=modality, preset=preset.id), catalog.registry
         )
         data["graph"] = graph.to_dict()
+        # Models of this preset without measured figures (the console says so).
+        data["unmeasured"] = unmeasured(dict(graph.models), catalog.registry)
     except ResolutionError as exc:  # the registry changed since the preset loaded
         data["graph"] = None
         data["graph_error"] = str(exc)
+        data["unmeasured"] = []
     return data
 
 

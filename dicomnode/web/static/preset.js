@@ -111,6 +111,13 @@
       why.className = "reason";
       why.textContent = on && choice.state === "selected" ? "selected" : reason;
       label.append(box, name, mid);
+      if (model.measured === false) {
+        // No efficacy figures in its manifest: say so wherever it can be chosen.
+        const badge = document.createElement("span");
+        badge.className = "badge not-measured";
+        badge.textContent = "not measured";
+        label.append(" ", badge);
+      }
       li.append(label, why);
       list.append(li);
     });

@@ -146,6 +146,26 @@ def test_presets_validate_reports_file_line_field(
     assert "field 'modality_defaults.OP': names preset 'ghost', which is not loaded" in err
 
 
+def test_a_modality_default_whose_models_cannot_take_the_modality_is_warned(
+    config: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    from dicomnode.routing.catalog import load_catalog
+    from dicomnode.settings import load_settings
+
+    # The fixture models take OP and XC; a Secondary Capture (OT) default cannot run them.
+    config.write_text(config.read_text().replace("{XC: screening}", "{XC: screening, "
+                                                 "OT: screening}"))
+    code, _, err = _run(capsys, "presets", "validate", "--config", str(config))
+    assert code == 2
+    assert ("field 'modality_defaults.OT': names preset 'screening', whose models cannot take "
+            "modality OT: ") in err
+    assert "modality_defaults.XC" not in err
+    with caplog.at_level("WARNING", logger="dicomnode.routing.catalog"):
+        load_catalog(load_settings(config))  # what `serve` does at start-up
+    warned = [r.getMessage() for r in caplog.records if r.name == "dicomnode.routing.catalog"]
+    assert len(warned) == 1 and "cannot take modality OT" in warned[0], warned
+
+
 def test_presets_list_keeps_valid_ones(
     config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
