@@ -1,4 +1,4 @@
-"""`dicomnode serve`, `dicomnode studies`, `dicomnode study complete UID`."""
+"""`dicomnode serve`, `dicomnode studies`, `dicomnode study complete|rerun UID`."""
 
 from __future__ import annotations
 
@@ -40,6 +40,20 @@ def register(subparsers: Any) -> None:
     parser.add_argument("study_uid", metavar="UID", help="Study Instance UID")
     add_config_option(parser)
     parser.set_defaults(func=_study_complete)
+
+    parser = actions.add_parser(
+        "rerun", help="run a finished (or failed) study again, with its preset, another one, "
+        "or models switched on/off; the new results supersede the old")
+    parser.add_argument("study_uid", metavar="UID", help="Study Instance UID")
+    parser.add_argument("--preset", metavar="ID",
+                        help="preset to run (default: the study's latest job's preset)")
+    parser.add_argument("--with", dest="with_models", action="append", default=[],
+                        metavar="MODEL[@VERSION]", help="switch a model on (repeatable)")
+    parser.add_argument("--without", action="append", default=[], metavar="MODEL",
+                        help="switch a model off (repeatable)")
+    add_config_option(parser)
+    add_json_option(parser)
+    parser.set_defaults(func=_study_rerun)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -96,6 +110,28 @@ def _study_complete(args: argparse.Namespace) -> int:
         print(f"study {args.study_uid} marked complete")
     else:
         print(f"study {args.study_uid} was already complete (nothing changed)")
+    return 0
+
+
+def _study_rerun(args: argparse.Namespace) -> int:
+    # Imported here: the catalog (ONNX checks) is only needed by this command.
+    from dicomnode.jobs.rerun import rerun_study
+    from dicomnode.routing.catalog import load_catalog
+
+    settings = settings_from(args)
+    catalog = load_catalog(settings)
+    with opened_database(settings.database.url) as database:
+        rerun = rerun_study(
+            database, settings.storage.path, catalog.registry, catalog.presets,
+            settings.modality_defaults, args.study_uid, actor=cli_actor(),
+            preset=args.preset, with_models=args.with_models, without=args.without,
+        )
+    if args.json:
+        print_json(rerun.as_json())
+    else:
+        models = ", ".join(f"{m}@{v}" for m, v in rerun.graph.models.items())
+        print(f"study {rerun.study_uid}: job {rerun.job_id} queued (preset {rerun.preset}: "
+              f"{models}); a running node runs it")
     return 0
 
 

@@ -19,6 +19,7 @@ from dicomnode.web.api import (
     health,
     models,
     presets,
+    rerun,
     resolve,
     results,
     route_test,
@@ -65,7 +66,8 @@ def create_app(state: WebState) -> FastAPI:
     app.state.web = state
     app.state.destination_echoes = health.EchoCache()
     app.middleware("http")(_security_headers)
-    for module in (models, presets, resolve, route_test, studies, results, health, schema):
+    for module in (models, presets, resolve, route_test, studies, rerun, results, health,
+                   schema):
         app.include_router(module.router, prefix="/api")
     app.include_router(health.metrics_router)
     app.include_router(console.router)

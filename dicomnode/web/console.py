@@ -16,6 +16,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from dicomnode.errors import UserError
+from dicomnode.jobs.rerun import RERUNNABLE
 from dicomnode.web import auth, presets_store
 from dicomnode.web.api.models import get_model, list_models
 from dicomnode.web.api.presets import preset_dict
@@ -177,8 +178,12 @@ def studies_page(request: Request, state: State, who: Page,
 
 @router.get("/studies/{study_uid}", response_class=HTMLResponse)
 def study_page(study_uid: str, request: Request, state: State, who: Page) -> HTMLResponse:
-    return render(request, "study.html", who, study=get_study(study_uid, state, who),
-                  page="studies")
+    study = get_study(study_uid, state, who)
+    jobs = study["jobs"]
+    return render(request, "study.html", who, study=study, page="studies",
+                  presets=[p.id for p in state.catalog.catalog.presets.ordered()],
+                  current_preset=jobs[-1]["preset"] if jobs else None,
+                  rerunnable=RERUNNABLE)
 
 
 @router.get("/audit", response_class=HTMLResponse)

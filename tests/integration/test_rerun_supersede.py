@@ -125,3 +125,39 @@ def test_late_image_sends_only_what_is_new(node: Any, orthanc: Orthanc,  # noqa:
     with database.transaction() as session:
         path = session.scalar(select(Result.path).where(Result.sop_instance_uid == reused))
     assert path is not None and dcmread(storage / path).SOPInstanceUID == reused
+
+
+def test_operator_rerun_supersedes(node: Any, orthanc: Orthanc) -> None:  # noqa: F811
+    from dicomnode.jobs.rerun import rerun_study
+
+    settings, database, service, pipeline, dispatcher = node(orthanc.dicom_port)
+    storage = settings.storage.path
+    uid, _ = add_study(database, storage, [200, 180])
+    service.on_study_complete(uid)
+    first = run_and_send(service, pipeline, dispatcher, database)
+    assert len(wait_stored(orthanc, uid, 5)) == 5
+
+    def again(**selection: Any) -> int:
+        queued = rerun_study(database, storage, service.registry, service.presets,
+                             settings.modality_defaults, uid, actor="alice", **selection)
+        assert run_and_send(service, pipeline, dispatcher, database) == queued.job_id
+        return queued.job_id
+
+    # The same preset again: the same masks and findings, so only a new SR goes out.
+    second = again()
+    held = wait_stored(orthanc, uid, 6)
+    assert len(held) == 6 and [m for m, _ in held].count("SR") == 2
+    assert [r.kind for r in _results(database, second)] == ["sr"]
+    # Switch the measurement chain off: other findings, so new SEGs and overlays supersede.
+    third = again(without=["total"])
+    new = _results(database, third)
+    assert sorted(r.kind for r in new) == ["overlay", "overlay", "seg", "seg", "sr"]
+    assert len(wait_stored(orthanc, uid, 11)) == 11
+    report = hd.sr.srread(storage / next(r.path for r in new if r.kind == "sr"))
+    evidence = {ref.ReferencedSOPInstanceUID
+                for study in report.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence
+                for ref in series.ReferencedSOPSequence}
+    assert {r.sop_instance_uid for r in new if r.kind == "seg"} <= evidence
+    old_segs = {r.sop_instance_uid for r in _results(database, first) if r.kind == "seg"}
+    assert not old_segs & evidence

@@ -54,3 +54,51 @@ def test_saved_selection_is_the_graph_shown(
     assert sorted(json.loads(capsys.readouterr().out)["models"]) == shown
     shot(page, "20-saved-selection")
     assert problems == []
+
+
+def test_admin_reruns_a_study_from_its_page(
+    served: tuple[Env, str], browser_context: Any,  # noqa: F811
+) -> None:
+    from sqlalchemy import select
+
+    from dicomnode.db.models import AuditEvent, Job
+    from tests.support.executor_fixtures import add_study
+
+    env, base = served
+    uid, _ = add_study(env.database, env.settings.storage.path, [200, 180], state="failed")
+    page = browser_context.new_page()
+    problems = watch(page)
+    log_in(page, base, "alice", ADMIN_PASSWORD)
+    page.goto(f"{base}/studies/{uid}")
+    page.select_option("#rerun-preset", "centres")
+    page.fill("#rerun-without", "mask-centre")
+    page.fill("#rerun-with", "mask-fraction")
+    page.click("#rerun-button")
+    page.wait_for_selector("#message.ok:has-text('Re-run queued as job')")
+    shot(page, "21-study-rerun")
+    with env.database.transaction() as session:
+        job = session.scalars(select(Job).where(Job.study_uid == uid)).one()
+        event = session.scalars(select(AuditEvent).where(AuditEvent.kind == "study-rerun")
+                                ).one()
+        assert (job.preset, job.reason) == ("centres", "rerun")
+        assert sorted(json.loads(job.graph_json)["models"]) == [
+            "green-quality", "green-seg", "mask-fraction"]
+        assert event.actor == "alice"
+    # The page reloads: the study is processing, and the button says why it is disabled.
+    page.wait_for_selector("#rerun-button[disabled]")
+    assert problems == []
+
+
+def test_viewer_has_no_rerun_button(
+    served: tuple[Env, str], browser_context: Any,  # noqa: F811
+) -> None:
+    from tests.support.executor_fixtures import add_study
+    from tests.web.conftest import VIEWER_PASSWORD
+
+    env, base = served
+    uid, _ = add_study(env.database, env.settings.storage.path, [200], state="done")
+    page = browser_context.new_page()
+    log_in(page, base, "victor", VIEWER_PASSWORD)
+    page.goto(f"{base}/studies/{uid}")
+    page.wait_for_selector("h1")
+    assert page.query_selector("#rerun") is None

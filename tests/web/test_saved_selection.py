@@ -22,7 +22,7 @@ from tests.web.conftest import Env
 
 # mask-fraction reads green-seg or green-seg-alt (alternatives that conflict); mask-centre only
 # green-seg; green-quality gates both segmenters.
-FRACTIONS = {
+FRACTIONS: dict[str, Any] = {
     "id": "fractions", "name": "Fractions", "audience": "tests",
     "description": "Segmentation and its mask fraction.",
     "models": ["green-quality", "green-seg", "mask-fraction"],
@@ -44,8 +44,9 @@ class Console:
         self.client, self.headers, self.base = client, headers, base
         self.with_: list[str] = []
         self.without: list[str] = []
-        self.graph = self._resolve()
-        assert self.graph is not None
+        graph = self._resolve()
+        assert graph is not None
+        self.graph: dict[str, Any] = graph
 
     def _resolve(self) -> dict[str, Any] | None:
         res = self.client.post("/api/resolve", headers=self.headers, json={
