@@ -25,6 +25,7 @@ from dicomnode.web.api import (
     route_test,
     schema,
     studies,
+    users,
 )
 from dicomnode.web.state import WebState
 
@@ -67,7 +68,7 @@ def create_app(state: WebState) -> FastAPI:
     app.state.destination_echoes = health.EchoCache()
     app.middleware("http")(_security_headers)
     for module in (models, presets, resolve, route_test, studies, rerun, results, health,
-                   schema):
+                   users, schema):
         app.include_router(module.router, prefix="/api")
     app.include_router(health.metrics_router)
     app.include_router(console.router)

@@ -15,9 +15,10 @@ from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
+from dicomnode.db.models import UserRole
 from dicomnode.errors import UserError
 from dicomnode.jobs.rerun import RERUNNABLE
-from dicomnode.web import auth, presets_store
+from dicomnode.web import accounts, auth, presets_store
 from dicomnode.web.api.models import get_model, list_models
 from dicomnode.web.api.presets import preset_dict
 from dicomnode.web.api.studies import STATES, get_study, list_studies
@@ -190,3 +191,13 @@ def study_page(study_uid: str, request: Request, state: State, who: Page) -> HTM
 def audit_page(request: Request, state: State, who: Page) -> HTMLResponse:
     return render(request, "audit.html", who, revisions=presets_store.revisions(state),
                   page="audit")
+
+
+@router.get("/users", response_class=HTMLResponse)
+def users_page(request: Request, state: State, who: Page) -> HTMLResponse:
+    if not who.is_admin:
+        raise HTTPException(403, f"user '{who.name}' has role {who.role}; the users page needs "
+                            "role admin")
+    users = accounts.list_accounts(state.database, LoginLimits.from_settings(state.settings.web))
+    return render(request, "users.html", who, users=[u.as_json() for u in users],
+                  roles=UserRole.ALL, page="users")

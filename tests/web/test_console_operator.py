@@ -102,3 +102,87 @@ def test_viewer_has_no_rerun_button(
     page.goto(f"{base}/studies/{uid}")
     page.wait_for_selector("h1")
     assert page.query_selector("#rerun") is None
+
+
+def test_admin_manages_users_on_the_users_page(
+    served: tuple[Env, str], browser_context: Any,  # noqa: F811
+) -> None:
+    import urllib.error
+    import urllib.request
+
+    from dicomnode.errors import UserError
+    from dicomnode.web import auth
+    from dicomnode.web.login_throttle import LoginLimits
+    from tests.web.conftest import VIEWER_PASSWORD
+
+    env, base = served
+
+    def token_works() -> bool:
+        request = urllib.request.Request(
+            f"{base}/api/models", headers={"Authorization": f"Bearer {env.viewer_token}"})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return bool(response.status == 200)
+        except urllib.error.HTTPError:
+            return False
+
+    limits = LoginLimits.from_settings(env.settings.web)
+    for _ in range(limits.per_user):
+        with pytest.raises(UserError):
+            auth.login(env.database, "victor", "wrong password", 60, limits=limits)
+    assert token_works()
+    page = browser_context.new_page()
+    problems = watch(page)
+    log_in(page, base, "alice", ADMIN_PASSWORD)
+    page.click("#nav-users")
+    page.wait_for_selector("#user-victor")
+    assert "locked" in page.inner_text("#user-victor .failures")
+    shot(page, "22-users")
+
+    page.click("#user-victor button.unlock")
+    page.wait_for_selector("#message.ok")
+    page.wait_for_selector("#user-victor .failures:not(:has(.badge))")
+    auth.login(env.database, "victor", VIEWER_PASSWORD, 60, limits=limits)
+
+    page.click("#user-victor button.disable")
+    page.wait_for_selector("#user-victor button.enable")
+    assert "disabled" in page.inner_text("#user-victor .state")
+    assert not token_works()
+    page.click("#user-victor button.enable")
+    page.wait_for_selector("#user-victor button.disable")
+    assert token_works()
+
+    page.select_option("#user-victor select.role", "admin")
+    page.wait_for_selector("#message.ok:has-text('victor is now admin')")
+    page.wait_for_load_state("load")
+    page.click("#user-victor button.revoke")
+    page.wait_for_selector("#message.ok:has-text('revoked')")
+    assert not token_works()
+    page.wait_for_load_state("load")
+    # The only other administrator now is alice herself: demoting victor back works...
+    page.wait_for_selector("#user-victor select.role")
+    page.select_option("#user-victor select.role", "viewer")
+    page.wait_for_selector("#message.ok:has-text('victor is now viewer')")
+    page.wait_for_load_state("load")
+    # ... but alice, the only administrator left, cannot disable herself.
+    page.wait_for_selector("#user-alice button.disable")
+    page.click("#user-alice button.disable")
+    page.wait_for_selector("#message.error:has-text('only enabled administrator')")
+    shot(page, "23-users-changed")
+    assert [p for p in problems if "409 (Conflict)" not in p] == []  # the refusal's answer
+
+    with env.database.transaction() as session:
+        from sqlalchemy import select
+
+        from dicomnode.db.models import AuditEvent
+        kinds = list(session.scalars(select(AuditEvent.kind).where(
+            AuditEvent.actor == "alice", AuditEvent.kind.like("user-%") | (
+                AuditEvent.kind == "token-revoke")).order_by(AuditEvent.id)))
+    assert kinds == ["user-unlock", "user-disable", "user-enable", "user-role",
+                     "token-revoke", "user-role"]
+
+    viewer_page = browser_context.new_page()
+    log_in(viewer_page, base, "victor", VIEWER_PASSWORD)
+    assert viewer_page.query_selector("#nav-users") is None
+    response = viewer_page.goto(f"{base}/users")
+    assert response is not None and response.status == 403
