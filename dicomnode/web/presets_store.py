@@ -15,8 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ruamel.yaml.comments import CommentedMap
+from ruamel.yaml.error import YAMLError
 from sqlalchemy import select
 
+from dicomnode import yaml_edit
 from dicomnode.db.audit import record
 from dicomnode.db.models import PresetRevision, as_utc
 from dicomnode.durable import fsync_path, write_text_atomic
@@ -142,6 +145,32 @@ def _commit(
     return Change(preset_id, action, path, diff, revision_id, content_tag(content))
 
 
+def edited_text(previous: str | None, preset: Preset) -> str:
+    """The file's new text: the old text with only the changed fields edited (comments, key
+    order and style kept); a fresh dump when there is no old text or it does not parse."""
+    fresh = dump_preset(preset)
+    if previous is None:
+        return fresh
+    try:
+        before = parse_preset(previous, None, registry=None, destinations=None)
+        yaml, document = yaml_edit.load(previous)
+        if not isinstance(document, CommentedMap):
+            return fresh
+        yaml_edit.merge(document, before.model_dump(mode="json"), preset.model_dump(mode="json"),
+                        preset.model_dump(mode="json", exclude_defaults=True))
+        text = yaml_edit.dump(yaml, document)
+        # The edit must say exactly what was validated; if not, the plain dump does.
+        if parse_preset(text, None, registry=None, destinations=None) != preset:
+            logger.warning("preset %s: editing the file in place changed its meaning; "
+                           "writing it afresh", preset.id)
+            return fresh
+    except (PresetError, YAMLError) as exc:
+        logger.info("preset %s: old text not editable in place (%s); writing it afresh",
+                    preset.id, exc)
+        return fresh
+    return text
+
+
 def create(state: WebState, data: Mapping[str, Any], actor: str) -> Change:
     with state.preset_lock:
         preset = validate(state, dict(data))
@@ -170,8 +199,9 @@ def update(
                 "save under a new id with POST /api/presets"
             )
         preset = validate(state, {**data, "id": preset_id})
-        return _commit(state, preset_id, "update", actor, path, _read(path),
-                       dump_preset(preset))
+        previous = _read(path)
+        return _commit(state, preset_id, "update", actor, path, previous,
+                       edited_text(previous, preset))
 
 
 def delete(state: WebState, preset_id: str, actor: str) -> Change:
