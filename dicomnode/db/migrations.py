@@ -275,6 +275,13 @@ def _v9_login_failures(conn: Connection) -> None:
     md.create_all(conn)
 
 
+def _v12_study_date_station(conn: Connection) -> None:
+    for name, column_type in (("study_date", String(8)), ("station_name", String(64))):
+        compiled = column_type.compile(dialect=conn.dialect)
+        conn.execute(text(f"ALTER TABLE studies ADD COLUMN {name} {compiled}"))
+    conn.execute(text("CREATE INDEX ix_studies_study_date ON studies (study_date)"))
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "studies, series, instances", _v1_studies_series_instances),
     Migration(2, "audit trail", _v2_audit_events),
@@ -286,6 +293,8 @@ MIGRATIONS: list[Migration] = [
               _v7_users_sessions_preset_revisions),
     Migration(8, "model evaluations (dicomnode evaluate --record)", _v8_model_evaluations),
     Migration(9, "failed logins (login throttling)", _v9_login_failures),
+    Migration(12, "studies.study_date and station_name (the operator's study list)",
+              _v12_study_date_station),
 ]
 
 HEAD = MIGRATIONS[-1].version

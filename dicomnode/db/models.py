@@ -61,6 +61,10 @@ class Study(Base):
     # elsewhere (another node, or `dicomnode study complete` with no node running) has it
     # NULL until a running node's sweep claims and announces it.
     announced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # From the first instance's header (migration 12), for the operator's study list:
+    # Study Date as DICOM DA (YYYYMMDD), Station Name.
+    study_date: Mapped[str | None] = mapped_column(String(8), index=True)
+    station_name: Mapped[str | None] = mapped_column(String(64))
 
     series: Mapped[list[Series]] = relationship(back_populates="study")
     instances: Mapped[list[Instance]] = relationship(back_populates="study")

@@ -18,8 +18,9 @@ from sqlalchemy.orm import Session
 
 from dicomnode.db.audit import record
 from dicomnode.db.engine import Database
-from dicomnode.db.models import ApiToken, LoginFailure, User, UserRole, WebSession, as_utc, utcnow
+from dicomnode.db.models import ApiToken, LoginFailure, User, UserRole, WebSession, utcnow
 from dicomnode.errors import UserError
+from dicomnode.timefmt import iso_utc
 from dicomnode.web import auth, login_throttle
 from dicomnode.web.login_throttle import LoginLimits
 
@@ -35,7 +36,7 @@ class LastAdmin(UserError):
 
 
 def _iso(value: datetime | None) -> str | None:
-    return None if value is None else as_utc(value).isoformat().replace("+00:00", "Z")
+    return iso_utc(value)
 
 
 @dataclass(frozen=True)

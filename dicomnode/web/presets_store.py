@@ -21,11 +21,12 @@ from sqlalchemy import select
 
 from dicomnode import yaml_edit
 from dicomnode.db.audit import record
-from dicomnode.db.models import PresetRevision, as_utc
+from dicomnode.db.models import PresetRevision
 from dicomnode.durable import fsync_path, write_text_atomic
 from dicomnode.errors import DicomNodeError, PresetError
 from dicomnode.routing import Preset, dump_preset, parse_preset, validate_preset_data
 from dicomnode.routing.preset import PRESET_ID_PATTERN
+from dicomnode.timefmt import iso_utc
 from dicomnode.web.state import WebState
 
 logger = logging.getLogger(__name__)
@@ -227,7 +228,7 @@ def revisions(state: WebState, preset_id: str | None = None, limit: int = 200
         return [
             {
                 "id": r.id, "preset": r.preset_id, "action": r.action, "actor": r.actor,
-                "at": as_utc(r.at).isoformat(),
+                "at": iso_utc(r.at),
                 "diff": unified_diff(r.preset_id, r.previous, r.content),
             }
             for r in session.scalars(query)

@@ -24,6 +24,7 @@ from dicomnode import __version__
 from dicomnode.db.models import Delivery, DeliveryState, Job, ModelRun, Study, utcnow
 from dicomnode.dispatch.sender import echo
 from dicomnode.settings import DestinationSettings, Settings
+from dicomnode.timefmt import iso_utc
 from dicomnode.web.deps import State, Viewer
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class DestinationCheck:
         report: dict[str, Any] = {
             "reachable": self.reachable, "ae_title": destination.ae_title,
             "address": f"{destination.host}:{destination.port}", "detail": self.detail,
-            "checked_at": self.checked_at.isoformat(), "seconds": round(self.seconds, 3),
+            "checked_at": iso_utc(self.checked_at), "seconds": round(self.seconds, 3),
         }
         if self.reachable:
             report["status"] = "success"
