@@ -153,7 +153,7 @@ class Job(Base):
     # ResolvedGraph.to_dict() as JSON: exactly which models and versions made the results.
     graph_json: Mapped[str] = mapped_column(Text)
     state: Mapped[str] = mapped_column(String(16), index=True, default=JobState.QUEUED)
-    # Why the job exists: "complete" or "late-instances".
+    # Why the job exists: "complete", "late-instances" or "rerun" (an operator's).
     reason: Mapped[str] = mapped_column(String(32), default="complete")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     claimed_by: Mapped[str | None] = mapped_column(String(128))

@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
+from dicomnode.assemble.studies import list_studies
 from dicomnode.cli import main
 from dicomnode.db.audit import record
 from dicomnode.db.models import Delivery, Job, Result, Study
@@ -150,3 +151,38 @@ def test_study_date_and_station_are_read_at_receive() -> None:
                            command_sop_class_uid=str(ds.SOPClassUID),
                            command_sop_instance_uid=str(ds.SOPInstanceUID))
     assert ids.study_date == str(ds.StudyDate) and ids.station_name == str(ds.StationName)
+
+
+def test_receive_records_study_date_and_station(env: Env) -> None:
+    from pydicom.uid import generate_uid
+
+    from dicomnode.receive.identifiers import Identifiers
+    from dicomnode.receive.ingest import Arrival, record_arrival
+
+    uid = generate_uid()
+    ids = Identifiers(study_uid=uid, series_uid=generate_uid(), sop_instance_uid=generate_uid(),
+                      sop_class_uid="1.2.840.10008.5.1.4.1.1.77.1.5.1", patient_id="P9",
+                      modality="OP", laterality="R", study_date="20261124",
+                      station_name="FUNDUS-ROOM-3")
+    record_arrival(env.database, Arrival(ids, "1.2.840.10008.1.2.1", "x.dcm", 1, "CAM1",
+                                         "DICOMNODE", "127.0.0.1"), quiet_seconds=600)
+    page = list_studies(env.database)
+    [row] = [r for r in page.rows if r.study_uid == uid]
+    assert (row.study_date, row.station_name, row.patient_id) == (
+        "2026-11-24", "FUNDUS-ROOM-3", "P9")
+
+
+def test_console_studies_page_filters_and_pages(
+    client: TestClient, viewer: dict[str, str], studies: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dicomnode.web import console
+
+    page = client.get("/studies", headers=viewer, params={"patient_id": "P1"}).text
+    assert studies["a"] in page and studies["c"] in page and studies["b"] not in page
+    assert "Studies 1-2 of 2" in page
+    monkeypatch.setattr(console, "STUDIES_PER_PAGE", 3)
+    first = client.get("/studies", headers=viewer).text
+    assert studies["a"] not in first and 'id="page-next"' in first
+    second = client.get("/studies", headers=viewer, params={"offset": 3}).text
+    assert studies["a"] in second and studies["d"] not in second and "Studies 4-4 of 4" in second
