@@ -1,4 +1,5 @@
-"""`dicomnode evaluate MODEL[@VERSION] --dataset FILE.csv [--json] [--record]`."""
+"""`dicomnode evaluate MODEL[@VERSION] --dataset FILE.csv [--json] [--record [--name NAME]
+[--split SPLIT]]`."""
 
 from __future__ import annotations
 
@@ -47,6 +48,12 @@ def register(subparsers: Any) -> None:
                              "half the mask's largest value)")
     parser.add_argument("--record", action="store_true",
                         help="write the figures into the manifest's metrics and the database")
+    parser.add_argument("--name", default=None, metavar="NAME",
+                        help="with --record: the dataset's name in the record (default: the "
+                             "CSV's file name), e.g. 'CHASE_DB1 11L-14R'")
+    parser.add_argument("--split", default=None, metavar="SPLIT",
+                        help="with --record: which part of the dataset (default: evaluation), "
+                             "e.g. test")
     add_config_option(parser)
     add_json_option(parser)
     parser.set_defaults(func=run_evaluate)
@@ -73,7 +80,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     payload = result.to_dict()
     if args.record:
         sha = dataset.sha256()
-        record = metric_record(result, dataset, sha)
+        record = metric_record(result, dataset, sha, name=args.name, split=args.split)
         payload["recorded"] = {"manifest": str(write_manifest_record(entry, record))}
         with opened_database(settings.database.url) as database:
             payload["recorded"]["database_id"] = write_database_record(database, result, sha)

@@ -57,7 +57,7 @@ def run_list(args: argparse.Namespace) -> int:
     print_table(
         ["JOB", "STUDY", "STATE", "ATTEMPTS", "LAST ERROR", "UPDATED"],
         [[r["job_id"], r["study_uid"], r["state"], r["attempts"], r["last_error"],
-          (r["updated_at"] or "")[:19]] for r in rows],
+          r["updated_at"] or ""] for r in rows],
     )
     return 0
 

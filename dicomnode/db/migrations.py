@@ -275,8 +275,7 @@ def _v9_login_failures(conn: Connection) -> None:
     md.create_all(conn)
 
 
-def _v11_retention(conn: Connection) -> None:
-    # Numbered 11 on the network branch; renumber at merge if another 10/11 landed first.
+def _v10_retention(conn: Connection) -> None:
     column_type = DateTime(timezone=True).compile(dialect=conn.dialect)
     for table, column in (("studies", "purged_at"), ("studies", "purge_finished_at"),
                           ("studies", "results_purged_at"),
@@ -284,6 +283,11 @@ def _v11_retention(conn: Connection) -> None:
                           ("instances", "purged_at"), ("results", "purged_at")):
         conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {column_type}"))
     conn.execute(text("CREATE INDEX ix_studies_purged_at ON studies (purged_at)"))
+def _v11_study_date_station(conn: Connection) -> None:
+    for name, column_type in (("study_date", String(8)), ("station_name", String(64))):
+        compiled = column_type.compile(dialect=conn.dialect)
+        conn.execute(text(f"ALTER TABLE studies ADD COLUMN {name} {compiled}"))
+    conn.execute(text("CREATE INDEX ix_studies_study_date ON studies (study_date)"))
 
 
 MIGRATIONS: list[Migration] = [
@@ -297,8 +301,10 @@ MIGRATIONS: list[Migration] = [
               _v7_users_sessions_preset_revisions),
     Migration(8, "model evaluations (dicomnode evaluate --record)", _v8_model_evaluations),
     Migration(9, "failed logins (login throttling)", _v9_login_failures),
-    Migration(11, "retention: purged files marked on studies, instances, results",
-              _v11_retention),
+    Migration(10, "retention: purged files marked on studies, instances, results",
+              _v10_retention),
+    Migration(11, "studies.study_date and station_name (the operator's study list)",
+              _v11_study_date_station),
 ]
 
 HEAD = MIGRATIONS[-1].version

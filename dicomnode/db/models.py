@@ -61,13 +61,17 @@ class Study(Base):
     # elsewhere (another node, or `dicomnode study complete` with no node running) has it
     # NULL until a running node's sweep claims and announces it.
     announced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    # Retention (migration 11): when the received files were purged (rows kept; the instance
+    # Retention (migration 10): when the received files were purged (rows kept; the instance
     # rows are marked first, then the files deleted, then `purge_finished_at` set), and the
     # same for the study's result objects.
     purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
     purge_finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     results_purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     results_purge_finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # From the first instance's header (migration 11), for the operator's study list:
+    # Study Date as DICOM DA (YYYYMMDD), Station Name.
+    study_date: Mapped[str | None] = mapped_column(String(8), index=True)
+    station_name: Mapped[str | None] = mapped_column(String(64))
 
     series: Mapped[list[Series]] = relationship(back_populates="study")
     instances: Mapped[list[Instance]] = relationship(back_populates="study")
@@ -103,7 +107,7 @@ class Instance(Base):
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     late: Mapped[bool] = mapped_column(Boolean, default=False)
-    # Set when retention purged the file (migration 11): `path` then names what it was.
+    # Set when retention purged the file (migration 10): `path` then names what it was.
     purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     study: Mapped[Study] = relationship(back_populates="instances")
@@ -158,7 +162,7 @@ class Job(Base):
     # ResolvedGraph.to_dict() as JSON: exactly which models and versions made the results.
     graph_json: Mapped[str] = mapped_column(Text)
     state: Mapped[str] = mapped_column(String(16), index=True, default=JobState.QUEUED)
-    # Why the job exists: "complete" or "late-instances".
+    # Why the job exists: "complete", "late-instances" or "rerun" (an operator's).
     reason: Mapped[str] = mapped_column(String(32), default="complete")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     claimed_by: Mapped[str | None] = mapped_column(String(128))
@@ -276,7 +280,7 @@ class Result(Base):
     source_uid: Mapped[str | None] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)  # relative to the storage root
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    # Set when retention purged the file (migration 11); the row shows what was sent.
+    # Set when retention purged the file (migration 10); the row shows what was sent.
     purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 

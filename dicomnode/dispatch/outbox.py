@@ -19,10 +19,11 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from dicomnode.db.engine import Database
-from dicomnode.db.models import Delivery, DeliveryState, as_utc, utcnow
+from dicomnode.db.models import Delivery, DeliveryState, utcnow
 from dicomnode.dispatch.backoff import retry_delay
 from dicomnode.errors import DeliveryNotFoundError, DispatchError
 from dicomnode.settings import DispatchSettings
+from dicomnode.timefmt import iso_utc
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ def mark_attempt_failed(
             row.next_attempt_at = when + retry_delay(settings, row.attempts)
             logger.warning("delivery %d to %s failed (attempt %d of %d), retry at %s: %s",
                            row.id, row.destination, row.attempts, settings.max_attempts,
-                           row.next_attempt_at.isoformat(), error)
+                           iso_utc(row.next_attempt_at), error)
         return row.state
 
 
@@ -211,7 +212,7 @@ def list_deliveries(
 
 def _as_dict(row: Delivery) -> dict[str, Any]:
     def stamp(value: datetime | None) -> str | None:
-        return None if value is None else as_utc(value).isoformat()
+        return iso_utc(value)
 
     return {
         "id": row.id, "destination": row.destination, "state": row.state,

@@ -28,6 +28,7 @@ from dicomnode.db.models import Job, JobState, ModelRun, Study, StudyState, utcn
 from dicomnode.errors import JobNotFoundError
 from dicomnode.inference.executor import GraphResult
 from dicomnode.jobs.planning import Plan
+from dicomnode.timefmt import iso_utc
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +241,7 @@ def _job_dict(job: Job) -> dict[str, Any]:
 
 
 def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
+    return iso_utc(value)
 
 
 def list_jobs(database: Database, limit: int = 100) -> list[dict[str, Any]]:

@@ -39,6 +39,9 @@ class Identifiers:
     patient_id: str | None
     modality: str | None
     laterality: str | None
+    # For the operator's study list (not checked: an odd value is shown, never refused).
+    study_date: str | None = None
+    station_name: str | None = None
 
 
 def is_valid_uid(value: str) -> bool:
@@ -70,7 +73,8 @@ def read_identifiers(
             keyword: _text(header, keyword)
             for keyword in (
                 "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
-                "PatientID", "Modality", "ImageLaterality", "Laterality",
+                "PatientID", "Modality", "ImageLaterality", "Laterality", "StudyDate",
+                "StationName",
             )
         }
     except MalformedDataSet as exc:
@@ -106,4 +110,6 @@ def read_identifiers(
         patient_id=values["PatientID"],
         modality=values["Modality"],
         laterality=laterality.upper()[:2] if laterality else None,
+        study_date=values["StudyDate"],
+        station_name=values["StationName"],
     )

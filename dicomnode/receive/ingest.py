@@ -87,6 +87,8 @@ def record_arrival(database: Database, arrival: Arrival, *, quiet_seconds: float
         _insert_ignore(session, Study.__table__, "study_uid", {  # type: ignore[arg-type]
             "study_uid": ids.study_uid,
             "patient_id": _clip(ids.patient_id, 64),
+            "study_date": _clip(ids.study_date, 8),
+            "station_name": _clip(ids.station_name, 64),
             "calling_ae": _clip(arrival.calling_ae, 16),
             "called_ae": _clip(arrival.called_ae, 16),
             "state": StudyState.RECEIVING,

@@ -21,6 +21,7 @@ from dicomnode.db import audit
 from dicomnode.db.engine import Database
 from dicomnode.db.models import Job, JobState, ResultSet, ResultSetState, as_utc, utcnow
 from dicomnode.errors import DicomNodeError, JobNotFoundError
+from dicomnode.timefmt import iso_utc
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def _job_and_set(session: Session, job_id: int) -> tuple[Job, ResultSet | None]:
 
 def _as_dict(job: Job, result_set: ResultSet | None) -> dict[str, Any]:
     def stamp(value: datetime | None) -> str | None:
-        return None if value is None else as_utc(value).isoformat()
+        return iso_utc(value)
 
     if result_set is None:
         return {"job_id": job.id, "study_uid": job.study_uid, "job_state": job.state,

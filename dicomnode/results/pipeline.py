@@ -25,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 
 from dicomnode.db import audit
@@ -43,7 +44,7 @@ from dicomnode.errors import DicomNodeError
 from dicomnode.inference.outputs import read_index
 from dicomnode.registry.registry import Registry
 from dicomnode.results.bookkeeping import ENCODABLE, work_list
-from dicomnode.results.encode import SR, EncodedObject, encode_objects
+from dicomnode.results.encode import OVERLAY, SEG, SR, EncodedObject, encode_objects
 from dicomnode.results.job_outputs import results_from_outputs
 from dicomnode.results.sr import NodeIdentity
 from dicomnode.results.uids import COMPREHENSIVE_SR_STORAGE
@@ -68,6 +69,7 @@ class EncodeOutcome:
     objects: int = 0
     deliveries: int = 0
     error: str | None = None
+    reused: int = 0  # unchanged objects of an earlier job kept (not made or sent again)
 
 
 @dataclass(frozen=True)
@@ -193,9 +195,11 @@ class ResultsPipeline:
             return EncodeOutcome(job_id, "already")
         if queued and self.on_queued is not None:
             self.on_queued()
-        logger.info("job %d: %d result object(s) encoded, %d deliveries queued", job_id,
-                    len(objects), queued)
-        return EncodeOutcome(job_id, ResultSetState.ENCODED, len(objects), queued)
+        made = [o for o in objects if not o.reused]
+        logger.info("job %d: %d result object(s) encoded (%d unchanged kept), %d deliveries "
+                    "queued", job_id, len(made), len(objects) - len(made), queued)
+        return EncodeOutcome(job_id, ResultSetState.ENCODED, len(made), queued,
+                             reused=len(objects) - len(made))
 
     # -- steps -------------------------------------------------------------------------------
 
@@ -230,11 +234,37 @@ class ResultsPipeline:
         uids = [str(u) for u in index.get("images", [])]
         sources = self._sources(info, uids)
         results = results_from_outputs(folder, self.registry)
+        earlier, on_record = self._earlier_objects(info)
+
+        def load(kind: str, uid: str) -> Dataset | None:
+            found = earlier.get(uid)
+            if found is None or found[0] != kind:
+                return None
+            try:
+                return dcmread(self.storage_root / found[1])
+            except (OSError, InvalidDicomError) as exc:  # gone (e.g. removed by hand)
+                logger.warning("job %d: earlier %s %s unreadable, making a new one: %s",
+                               info.id, kind, uid, exc)
+                return None
+
         return encode_objects(
             sources, results, outputs, node=self.node,
             seed=f"{info.study_uid}|job {info.id}|{info.created_at}",
             predecessor=self._predecessor(info),
+            earlier=load, fresh=lambda uid: uid not in on_record,
         )
+
+    def _earlier_objects(self, info: _JobInfo) -> tuple[dict[str, tuple[str, str]], set[str]]:
+        """SEGs and overlays of the study's earlier jobs (uid -> kind, path), and every result
+        UID on record: a re-run reuses an unchanged object rather than sending a copy."""
+        with self.database.transaction() as session:
+            rows = session.execute(
+                select(Result.sop_instance_uid, Result.kind, Result.path)
+                .where(Result.study_uid == info.study_uid, Result.job_id != info.id)
+            ).all()
+        earlier = {str(uid): (str(kind), str(path)) for uid, kind, path in rows
+                   if kind in (SEG, OVERLAY)}
+        return earlier, {str(row[0]) for row in rows}
 
     def _sources(self, info: _JobInfo, uids: list[str]) -> list[Dataset]:
         with self.database.transaction() as session:
@@ -279,6 +309,8 @@ class ResultsPipeline:
         try:
             names = [f"{o.kind}-{o.sop_instance_uid}.dcm" for o in objects]
             for obj, name in zip(objects, names, strict=True):
+                if obj.reused:
+                    continue  # an earlier job's file, already recorded and sent
                 obj.dataset.save_as(folder / name, enforce_file_format=True)
                 fsync_path(folder / name)
             fsync_path(folder)
@@ -320,6 +352,8 @@ class ResultsPipeline:
             result_set.finished_at = now
             queued = 0
             for obj, path in zip(objects, paths, strict=True):
+                if obj.reused:
+                    continue
                 session.add(Result(
                     job_id=info.id, study_uid=info.study_uid, kind=obj.kind,
                     sop_instance_uid=obj.sop_instance_uid,
@@ -332,8 +366,11 @@ class ResultsPipeline:
                     queued += len(outbox.enqueue(
                         session, path, destinations,
                         known_destinations=self.settings.destinations.keys(), now=now))
-            kinds = ", ".join(f"{sum(o.kind == k for o in objects)} {k}"
+            kinds = ", ".join(f"{sum(o.kind == k and not o.reused for o in objects)} {k}"
                               for k in ("seg", "sr", "overlay"))
+            reused = sum(o.reused for o in objects)
+            if reused:
+                kinds += f" ({reused} unchanged object(s) of an earlier job kept, not sent again)"
             audit.record(session, "results-encoded", actor="results", study_uid=info.study_uid,
                          detail=f"job {info.id}: {kinds}; queued for "
                                 f"{', '.join(destinations) or 'no destination'}")

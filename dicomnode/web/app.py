@@ -19,11 +19,13 @@ from dicomnode.web.api import (
     health,
     models,
     presets,
+    rerun,
     resolve,
     results,
     route_test,
     schema,
     studies,
+    users,
 )
 from dicomnode.web.state import WebState
 
@@ -65,7 +67,8 @@ def create_app(state: WebState) -> FastAPI:
     app.state.web = state
     app.state.destination_echoes = health.EchoCache()
     app.middleware("http")(_security_headers)
-    for module in (models, presets, resolve, route_test, studies, results, health, schema):
+    for module in (models, presets, resolve, route_test, studies, rerun, results, health,
+                   users, schema):
         app.include_router(module.router, prefix="/api")
     app.include_router(health.metrics_router)
     app.include_router(stow.router)

@@ -9,15 +9,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
+from dicomnode.db.models import UserRole
 from dicomnode.errors import UserError
 from dicomnode.jobs.health import execution_report
-from dicomnode.web import auth, presets_store
+from dicomnode.jobs.rerun import RERUNNABLE
+from dicomnode.web import accounts, auth, presets_store
 from dicomnode.web.api.models import get_model, list_models
 from dicomnode.web.api.presets import preset_dict
 from dicomnode.web.api.studies import STATES, get_study, list_studies
@@ -30,6 +32,8 @@ logger = logging.getLogger(__name__)
 TEMPLATES = Jinja2Templates(directory=Path(__file__).resolve().parent / "templates")
 
 router = APIRouter(include_in_schema=False)
+
+STUDIES_PER_PAGE = 50
 
 
 def page_principal(
@@ -169,17 +173,39 @@ def preset_page(preset_id: str, request: Request, state: State, who: Page) -> HT
 
 
 @router.get("/studies", response_class=HTMLResponse)
-def studies_page(request: Request, state: State, who: Page,
-                 study_state: str | None = None) -> HTMLResponse:
-    data = list_studies(state, who, study_state or None)
+def studies_page(request: Request, state: State, who: Page, study_state: str | None = None,
+                 date_from: str | None = None, date_to: str | None = None,
+                 patient_id: str | None = None, preset: str | None = None,
+                 offset: int = 0) -> HTMLResponse:
+    filters = {"study_state": study_state or None, "date_from": date_from or None,
+               "date_to": date_to or None, "patient_id": patient_id or None,
+               "preset": preset or None}
+    data = list_studies(state, who, limit=STUDIES_PER_PAGE, offset=offset, **filters)
+
+    def link(**change: Any) -> str:
+        query = {k: v for k, v in {**filters, **change}.items() if v not in (None, "", 0)}
+        return "/studies" + ("?" + urlencode(query) if query else "")
+
+    pages = {
+        "previous": link(offset=max(0, offset - STUDIES_PER_PAGE)) if offset > 0 else None,
+        "next": link(offset=offset + STUDIES_PER_PAGE)
+        if offset + STUDIES_PER_PAGE < data["total"] else None,
+    }
     return render(request, "studies.html", who, studies=data["studies"], counts=data["states"],
-                  states=STATES, current=study_state, page="studies")
+                  states=STATES, current=study_state, filters=filters, total=data["total"],
+                  offset=offset, pages=pages, link=link,
+                  presets=[p.id for p in state.catalog.catalog.presets.ordered()],
+                  page="studies")
 
 
 @router.get("/studies/{study_uid}", response_class=HTMLResponse)
 def study_page(study_uid: str, request: Request, state: State, who: Page) -> HTMLResponse:
-    return render(request, "study.html", who, study=get_study(study_uid, state, who),
-                  page="studies")
+    study = get_study(study_uid, state, who)
+    jobs = study["jobs"]
+    return render(request, "study.html", who, study=study, page="studies",
+                  presets=[p.id for p in state.catalog.catalog.presets.ordered()],
+                  current_preset=jobs[-1]["preset"] if jobs else None,
+                  rerunnable=RERUNNABLE)
 
 
 @router.get("/health", response_class=HTMLResponse)
@@ -192,3 +218,13 @@ def health_page(request: Request, state: State, who: Page) -> HTMLResponse:
 def audit_page(request: Request, state: State, who: Page) -> HTMLResponse:
     return render(request, "audit.html", who, revisions=presets_store.revisions(state),
                   page="audit")
+
+
+@router.get("/users", response_class=HTMLResponse)
+def users_page(request: Request, state: State, who: Page) -> HTMLResponse:
+    if not who.is_admin:
+        raise HTTPException(403, f"user '{who.name}' has role {who.role}; the users page needs "
+                            "role admin")
+    users = accounts.list_accounts(state.database, LoginLimits.from_settings(state.settings.web))
+    return render(request, "users.html", who, users=[u.as_json() for u in users],
+                  roles=UserRole.ALL, page="users")

@@ -15,14 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ruamel.yaml.comments import CommentedMap
+from ruamel.yaml.error import YAMLError
 from sqlalchemy import select
 
+from dicomnode import yaml_edit
 from dicomnode.db.audit import record
-from dicomnode.db.models import PresetRevision, as_utc
+from dicomnode.db.models import PresetRevision
 from dicomnode.durable import fsync_path, write_text_atomic
 from dicomnode.errors import DicomNodeError, PresetError
 from dicomnode.routing import Preset, dump_preset, parse_preset, validate_preset_data
 from dicomnode.routing.preset import PRESET_ID_PATTERN
+from dicomnode.timefmt import iso_utc
 from dicomnode.web.state import WebState
 
 logger = logging.getLogger(__name__)
@@ -142,6 +146,32 @@ def _commit(
     return Change(preset_id, action, path, diff, revision_id, content_tag(content))
 
 
+def edited_text(previous: str | None, preset: Preset) -> str:
+    """The file's new text: the old text with only the changed fields edited (comments, key
+    order and style kept); a fresh dump when there is no old text or it does not parse."""
+    fresh = dump_preset(preset)
+    if previous is None:
+        return fresh
+    try:
+        before = parse_preset(previous, None, registry=None, destinations=None)
+        yaml, document = yaml_edit.load(previous)
+        if not isinstance(document, CommentedMap):
+            return fresh
+        yaml_edit.merge(document, before.model_dump(mode="json"), preset.model_dump(mode="json"),
+                        preset.model_dump(mode="json", exclude_defaults=True))
+        text = yaml_edit.dump(yaml, document)
+        # The edit must say exactly what was validated; if not, the plain dump does.
+        if parse_preset(text, None, registry=None, destinations=None) != preset:
+            logger.warning("preset %s: editing the file in place changed its meaning; "
+                           "writing it afresh", preset.id)
+            return fresh
+    except (PresetError, YAMLError) as exc:
+        logger.info("preset %s: old text not editable in place (%s); writing it afresh",
+                    preset.id, exc)
+        return fresh
+    return text
+
+
 def create(state: WebState, data: Mapping[str, Any], actor: str) -> Change:
     with state.preset_lock:
         preset = validate(state, dict(data))
@@ -170,8 +200,9 @@ def update(
                 "save under a new id with POST /api/presets"
             )
         preset = validate(state, {**data, "id": preset_id})
-        return _commit(state, preset_id, "update", actor, path, _read(path),
-                       dump_preset(preset))
+        previous = _read(path)
+        return _commit(state, preset_id, "update", actor, path, previous,
+                       edited_text(previous, preset))
 
 
 def delete(state: WebState, preset_id: str, actor: str) -> Change:
@@ -197,7 +228,7 @@ def revisions(state: WebState, preset_id: str | None = None, limit: int = 200
         return [
             {
                 "id": r.id, "preset": r.preset_id, "action": r.action, "actor": r.actor,
-                "at": as_utc(r.at).isoformat(),
+                "at": iso_utc(r.at),
                 "diff": unified_diff(r.preset_id, r.previous, r.content),
             }
             for r in session.scalars(query)

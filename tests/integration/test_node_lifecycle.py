@@ -156,8 +156,10 @@ def test_study_commands(db_url: str, tmp_path: Path, capsys: pytest.CaptureFixtu
         rows = json.loads(listed.stdout)
         assert [row["study_uid"] for row in rows] == [uid]
         row = rows[0]
-        assert set(row) == {"study_uid", "patient_id", "calling_ae", "instances", "modalities",
-                            "state", "created_at", "updated_at", "completed_at", "delivery"}
+        assert set(row) == {"study_uid", "patient_id", "study_date", "station_name",
+                            "calling_ae", "instances", "modalities", "preset", "state",
+                            "created_at", "updated_at", "completed_at", "completed_reason",
+                            "needs_reprocess", "delivery"}
         assert row["delivery"] is None  # no job yet: nothing to deliver
         assert (row["patient_id"], row["calling_ae"], row["instances"], row["modalities"],
                 row["state"], row["completed_at"]) == ("TEST0001", "CAM1", 1, ["OP"],

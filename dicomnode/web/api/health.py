@@ -25,6 +25,7 @@ from dicomnode.db.models import Delivery, DeliveryState, Job, ModelRun, Study, u
 from dicomnode.dispatch.check import check_destination, describe
 from dicomnode.jobs.health import execution_report
 from dicomnode.settings import DestinationSettings, DicomWebDestinationSettings, Settings
+from dicomnode.timefmt import iso_utc
 from dicomnode.web.deps import State, Viewer
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class DestinationCheck:
     def to_dict(self, destination: AnyDestination) -> dict[str, Any]:
         report: dict[str, Any] = {
             "reachable": self.reachable, **describe(destination), "detail": self.detail,
-            "checked_at": self.checked_at.isoformat(), "seconds": round(self.seconds, 3),
+            "checked_at": iso_utc(self.checked_at), "seconds": round(self.seconds, 3),
         }
         if self.reachable:
             report["status"] = "success"

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dicomnode.errors import ResolutionError
 from dicomnode.graph import Selection, resolve, selectable
+from dicomnode.graph.combination import combination
 from dicomnode.web.deps import State, Viewer
 
 logger = logging.getLogger(__name__)
@@ -56,5 +57,7 @@ def resolve_selection(body: ResolveRequest, state: State, _: Viewer) -> JSONResp
     content: dict[str, Any] = {
         "ok": True, **graph.to_dict(), "choices": choices,
         "versions": {m: catalog.registry.versions(m) for m in graph.models},
+        # What to save as a preset's `models` so that it resolves to exactly this graph.
+        "combination": combination(graph, [*base, *body.with_models], catalog.registry),
     }
     return JSONResponse(content)

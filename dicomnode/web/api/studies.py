@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Response
 from sqlalchemy import func, select
 
+from dicomnode.assemble import studies as study_list
+from dicomnode.assemble.studies import FilterError, StudyFilter
+from dicomnode.assemble.studies import dashed as _dashed
 from dicomnode.db.audit import record
 from dicomnode.db.models import (
     AuditEvent,
@@ -18,12 +22,12 @@ from dicomnode.db.models import (
     Result,
     Study,
     StudyState,
-    as_utc,
 )
 from dicomnode.dispatch import outbox
 from dicomnode.errors import DeliveryNotFoundError, DispatchError
 from dicomnode.jobs.queue import job_detail
 from dicomnode.results.summary import summarise
+from dicomnode.timefmt import iso_utc
 from dicomnode.web import results_view
 from dicomnode.web.deps import Admin, State, Viewer
 from dicomnode.web.results_view import ViewError
@@ -39,7 +43,7 @@ STATES = (
 
 
 def _iso(value: datetime | None) -> str | None:
-    return None if value is None else as_utc(value).isoformat()
+    return iso_utc(value)
 
 
 def _study_row(study: Study, instances: int) -> dict[str, Any]:
@@ -49,28 +53,31 @@ def _study_row(study: Study, instances: int) -> dict[str, Any]:
         "created_at": _iso(study.created_at), "updated_at": _iso(study.updated_at),
         "completed_at": _iso(study.completed_at), "completed_reason": study.completed_reason,
         "needs_reprocess": study.needs_reprocess,
+        "study_date": _dashed(study.study_date),
+        "station_name": study.station_name,
     }
 
 
-@router.get("/studies", summary="Studies, newest first; filter by state")
-def list_studies(state: State, _: Viewer, study_state: str | None = None, limit: int = 200
-                 ) -> dict[str, Any]:
+@router.get("/studies", summary="Studies, newest first; filtered and paged")
+def list_studies(
+    state: State, _: Viewer, study_state: str | None = None, date_from: str | None = None,
+    date_to: str | None = None, patient_id: str | None = None, preset: str | None = None,
+    limit: int = 100, offset: int = 0,
+) -> dict[str, Any]:
     if study_state is not None and study_state not in STATES:
         raise HTTPException(422, f"unknown state '{study_state}' (one of {', '.join(STATES)})")
-    limit = max(1, min(limit, 1000))
+    try:
+        where = StudyFilter(
+            state=study_state or None,
+            date_from=StudyFilter.parse_date(date_from, "date_from"),
+            date_to=StudyFilter.parse_date(date_to, "date_to"),
+            patient_id=patient_id or None, preset=preset or None,
+        )
+    except FilterError as exc:
+        raise HTTPException(422, str(exc)) from exc
+    page = study_list.list_studies(state.database, where, limit=limit, offset=offset)
+    rows = [row.as_json() for row in page.rows]
     with state.database.transaction() as session:
-        counts = (
-            select(Instance.study_id, func.count().label("n"))
-            .group_by(Instance.study_id).subquery()
-        )
-        query = (
-            select(Study, func.coalesce(counts.c.n, 0))
-            .outerjoin(counts, counts.c.study_id == Study.id)
-            .order_by(Study.id.desc()).limit(limit)
-        )
-        if study_state is not None:
-            query = query.where(Study.state == study_state)
-        rows = [_study_row(study, int(n)) for study, n in session.execute(query)]
         # Derived per study: how far the latest job's results got (results.summary).
         summaries = summarise(session, [row["study_uid"] for row in rows],
                               max_attempts=state.settings.results.max_attempts)
@@ -79,7 +86,8 @@ def list_studies(state: State, _: Viewer, study_state: str | None = None, limit:
             row["delivery"] = None if summary is None else summary.as_json()
         by_state = dict(session.execute(
             select(Study.state, func.count()).group_by(Study.state)).all())
-    return {"studies": rows, "states": {s: int(by_state.get(s, 0)) for s in STATES}}
+    return {"studies": rows, "total": page.total, "limit": page.limit, "offset": page.offset,
+            "states": {s: int(by_state.get(s, 0)) for s in STATES}}
 
 
 @router.get("/studies/{study_uid}", summary="Timeline, images, jobs with model runs, results, "
@@ -110,15 +118,23 @@ def get_study(study_uid: str, state: State, _: Viewer) -> dict[str, Any]:
              "size_bytes": i.size_bytes}
             for i in instances
         ]
+        current = _current(results)
         data["results"] = [
             {"id": r.id, "job_id": r.job_id, "kind": r.kind,
              "sop_instance_uid": r.sop_instance_uid, "source_uid": r.source_uid,
-             "created_at": _iso(r.created_at), "path": r.path}
+             "created_at": _iso(r.created_at), "path": r.path, "current": r.id in current}
             for r in results
         ]
+        kinds = {r.sop_instance_uid: r.kind for r in results}
+        jobs_of = {r.sop_instance_uid: r.job_id for r in results}
+        objects = _objects(results, instances)
+        for result in data["results"]:
+            result["object"] = objects[result["sop_instance_uid"]]
         data["deliveries"] = [
             {"id": d.id, "destination": d.destination, "state": d.state,
              "attempts": d.attempts, "sop_instance_uid": d.sop_instance_uid,
+             "object": objects.get(d.sop_instance_uid, "result object"),
+             "kind": kinds.get(d.sop_instance_uid), "job_id": jobs_of.get(d.sop_instance_uid),
              "last_error": d.last_error, "sent_at": _iso(d.sent_at),
              "next_attempt_at": _iso(d.next_attempt_at)}
             for d in deliveries
@@ -141,6 +157,33 @@ def get_study(study_uid: str, state: State, _: Viewer) -> dict[str, Any]:
             # A result that cannot be read is shown with the reason, not a failed page.
             result["error"] = str(exc) or type(exc).__name__
     return data
+
+
+def _current(results: Sequence[Result]) -> set[int]:
+    """The result rows a PACS user should look at: the latest SR, and per source image the
+    latest SEG and overlay (a re-run that kept an unchanged object made no new row for it)."""
+    latest: dict[tuple[str, str | None], Result] = {}
+    for r in results:
+        key = (r.kind, r.source_uid)
+        if key not in latest or r.job_id >= latest[key].job_id:
+            latest[key] = r
+    return {r.id for r in latest.values()}
+
+
+def _objects(results: Sequence[Result], instances: Sequence[Instance]) -> dict[str, str]:
+    """A name per result object for people: "SR (job 3)", "SEG of image 2 (R)"."""
+    number = {i.sop_instance_uid: (n, i.laterality) for n, i in enumerate(instances, 1)}
+    names = {}
+    for r in results:
+        if r.source_uid is None:
+            names[r.sop_instance_uid] = f"{r.kind.upper()} (job {r.job_id})"
+            continue
+        n, side = number.get(r.source_uid, (None, None))
+        image = f"image {n}" if n is not None else f"image {r.source_uid}"
+        label = "SEG" if r.kind == "seg" else r.kind
+        names[r.sop_instance_uid] = f"{label} of {image}" + (f" ({side})" if side else "") + \
+            f" (job {r.job_id})"
+    return names
 
 
 PNG_SIZES = range(64, 4097)

@@ -230,8 +230,10 @@
   }
 
   function presetFromForm(id) {
-    const chosen = graph ? graph.selected : baseIds;
-    const refs = chosen.map((mid) => base.find((r) => r.split("@")[0] === mid) || mid);
+    // Every model of the graph shown (requirements and alternatives included), so that the
+    // saved preset resolves to exactly this graph (the server's `combination`).
+    const refs = graph ? graph.combination : base.slice();
+    const chosen = refs.map((r) => r.split("@")[0]);
     const optional = (preset.optional_models || []).filter((r) => !chosen.includes(r.split("@")[0]));
     const body = {
       id, name: $("f-name").value, audience: $("f-audience").value,

@@ -33,3 +33,24 @@ document.querySelectorAll(".seg-toggle input").forEach((box) => {
       .forEach((img) => { img.hidden = !box.checked; });
   });
 });
+
+// Re-run the study (admin only): preset and switches -> POST /api/studies/{uid}/rerun.
+const rerunButton = document.getElementById("rerun-button");
+if (rerunButton) {
+  rerunButton.addEventListener("click", async () => {
+    const ids = (id) => document.getElementById(id).value.split(",").map((v) => v.trim()).filter((v) => v);
+    const body = { preset: document.getElementById("rerun-preset").value,
+      with: ids("rerun-with"), without: ids("rerun-without") };
+    const response = await fetch("/api/studies/" + encodeURIComponent(rerunButton.dataset.study) + "/rerun", {
+      method: "POST", credentials: "same-origin",
+      headers: { "X-CSRF-Token": rerunButton.dataset.csrf, "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+    });
+    const box = document.getElementById("message");
+    const json = await response.json().catch(() => ({}));
+    box.className = "message " + (response.ok ? "ok" : "error");
+    box.textContent = response.ok ? "Re-run queued as job " + json.job_id + "."
+      : "Not re-run: " + (typeof json.detail === "string" ? json.detail : response.statusText);
+    if (response.ok) window.setTimeout(() => window.location.reload(), 1500);
+  });
+}
