@@ -1,16 +1,20 @@
 #!/usr/bin/env python3
 """Train the IDRiD segmentation reference models: `optic-disc` 2.0.0 and `lesion-seg` 1.0.0.
 
-    --task disc     compact U-Net on the IDRiD optic-disc masks (all 54 training images), 256 px;
-                    the graph also derives the disc centre and equivalent diameter from its own
+    --task disc     the IDRiD optic-disc masks (all 54 training images), 256 px input; the
+                    graph also derives the disc centre and equivalent diameter from its own
                     mask, robustly (only the disc-sized region round the strongest response).
-    --task lesions  compact U-Net on the IDRiD lesion masks (haemorrhages HE, hard exudates EX,
-                    soft exudates SE, microaneurysms MA), 1024 px, random patches. Trained on
-                    44 training images; the other 10 (IDRiD_05, 10, ... 50) are held out to
-                    choose each output's threshold (and to judge the microaneurysm output).
+    --task lesions  the IDRiD lesion masks (haemorrhages HE, hard exudates EX, soft exudates
+                    SE, microaneurysms MA), 768 px input. Trained on 44 training images; the
+                    other 10 (IDRiD_05, 10, ... 50) are held out to choose each output's
+                    threshold and whether the microaneurysm output is good enough to ship.
 
-PyTorch on CPU, fixed seeds, deterministic algorithms; a checkpoint after every epoch (a
-fixed number of optimiser steps) in --checkpoints (outside the repository); ONNX export
+Both are a fixed filter bank (first layers of the graph) and a learned per-pixel network
+trained on sampled pixels of augmented training images: on the shared 2-core CPU a U-Net
+step took 17-40 s, far too slow to train in the time a run may take.
+
+PyTorch on CPU, fixed seeds, deterministic algorithms; a checkpoint after every epoch (one
+pass over the sampled pixels) in --checkpoints (outside the repository); ONNX export
 (opset 17, dynamic batch) into --out; then the EXPORTED graph is measured on the IDRiD
 segmentation test split (27 images) the way the node runs it. Figures go to metrics.json next
 to the model and are printed as JSON.
@@ -19,7 +23,8 @@ Pre-processing contract (shared with the node's executor, see dicomnode/inferenc
   node:  find_field_of_view -> square_box -> crop_square -> resize_image(S) -> RGB/255 NCHW
   graph: field-of-view mask from the red channel; contrast normalisation within the field of
          view (disc: per-image mean/std of each colour; lesions: local mean/std, Gaussian
-         sigma S/32), all fixed first layers -> U-Net -> sigmoid (x FOV mask)
+         sigma S/32), multi-scale filter bank, all fixed first layers -> per-pixel network
+         (1x1 convolutions) -> sigmoid (x FOV mask) [disc: -> robust disc selection]
   node:  resize_probability(box size) -> place_back(source frame) -> threshold
 
 Figures (test, at source resolution 1429x949, pixels inside the field of view that
@@ -171,8 +176,8 @@ def roc_auc_hist(hist: NDArray[np.int64]) -> float:
     return float((np.sum(pos * below) + 0.5 * np.sum(pos * neg)) / (pos.sum() * neg.sum()))
 
 
-def dice_from(tp: NDArray[np.float64], fp: NDArray[np.float64],
-              fn: NDArray[np.float64]) -> NDArray[np.float64]:
+def dice_from(tp: NDArray[np.float64] | np.float64, fp: NDArray[np.float64] | np.float64,
+              fn: NDArray[np.float64] | np.float64) -> NDArray[np.float64]:
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.asarray(2 * tp / (2 * tp + fp + fn))
 
@@ -594,7 +599,7 @@ def train(task: str, cases: Sequence[Case], args: argparse.Namespace) -> tuple[A
         for b in range(steps_per_epoch):
             idx = order[b * args.batch:(b + 1) * args.batch]
             logits = net(x[idx])
-            loss = F.binary_cross_entropy_with_logits(logits, y[idx])
+            loss: Any = F.binary_cross_entropy_with_logits(logits, y[idx])
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -679,7 +684,7 @@ def evaluate_lesions(model_path: Path, data: Path, codes: Sequence[str],
         h, c = hists[code], counts[code]
         pooled = h.sum(axis=0)
         boot_hist = np.einsum("bi,ijk->bjk", weights, h.astype(np.float64))
-        boot_ap = average_precision(boot_hist)  # type: ignore[arg-type]
+        boot_ap = average_precision(boot_hist)
         tp, fp, fn = c.sum(axis=0)
         boot_c = weights @ c
         boot_dice = dice_from(boot_c[:, 0], boot_c[:, 1], boot_c[:, 2])
