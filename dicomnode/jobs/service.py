@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from dicomnode.db.engine import Database
-from dicomnode.errors import DicomNodeError
+from dicomnode.errors import DicomNodeError, InferenceUnavailableError
 from dicomnode.inference.executor import GraphExecutor
+from dicomnode.inference.remote import RemoteClient
 from dicomnode.inference.sessions import SessionPool
 from dicomnode.jobs import queue
 from dicomnode.jobs.health import health_report
@@ -53,7 +54,9 @@ class ProcessingService:
         self.presets = presets
         config = settings.inference
         self.sessions = sessions or SessionPool(
-            config.providers, intra_op_threads=config.intra_op_threads
+            config.providers, intra_op_threads=config.intra_op_threads,
+            remote=RemoteClient(config.remote) if config.remote is not None else None,
+            backend_for=config.backend_for,
         )
         self.executor = GraphExecutor(
             registry, self.sessions, max_batch=config.max_batch,
@@ -158,6 +161,13 @@ class ProcessingService:
                 result, outcome, output = run_job(
                     job, self.database, self.storage_root, config.jobs_folder, self.executor
                 )
+            except InferenceUnavailableError as exc:
+                # The inference server, not the study: back to the queue, nothing recorded.
+                remote = config.remote
+                delay = remote.retry_max_delay_seconds if remote else config.poll_seconds
+                logger.warning("job %d: %s; queued again in %.0f s", job.id, exc, delay)
+                queue.requeue(self.database, job, str(exc), delay)
+                return job.id
             except Exception as exc:  # an unexpected error must end the job, not the worker
                 logger.exception("job %d failed", job.id)
                 result, outcome, output = None, {

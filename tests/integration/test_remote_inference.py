@@ -1,0 +1,97 @@
+"""Remote inference over the Open Inference Protocol against a real Seldon MLServer on
+loopback: the same graph run in-process and remotely gives the same outputs through the real
+executor; a server that is down raises a transient error (the job waits), never a model failure;
+health reports the server's and the models' readiness."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dicomnode.errors import InferenceUnavailableError
+from dicomnode.graph import Selection, resolve
+from dicomnode.inference.executor import GraphExecutor
+from dicomnode.inference.preprocess import SourceImage
+from dicomnode.inference.remote import RemoteClient
+from dicomnode.inference.sessions import SessionPool
+from dicomnode.registry import Registry, load_registry
+from dicomnode.settings import RemoteInferenceSettings
+from dicomnode.synthetic import synthetic_fundus_with_truth
+from tests.support.mlserver import mlserver
+from tests.support.peers import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+# A chain (optic-disc -> disc-metrics), a gate (fundus-quality) and a classifier.
+MODELS = ["fundus-quality", "laterality", "optic-disc", "disc-metrics"]
+
+
+@pytest.fixture(scope="module")
+def registry() -> Registry:
+    return load_registry(ROOT / "model_registry")
+
+
+@pytest.fixture(scope="module")
+def server(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with mlserver([registry.get(m) for m in MODELS], tmp_path_factory.mktemp("mlserver")) as url:
+        yield url
+
+
+def _pool(url: str, *, total: float = 5.0) -> SessionPool:
+    client = RemoteClient(RemoteInferenceSettings(
+        url=url, timeout_seconds=30, retry_delay_seconds=0.01, retry_total_seconds=total))
+    return SessionPool(["CPUExecutionProvider"], remote=client,
+                       backend_for=lambda model_id: "remote")
+
+
+def _images() -> list[SourceImage]:
+    images = []
+    for index, side in enumerate("RL"):
+        rgb, _ = synthetic_fundus_with_truth(384, side, seed=index)  # type: ignore[arg-type]
+        images.append(SourceImage(f"1.2.826.0.1.3680043.10.77.{index}", rgb))
+    return images
+
+
+def test_remote_outputs_equal_in_process(registry: Registry, server: str) -> None:
+    graph = resolve(Selection.of(MODELS, modality="OP"), registry)
+    images = _images()
+    local = GraphExecutor(registry, SessionPool(["CPUExecutionProvider"])).run(graph, images)
+    pool = _pool(server)
+    remote = GraphExecutor(registry, pool).run(graph, images)
+    assert remote.outcome == local.outcome == "done", remote.problems()
+    for model_id in MODELS:
+        mine, theirs = local.models[model_id], remote.models[model_id]
+        assert theirs.provider == f"remote:{server}"
+        assert mine.provider == "CPUExecutionProvider"
+        assert theirs.run_images == mine.run_images and theirs.run_images
+        assert theirs.raw.keys() == mine.raw.keys()
+        for output, values in mine.raw.items():
+            for uid, value in values.items():
+                got = theirs.raw[output][uid]
+                assert got.shape == value.shape and got.dtype == value.dtype
+                np.testing.assert_allclose(got, value, rtol=1e-5, atol=1e-6)
+        for output, findings in mine.findings.items():
+            assert {u: f.label for u, f in findings.items()} == {
+                u: f.label for u, f in theirs.findings[output].items()}
+    # Health: the server and every model this pool sent there are ready.
+    assert pool.remote is not None
+    status = pool.remote.status([(m, "1.0.0") for m in MODELS])
+    assert status["ready"] is True and status["failing_since"] is None
+    assert all(v["ready"] for v in status["models"].values()), status
+    missing = pool.remote.status([("no-such-model", "1.0.0")])
+    assert missing["models"]["no-such-model@1.0.0"]["ready"] is False
+
+
+def test_a_down_server_is_transient_not_a_model_failure(registry: Registry) -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    graph = resolve(Selection.of(["laterality"], modality="OP"), registry)
+    pool = _pool(url, total=1.0)
+    with pytest.raises(InferenceUnavailableError, match="unavailable"):
+        GraphExecutor(registry, pool).run(graph, _images()[:1])
+    assert pool.remote is not None
+    status = pool.remote.status([("laterality", "1.0.0")])
+    assert status["ready"] is False and "ConnectError" in status["error"]
+    assert status["failing_since"] is not None and status["retries"] >= 2
+    assert "ConnectError" in status["last_error"]
