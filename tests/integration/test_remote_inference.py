@@ -5,21 +5,29 @@ health reports the server's and the models' readiness."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from sqlalchemy import select
 
+from dicomnode.db import open_database
+from dicomnode.db.models import AuditEvent
 from dicomnode.errors import InferenceUnavailableError
 from dicomnode.graph import Selection, resolve
 from dicomnode.inference.executor import GraphExecutor
 from dicomnode.inference.preprocess import SourceImage
 from dicomnode.inference.remote import RemoteClient
 from dicomnode.inference.sessions import SessionPool
+from dicomnode.jobs import ProcessingService, queue
 from dicomnode.registry import Registry, load_registry
-from dicomnode.settings import RemoteInferenceSettings
+from dicomnode.routing import load_presets
+from dicomnode.settings import RemoteInferenceSettings, Settings
 from dicomnode.synthetic import synthetic_fundus_with_truth
+from tests.support.databases import database_url
+from tests.support.executor_fixtures import add_study, write_diamond, write_preset
 from tests.support.mlserver import mlserver
 from tests.support.peers import free_port
 
@@ -95,3 +103,56 @@ def test_a_down_server_is_transient_not_a_model_failure(registry: Registry) -> N
     assert status["ready"] is False and "ConnectError" in status["error"]
     assert status["failing_since"] is not None and status["retries"] >= 2
     assert "ConnectError" in status["last_error"]
+
+
+def test_a_job_waits_for_the_server_then_runs_once(tmp_path: Path) -> None:
+    """Server down: the job goes back to the queue (visible, not failed, nothing recorded);
+    once the server is up, the next attempt records every model run exactly once."""
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    write_diamond(tmp_path / "registry", slow_repeats=1)
+    write_preset(tmp_path / "presets", "screening", ["gated-fraction", "total"])
+    port = free_port()
+    with database_url("sqlite", tmp_path) as url:
+        settings = Settings.model_validate({
+            "storage": {"path": storage}, "database": {"url": url},
+            "registry": {"path": tmp_path / "registry"},
+            "presets": {"path": tmp_path / "presets"},
+            "inference": {
+                "workers": 0, "backend": "remote",
+                "remote": {"url": f"http://127.0.0.1:{port}", "retry_delay_seconds": 0.05,
+                           "retry_total_seconds": 0.2, "retry_max_delay_seconds": 1.0},
+            },
+        })
+        database = open_database(url)
+        try:
+            registry = load_registry(settings.registry.path)
+            presets = load_presets(settings.presets.path, registry=registry, destinations=set())
+            service = ProcessingService(settings, database, registry, presets)
+            uid, _ = add_study(database, storage, [200, 0, 200])
+            service.on_study_complete(uid)
+            job_id = service.run_once()
+            assert job_id is not None
+            waiting = queue.job_detail(database, job_id)
+            assert waiting["state"] == "queued" and waiting["runs"] == []
+            assert "unavailable" in waiting["outcome"]["waiting"]
+            assert service.run_once() is None  # backing off: not claimable yet
+            assert service.health()["remote"]["ready"] is False
+            graph_models = sorted(waiting["graph"]["models"])
+            with mlserver([registry.get(m) for m in graph_models], tmp_path / "mls",
+                          port=port):
+                time.sleep(1.0)  # past the backoff
+                assert service.run_once() == job_id
+                health = service.health()["remote"]
+            detail = queue.job_detail(database, job_id)
+            assert detail["state"] == "done" and detail["attempts"] == 2, detail["outcome"]
+            assert sorted(r["model_id"] for r in detail["runs"]) == graph_models
+            assert {r["provider"] for r in detail["runs"]} == {f"remote:http://127.0.0.1:{port}"}
+            assert health["ready"] is True and health["failing_since"] is None
+            assert all(v["ready"] for v in health["models"].values()) and health["models"]
+            with database.transaction() as session:
+                kinds = session.scalars(select(AuditEvent.kind).where(
+                    AuditEvent.study_uid == uid).order_by(AuditEvent.id)).all()
+            assert kinds.count("job-waiting") == 1 and kinds.count("job-done") == 1
+        finally:
+            database.dispose()

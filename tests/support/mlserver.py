@@ -36,11 +36,12 @@ def find_mlserver() -> str:
 
 
 @contextmanager
-def mlserver(entries: Sequence[ModelEntry], folder: Path, *, ready_timeout: float = 120.0
-             ) -> Iterator[str]:
+def mlserver(entries: Sequence[ModelEntry], folder: Path, *, port: int | None = None,
+             ready_timeout: float = 120.0) -> Iterator[str]:
     """Serve `entries` (each under its model id); yield the base URL; stop it (bounded)."""
     executable = find_mlserver()
-    port = free_port()
+    port = port or free_port()
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "settings.json").write_text(json.dumps({
         "host": "127.0.0.1", "http_port": port, "grpc_port": free_port(),
         "metrics_port": free_port(), "parallel_workers": 0, "debug": False,
