@@ -22,7 +22,7 @@ import onnxruntime as ort
 from dicomnode.errors import InferenceError
 from dicomnode.inference.remote import RemoteClient, RemoteSession
 from dicomnode.registry.registry import ModelEntry
-from dicomnode.settings import InferenceBackend
+from dicomnode.settings import InferenceBackend, InferenceSettings
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,13 @@ class SessionPool:
         self._lock = threading.Lock()
         self._key_locks: dict[str, threading.Lock] = {}
         self._sessions: dict[str, LoadedModel] = {}
+
+    @classmethod
+    def for_settings(cls, config: InferenceSettings) -> SessionPool:
+        """The pool the settings describe, with a remote client where one is configured."""
+        return cls(config.providers, intra_op_threads=config.intra_op_threads,
+                   remote=RemoteClient(config.remote) if config.remote is not None else None,
+                   backend_for=config.backend_for)
 
     def available_providers(self) -> list[str]:
         return list(ort.get_available_providers())

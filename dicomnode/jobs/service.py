@@ -22,7 +22,6 @@ from typing import Any
 from dicomnode.db.engine import Database
 from dicomnode.errors import DicomNodeError, InferenceUnavailableError
 from dicomnode.inference.executor import GraphExecutor
-from dicomnode.inference.remote import RemoteClient
 from dicomnode.inference.sessions import SessionPool
 from dicomnode.jobs import queue
 from dicomnode.jobs.health import health_report
@@ -53,11 +52,7 @@ class ProcessingService:
         self.registry = registry
         self.presets = presets
         config = settings.inference
-        self.sessions = sessions or SessionPool(
-            config.providers, intra_op_threads=config.intra_op_threads,
-            remote=RemoteClient(config.remote) if config.remote is not None else None,
-            backend_for=config.backend_for,
-        )
+        self.sessions = sessions or SessionPool.for_settings(config)
         self.executor = GraphExecutor(
             registry, self.sessions, max_batch=config.max_batch,
             model_threads=config.model_threads,
