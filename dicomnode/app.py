@@ -110,9 +110,12 @@ class Node:
 
     def health(self) -> dict[str, Any]:
         """Processing health plus whether the console/API is serving."""
-        report = self.processing.health() if self.processing is not None else {"ok": False}
-        report["web"] = ({"ok": False, "error": self.web_error} if self.web_error is not None
-                         else {"ok": True, "enabled": self.web is not None})
+        report: dict[str, Any] = (
+            self.processing.health() if self.processing is not None else {"ok": False})
+        web: dict[str, Any] = (
+            {"ok": False, "error": self.web_error} if self.web_error is not None
+            else {"ok": True, "enabled": self.web is not None})
+        report["web"] = web
         return report
 
     def _use_catalog(self, catalog: Catalog) -> None:
