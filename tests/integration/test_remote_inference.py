@@ -5,6 +5,7 @@ health reports the server's and the models' readiness."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,3 +157,20 @@ def test_a_job_waits_for_the_server_then_runs_once(tmp_path: Path) -> None:
             assert kinds.count("job-waiting") == 1 and kinds.count("job-done") == 1
         finally:
             database.dispose()
+
+
+def test_a_server_too_slow_to_answer_is_transient(registry: Registry) -> None:
+    """A server that accepts the connection but never answers: the request times out, is
+    retried, then reported as unavailable (the job would wait), never a model failure."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # connections complete in the backlog; nothing ever answers
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        client = RemoteClient(RemoteInferenceSettings(
+            url=url, timeout_seconds=0.3, retry_delay_seconds=0.01, retry_total_seconds=0.5))
+        pool = SessionPool(["CPUExecutionProvider"], remote=client,
+                           backend_for=lambda model_id: "remote")
+        graph = resolve(Selection.of(["laterality"], modality="OP"), registry)
+        with pytest.raises(InferenceUnavailableError, match=r"(Read|Write)Timeout"):
+            GraphExecutor(registry, pool).run(graph, _images()[:1])
+        assert client.retries >= 2 and client.failing_since is not None
