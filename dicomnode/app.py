@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from typing import Any
 
 from dicomnode.assemble.assembler import Assembler, StudyCompleteHook
 from dicomnode.db import open_database
@@ -41,6 +42,7 @@ class Node:
         self.results: ResultsPipeline | None = None
         self.dispatcher: Dispatcher | None = None
         self.web: WebServer | None = None
+        self.web_error: str | None = None  # why the console/API is not serving, if it failed
         self.catalog: CatalogHolder | None = None
         self.watcher: CatalogWatcher | None = None
         self.retention: RetentionService | None = None
@@ -84,8 +86,14 @@ class Node:
         self.receiver = Receiver(settings, self.database, self.assembler)
         host, port = self.receiver.start()
         # Console/API last: preset edits reach the processing service and results pipeline.
-        self.web = start_web(settings, self.database, holder, health_probe=processing.health,
-                             receive_listener=self.assembler)
+        # A console that cannot start (port taken, bad certificate) is reported, and the
+        # DICOM service keeps running: cameras must not lose their destination over it.
+        try:
+            self.web = start_web(settings, self.database, holder, health_probe=self.health,
+                                 receive_listener=self.assembler)
+        except DicomNodeError as exc:
+            self.web_error = str(exc)
+            logger.error("web console and API NOT running; the DICOM service is: %s", exc)
         # Changes made on disk (other nodes, an editor, a new model version) reload too.
         self.watcher = CatalogWatcher(holder)
         self.watcher.start()
@@ -99,6 +107,16 @@ class Node:
                     " (DICOM TLS)" if tls_address is not None else "",
                     settings.storage.path)
         return host, port
+
+    def health(self) -> dict[str, Any]:
+        """Processing health plus whether the console/API is serving."""
+        report: dict[str, Any] = (
+            self.processing.health() if self.processing is not None else {"ok": False})
+        web: dict[str, Any] = (
+            {"ok": False, "error": self.web_error} if self.web_error is not None
+            else {"ok": True, "enabled": self.web is not None})
+        report["web"] = web
+        return report
 
     def _use_catalog(self, catalog: Catalog) -> None:
         """Hand a reloaded catalog to the stages that route, run and encode."""

@@ -29,6 +29,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "dicomnode.commands.users",
     "dicomnode.commands.evaluate",
     "dicomnode.commands.retention",
+    "dicomnode.commands.triton",
 )
 
 EXIT_ERROR = 2

@@ -71,6 +71,13 @@ class InferenceError(DicomNodeError):
     """A model could not be loaded or run (message names the model@version and the reason)."""
 
 
+class InferenceUnavailableError(InferenceError):
+    """A remote inference server is down, overloaded or too slow: transient, retry later.
+
+    Never a model's failure: the job waits and is tried again.
+    """
+
+
 class JobNotFoundError(DicomNodeError):
     """An operation named a job the database does not hold."""
 

@@ -57,6 +57,7 @@ def _check_ae_title(value: str) -> str:
 
 
 Laterality = Literal["L", "R"]
+InferenceBackend = Literal["onnxruntime", "remote"]
 _BOTH_EYES: tuple[Laterality, ...] = ("L", "R")
 
 
@@ -252,6 +253,33 @@ def _default_providers() -> list[ExecutionProvider]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
+class RemoteInferenceSettings(_Strict):
+    """An Open Inference Protocol (KServe v2) server: Triton, KServe, MLServer, OpenVINO MS."""
+
+    # Base URL, e.g. http://triton:8000 (the node POSTs to {url}/v2/models/{name}/infer).
+    url: str = "http://127.0.0.1:8000"
+    protocol: Literal["http"] = "http"
+    # Per request (connect and read); a slower answer counts as the server being unavailable.
+    timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+    # A refused, timed-out or 5xx request is retried after retry_delay * 2**(n-1) (at most
+    # retry_max_delay) until retry_total_seconds have passed; then the job goes back to the
+    # queue (never failed for it) and is tried again.
+    retry_delay_seconds: Annotated[float, Field(ge=0)] = 1.0
+    retry_max_delay_seconds: Annotated[float, Field(gt=0)] = 30.0
+    retry_total_seconds: Annotated[float, Field(ge=0)] = 120.0
+    # Server-side name per model id where it differs (default: the model id); the version
+    # sent is the registry version unless `send_version` is false.
+    model_names: dict[str, str] = Field(default_factory=dict)
+    send_version: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+
 class InferenceSettings(_Strict):
     """How the graph runs: execution providers, threads, job leases, batching."""
 
@@ -272,6 +300,22 @@ class InferenceSettings(_Strict):
     max_batch: Annotated[int, Field(ge=1, le=1024)] = 16
     # Where job outputs go; relative paths resolve against the storage path.
     jobs_folder: str = "jobs"
+    # Where session.run() happens: in this process (onnxruntime) or on `remote`; per-model
+    # `backends` entries (model id -> backend) override it.
+    backend: InferenceBackend = "onnxruntime"
+    backends: dict[str, InferenceBackend] = Field(default_factory=dict)
+    remote: RemoteInferenceSettings | None = None
+
+    @model_validator(mode="after")
+    def _remote_needed(self) -> InferenceSettings:
+        if self.remote is None and (
+            self.backend == "remote" or "remote" in self.backends.values()
+        ):
+            raise ValueError("backend 'remote' needs inference.remote.url")
+        return self
+
+    def backend_for(self, model_id: str) -> InferenceBackend:
+        return self.backends.get(model_id, self.backend)
 
 
 class DispatchSettings(_Strict):

@@ -104,8 +104,7 @@ def run_show(args: argparse.Namespace) -> int:
 
 def run_health(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    sessions = SessionPool(settings.inference.providers,
-                           intra_op_threads=settings.inference.intra_op_threads)
+    sessions = SessionPool.for_settings(settings.inference)
     with opened_database(settings.database.url) as database:
         if args.probe:
             registry = load_registry(settings.registry.path)
@@ -134,6 +133,12 @@ def run_health(args: argparse.Namespace) -> int:
         print(f"  {item['model']}: a session here runs on {item['provider']}")
     for model, error in sorted((report.get("load_failures") or {}).items()):
         print(f"  {model}: CANNOT LOAD: {error}")
+    remote = report.get("remote")
+    if remote is not None:
+        print(f"remote inference {remote['url']}: "
+              f"{'ready' if remote['ready'] else 'NOT READY: ' + str(remote['error'])}")
+        for model, ready in sorted(remote["models"].items()):
+            print(f"  {model}: {'ready' if ready['ready'] else 'NOT READY: ' + ready['error']}")
     for model, provider in sorted((report.get("last_run_providers") or {}).items()):
         print(f"  {model}: last run on {provider}")
     run = report["execution"].get("last_run")

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
+from dicomnode.errors import InferenceUnavailableError
 from dicomnode.graph.model import ResolvedGraph
 from dicomnode.inference.postprocess import Finding, binary_mask, classify, gate_reason
 from dicomnode.inference.preprocess import Geometry, SourceImage, prepare
@@ -161,6 +162,8 @@ class GraphExecutor:
             result.duration_ms = (time.perf_counter() - start) * 1000.0
             result.finished_at = datetime.now(UTC)
             self._evaluate(manifest, result)
+        except InferenceUnavailableError:  # the server, not the model: the job waits, retried
+            raise
         except Exception as exc:  # one model's failure must not stop the graph
             result.status = "failed"
             result.error = f"{type(exc).__name__}: {_first_line(exc)}"

@@ -12,15 +12,17 @@ import contextlib
 import io
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import onnxruntime as ort
 
 from dicomnode.errors import InferenceError
+from dicomnode.inference.remote import RemoteClient, RemoteSession
 from dicomnode.registry.registry import ModelEntry
+from dicomnode.settings import InferenceBackend, InferenceSettings
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +58,21 @@ def prepare_process(wants_gpu: bool) -> None:
         _process_ready = True
 
 
+class SessionLike(Protocol):
+    """What the executor uses of a session: ORT's `InferenceSession`, or a `RemoteSession`."""
+
+    def run(self, output_names: Any, input_feed: Any) -> Any: ...
+    def get_inputs(self) -> Any: ...
+    def get_outputs(self) -> Any: ...
+    def get_providers(self) -> Any: ...
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     """A ready session and what it really runs on."""
 
     key: str  # id@version
-    session: ort.InferenceSession
+    session: SessionLike
     requested: tuple[str, ...]
     provider: str  # the first provider the session actually uses
     input_shapes: dict[str, tuple[int | str | None, ...]]
@@ -74,12 +85,29 @@ class LoadedModel:
 class SessionPool:
     """Lazily created sessions keyed by model@version; safe to use from many threads."""
 
-    def __init__(self, providers: Sequence[str], *, intra_op_threads: int = 0) -> None:
+    def __init__(
+        self,
+        providers: Sequence[str],
+        *,
+        intra_op_threads: int = 0,
+        remote: RemoteClient | None = None,
+        backend_for: Callable[[str], InferenceBackend] | None = None,
+    ) -> None:
         self.requested = tuple(providers) or ("CPUExecutionProvider",)
         self.intra_op_threads = intra_op_threads
+        # Which models run on the remote server (model id -> backend); none without a client.
+        self.remote = remote
+        self.backend_for = backend_for or (lambda _model_id: "onnxruntime")
         self._lock = threading.Lock()
         self._key_locks: dict[str, threading.Lock] = {}
         self._sessions: dict[str, LoadedModel] = {}
+
+    @classmethod
+    def for_settings(cls, config: InferenceSettings) -> SessionPool:
+        """The pool the settings describe, with a remote client where one is configured."""
+        return cls(config.providers, intra_op_threads=config.intra_op_threads,
+                   remote=RemoteClient(config.remote) if config.remote is not None else None,
+                   backend_for=config.backend_for)
 
     def available_providers(self) -> list[str]:
         return list(ort.get_available_providers())
@@ -112,6 +140,16 @@ class SessionPool:
         path = entry.onnx_path
         if path is None or not Path(path).is_file():
             raise InferenceError(f"{entry.key}: no ONNX file at {path}")
+        if self.backend_for(entry.manifest.id) == "remote":
+            if self.remote is None:
+                raise InferenceError(f"{entry.key}: backend 'remote' but no inference.remote")
+            # The ONNX file still gives the signature: names, order and shapes as in-process.
+            remote = RemoteSession(self.remote, entry.manifest.id, entry.manifest.version,
+                                   Path(path))
+            provider = remote.get_providers()[0]
+            logger.info("%s: running on %s", entry.key, provider)
+            remote_shapes = {arg.name: tuple(arg.shape) for arg in remote.get_inputs()}
+            return LoadedModel(entry.key, remote, ("remote",), provider, remote_shapes)
         providers = self._providers()
         prepare_process(bool(_GPU_PROVIDERS & set(providers)))
         options = ort.SessionOptions()

@@ -16,6 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from dicomnode.db.engine import Database
 from dicomnode.db.models import ModelRun
 from dicomnode.inference.devices import provider_statuses
+from dicomnode.inference.remote import RemoteSession
 from dicomnode.inference.sessions import SessionPool
 from dicomnode.jobs import queue
 
@@ -78,6 +79,11 @@ def health_report(database: Database, sessions: SessionPool | None,
             for s in (sessions.loaded() if sessions else [])
         ],
     }
+    if sessions is not None and sessions.remote is not None:
+        # Readiness of the server and of every model this node has sent there.
+        remote_models = [(s.session.model_id, s.session.version) for s in sessions.loaded()
+                         if isinstance(s.session, RemoteSession)]
+        report["remote"] = sessions.remote.status(remote_models)
     try:
         with database.engine.connect() as conn:
             conn.execute(text("SELECT 1"))

@@ -122,7 +122,9 @@ def claim(database: Database, worker: str, lease_seconds: float) -> ClaimedJob |
     with database.transaction() as session:
         now = utcnow()
         runnable = or_(
-            Job.state == JobState.QUEUED,
+            # A queued job's lease_until, when set, is "not before" (a requeue's backoff).
+            (Job.state == JobState.QUEUED) & (
+                Job.lease_until.is_(None) | (Job.lease_until < now)),
             (Job.state == JobState.RUNNING) & (Job.lease_until < now),
         )
         job = session.execute(
@@ -152,6 +154,28 @@ def renew(database: Database, job_id: int, worker: str, lease_seconds: float) ->
             execution_options={"synchronize_session": False},
         )
         return _updated(result)
+
+
+def requeue(database: Database, job: ClaimedJob, why: str, delay_seconds: float) -> bool:
+    """Put a claimed job back in the queue, claimable after `delay_seconds`: a transient
+    failure (the inference server is unavailable), not the job's end. Nothing else is
+    recorded, so a later attempt records the results exactly once. False if the claim was lost.
+    """
+    with database.transaction() as session:
+        now = utcnow()
+        won = session.execute(
+            update(Job).where(Job.id == job.id, Job.claimed_by == job.worker,
+                              Job.state == JobState.RUNNING)
+            .values(state=JobState.QUEUED, claimed_by=None,
+                    lease_until=now + timedelta(seconds=delay_seconds),
+                    outcome_json=json.dumps({"waiting": why[:2000]}, sort_keys=True)),
+            execution_options={"synchronize_session": False},
+        )
+        if not _updated(won):
+            return False
+        audit.record(session, "job-waiting", actor=job.worker, study_uid=job.study_uid,
+                     detail=f"job {job.id} attempt {job.attempt}: {why}"[:4000])
+    return True
 
 
 def _study_state(outcome: str) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dicomnode.db.engine import Database
-from dicomnode.errors import DicomNodeError
+from dicomnode.errors import DicomNodeError, InferenceUnavailableError
 from dicomnode.inference.executor import GraphExecutor
 from dicomnode.inference.sessions import SessionPool
 from dicomnode.jobs import queue
@@ -52,9 +52,7 @@ class ProcessingService:
         self.registry = registry
         self.presets = presets
         config = settings.inference
-        self.sessions = sessions or SessionPool(
-            config.providers, intra_op_threads=config.intra_op_threads
-        )
+        self.sessions = sessions or SessionPool.for_settings(config)
         self.executor = GraphExecutor(
             registry, self.sessions, max_batch=config.max_batch,
             model_threads=config.model_threads,
@@ -158,6 +156,13 @@ class ProcessingService:
                 result, outcome, output = run_job(
                     job, self.database, self.storage_root, config.jobs_folder, self.executor
                 )
+            except InferenceUnavailableError as exc:
+                # The inference server, not the study: back to the queue, nothing recorded.
+                remote = config.remote
+                delay = remote.retry_max_delay_seconds if remote else config.poll_seconds
+                logger.warning("job %d: %s; queued again in %.0f s", job.id, exc, delay)
+                queue.requeue(self.database, job, str(exc), delay)
+                return job.id
             except Exception as exc:  # an unexpected error must end the job, not the worker
                 logger.exception("job %d failed", job.id)
                 result, outcome, output = None, {

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 
 class WebServer:
-    """`start()` binds (so a taken port fails the node's start, loudly) and serves on a thread."""
+    """`start()` binds (a taken port raises, naming it) and serves on a thread."""
 
     def __init__(self, state: WebState, settings: WebSettings) -> None:
         self._settings = settings
@@ -91,5 +91,9 @@ def start_web(
     state = WebState(settings, database, catalog, health_probe=health_probe,
                      receive_listener=receive_listener)
     server = WebServer(state, settings.web)
-    server.start()
+    try:
+        server.start()
+    except DicomNodeError:
+        server.stop(timeout=2.0)  # a half-started server must not linger
+        raise
     return server

@@ -3,6 +3,7 @@ API reaches the running processing service without a restart."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -11,10 +12,9 @@ import yaml
 
 from dicomnode.app import Node
 from dicomnode.db import open_database
-from dicomnode.errors import DicomNodeError
 from dicomnode.settings import load_settings
 from dicomnode.web import auth
-from tests.support.peers import free_port
+from tests.support.peers import free_port, require_tool
 from tests.web.conftest import SCREENING, make_env
 
 
@@ -70,7 +70,16 @@ def test_web_disabled_and_port_taken(tmp_path: Path) -> None:
         settings = load_settings(_node_config(tmp_path / "b", {"port": busy}))
         node = Node(settings)
         try:
-            with pytest.raises(DicomNodeError, match="web console cannot listen"):
-                node.start()
+            # The console cannot bind: reported, and the DICOM service still answers.
+            host, port = node.start()
+            assert node.web is None
+            assert node.web_error is not None and "web console cannot listen" in node.web_error
+            assert str(busy) in node.web_error
+            health = node.health()
+            assert health["web"]["ok"] is False and str(busy) in health["web"]["error"]
+            echo = subprocess.run(
+                [require_tool("echoscu", "dcmtk"), "-aec", settings.node.ae_title,
+                 host, str(port)], capture_output=True, text=True, timeout=30)
+            assert echo.returncode == 0, echo.stdout + echo.stderr
         finally:
             node.stop()
