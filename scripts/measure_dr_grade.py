@@ -179,12 +179,12 @@ def measure_idrid(runner: Runner, data: Path, thresholds: dict[str, float],
                   boot: int) -> dict[str, Any]:
     rows = read_split(data, "test")
     kept, outputs, skipped = [], [], {}
-    for path, grade, dme in rows:
+    for path, grade_of, dme_of in rows:
         out = runner.run(load_rgb(path))
         if isinstance(out, str):
             skipped[path.name] = out
             continue
-        kept.append((path.name, grade, dme))
+        kept.append((path.name, grade_of, dme_of))
         outputs.append(out)
     grade = np.array([k[1] for k in kept])
     dme = np.array([k[2] for k in kept])
@@ -214,7 +214,7 @@ def measure_other_cameras(runner: Runner, data: Path,
     result: dict[str, Any] = {}
     chase = sorted((data / "CHASE_DB1" / "images").glob("Image_*.jpg"))
     if chase:
-        scores = {"dr": [], "dme": []}
+        scores: dict[str, list[float]] = {"dr": [], "dme": []}
         skipped = {}
         for path in chase:
             out = runner.run(load_rgb(path))

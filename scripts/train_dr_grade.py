@@ -129,7 +129,8 @@ def build_modules(size: int) -> tuple[Any, Any]:
         masked, plus the eroded FOV mask. Dividing by the local mean removes illumination
         gradients, overall gain and colour cast, which differ most between cameras."""
 
-        g: torch.Tensor
+        gx: torch.Tensor
+        gy: torch.Tensor
 
         def __init__(self, size: int) -> None:
             super().__init__()
@@ -138,18 +139,19 @@ def build_modules(size: int) -> tuple[Any, Any]:
             half = math.ceil(2.5 * sigma)
             t = torch.arange(-half, half + 1, dtype=torch.float32)
             g = torch.exp(-0.5 * (t / sigma) ** 2)
-            self.register_buffer("g", (g / g.sum()).view(1, 1, -1))
+            g = g / g.sum()
+            # Fixed kernels for the 4 channels blurred (R, G, B times the mask, the mask):
+            # a kernel built from the input's shape would not export to ONNX.
+            self.register_buffer("gx", g.view(1, 1, 1, -1).repeat(4, 1, 1, 1))
+            self.register_buffer("gy", g.view(1, 1, -1, 1).repeat(4, 1, 1, 1))
             self.half_width = half
             self.erode = max(1, round(size / 128))
 
         def blur(self, x: torch.Tensor) -> torch.Tensor:
             size = x.shape[-1]
-            c = x.shape[1]
             x = F.avg_pool2d(x, self.factor)
-            gx = self.g.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
-            gy = self.g.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
-            x = F.conv2d(x, gx, padding=(0, self.half_width), groups=c)
-            x = F.conv2d(x, gy, padding=(self.half_width, 0), groups=c)
+            x = F.conv2d(x, self.gx, padding=(0, self.half_width), groups=4)
+            x = F.conv2d(x, self.gy, padding=(self.half_width, 0), groups=4)
             return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
         def forward(self, rgb: torch.Tensor) -> torch.Tensor:
@@ -446,7 +448,7 @@ def train(args: argparse.Namespace) -> None:
     print(f"cached {cache.shape} after {(time.time() - started) / 60:.1f} min", flush=True)
     gen = torch.Generator().manual_seed(SEED + 1)
     optimiser = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    steps_per_epoch = math.ceil(fit.size / args.batch)
+    steps_per_epoch: int = math.ceil(fit.size / int(args.batch))
     total = steps_per_epoch * args.epochs
     warm = steps_per_epoch
 
@@ -534,6 +536,17 @@ def sensitivity_threshold(scores: NDArray[np.float64], positive: NDArray[np.bool
     return float(math.floor(cut * 100) / 100)
 
 
+def check_onnx(path: Path, images: NDArray[np.uint8], expected: NDArray[np.float64]) -> None:
+    """The exported graph gives what torch gave (first output), or export fails."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = (images.astype(np.float32) / 255.0).transpose(0, 3, 1, 2)
+    got = session.run(None, {"image": np.ascontiguousarray(x)})[0]
+    if not np.allclose(got, expected, atol=1e-4):
+        raise SystemExit(f"{path}: ONNX differs from torch by {np.abs(got - expected).max()}")
+
+
 def export(args: argparse.Namespace) -> None:
     import torch
 
@@ -570,6 +583,8 @@ def export(args: argparse.Namespace) -> None:
     export_onnx(dme_module, size, DME_OUT / "model.onnx", ("dme_risk", "referable_dme"),
                 "dme-risk 1.0.0: RGB [0,1] NCHW -> IDRiD DME risk probabilities (N,3), "
                 "referable (risk >= 1) probabilities (N,2)")
+    check_onnx(DR_OUT / "model.onnx", images[held[:4]], pg[:4])
+    check_onnx(DME_OUT / "model.onnx", images[held[:4]], pd[:4])
     training = {
         "seed": SEED, "size": size, "torch": torch.__version__,
         "fit_images": int(fit.size), "held_out_images": int(held.size),
