@@ -343,13 +343,15 @@ def feature_cache(work: Path, size: int, pre: Any, images: NDArray[np.uint8]
 
 def recalibrate_batchnorm(net: Any, cache: NDArray[np.int8], batch: int = 16) -> None:
     """Re-estimate every BatchNorm's statistics as the plain average over the clean cached
-    training images (no augmentation), then leave the net in eval mode.
+    training images (no augmentation), then leave the net in eval mode (`--bn clean`).
 
     The running averages kept during training describe the noisy, augmented inputs of the
     last steps while the weights were still moving fast; on clean images they shrank the
     activations until every image got nearly the same output (held-out AUC ~0.5 in eval mode
     against ~0.7 with batch statistics after 3 epochs). Averaging over the clean training
-    images is the standard fix; it uses training images only."""
+    images is the standard fix and uses training images only. After the full schedule
+    (learning rate decayed to 0) the running averages did better on the held-out images, so
+    export keeps them unless `--bn clean` asks for this."""
     import torch
 
     for module in net.modules():
@@ -558,7 +560,9 @@ def export(args: argparse.Namespace) -> None:
     net.load_state_dict(state["net"])
     images, grade, dme, _ = load_split(args.data, "train", size, args.work)
     fit, held = holdout_split(grade, dme, float(state["args"]["holdout"]))
-    recalibrate_batchnorm(net, feature_cache(args.work, size, pre, images[fit]))
+    if args.bn == "clean":
+        recalibrate_batchnorm(net, feature_cache(args.work, size, pre, images[fit]))
+    net.eval()
     pg, pd = predict(pre, net, images[held])
     dr_score, dme_score = pg[:, 2:].sum(1), pd[:, 1:].sum(1)
     dr_pos, dme_pos = grade[held] >= 2, dme[held] >= 1
@@ -591,9 +595,7 @@ def export(args: argparse.Namespace) -> None:
         "args": state["args"], "epochs_run": state["epoch"],
         "train_wall_minutes": state["history"][-1]["minutes"] if state["history"] else None,
         "history": state["history"],
-        "history_note": "held_* figures per epoch use the running BatchNorm statistics of "
-                        "training; the exported graphs use statistics re-estimated on the clean "
-                        "fit images (recalibrate_batchnorm)",
+        "batchnorm_statistics": args.bn,
         "thresholds": thresholds,
         "threshold_rule": f"highest threshold (2 decimals) with sensitivity >= "
                           f"{TARGET_SENSITIVITY} on the held-out part of the train split",
@@ -754,6 +756,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="stratified fraction of the train split kept for thresholds")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    parser.add_argument("--bn", choices=["running", "clean"], default="running",
+                        help="BatchNorm statistics to export: training's running averages "
+                             "(default; held-out AUC 0.744 DR / 0.789 DME after 11 epochs) or "
+                             "re-estimated on the clean fit images (0.720 / 0.737)")
     args = parser.parse_args(argv)
 
     import torch
