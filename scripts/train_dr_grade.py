@@ -622,11 +622,10 @@ def _code(scheme: str, value: str, meaning: str) -> dict[str, str]:
 
 
 def _referable_classes(prefix: str) -> list[dict[str, Any]]:
-    if prefix == "DR":
-        return [{"label": "non-referable", "code": _code(PRIVATE, "DR101", "Non-referable")},
-                {"label": "referable", "code": _code(PRIVATE, "DR102", "Referable")}]
-    return [{"label": "non-referable", "code": _code(PRIVATE, "DME101", "Non-referable")},
-            {"label": "referable", "code": _code(PRIVATE, "DME102", "Referable")}]
+    # Yes / No of DICOM CID 230 (docs/results.md, "Diabetic screening codes"); the concept
+    # (referable DR, referable DME) says what is answered.
+    return [{"label": "non-referable", "code": _code(SCT, "373067005", "No")},
+            {"label": "referable", "code": _code(SCT, "373066001", "Yes")}]
 
 
 def manifest(model: str, size: int, thresholds: dict[str, float],
@@ -640,7 +639,7 @@ def manifest(model: str, size: int, thresholds: dict[str, float],
                 "scripts/train_dr_grade.py (PyTorch CPU, fixed seed). Test split (103) for "
                 "figures only")
     common = {
-        "version": "1.0.0", "task": "classification", "modalities": ["OP", "XC"],
+        "version": "1.0.0", "task": "classification", "modalities": ["OP", "XC", "OT"],
         "requirements": {"colour": "colour", "min_width": 256, "min_height": 256},
         "file": "model.onnx", "inputs": [image],
     }
@@ -652,7 +651,7 @@ def manifest(model: str, size: int, thresholds: dict[str, float],
     }
     if model == "dr-grade":
         outputs = [
-            {"kind": "probabilities", "name": "dr_grade",
+            {"kind": "probabilities", "name": "dr_grade", "summary": "worst",
              "concept": _code(SCT, "4855003", "Diabetic retinopathy"),
              "classes": [
                  {"label": "none",
@@ -666,7 +665,7 @@ def manifest(model: str, size: int, thresholds: dict[str, float],
                  {"label": "proliferative",
                   "code": _code(SCT, "59276001", "Proliferative diabetic retinopathy")},
              ]},
-            {"kind": "probabilities", "name": "referable_dr",
+            {"kind": "probabilities", "name": "referable_dr", "summary": "worst",
              "concept": _code(PRIVATE, "DR100", "Referable diabetic retinopathy"),
              "classes": _referable_classes("DR"), "positive": "referable",
              "threshold": thresholds["referable_dr"]},
@@ -701,7 +700,7 @@ def manifest(model: str, size: int, thresholds: dict[str, float],
                      PRIVATE, "DME012",
                      "Hard exudates within one disc diameter of the macula centre")},
              ]},
-            {"kind": "probabilities", "name": "referable_dme",
+            {"kind": "probabilities", "name": "referable_dme", "summary": "worst",
              "concept": _code(SCT, "312912001", "Macular edema due to diabetes mellitus"),
              "classes": _referable_classes("DME"), "positive": "referable",
              "threshold": thresholds["referable_dme"]},
