@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dicomnode.redact import RedactingFormatter
 from dicomnode.settings import Settings, load_settings
 
 
@@ -41,11 +42,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    # Tracebacks quote the exception's message, which may carry data set values.
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level), handlers=[handler])
     # pynetdicom logs every PDU at INFO; keep ordinary logs readable and free of patient data.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, getattr(logging, level)))
 

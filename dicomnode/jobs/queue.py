@@ -72,10 +72,7 @@ def enqueue(database: Database, plan: Plan, reason: str) -> int | None:
     """Record the plan for a study; return the new job id (None: not routed, or lost race)."""
     with database.transaction() as session:
         now = utcnow()
-        condition = (
-            (Study.state == StudyState.COMPLETE) if reason == COMPLETE
-            else (Study.needs_reprocess.is_(True) & Study.state.in_(_FINAL_STUDY_STATES))
-        )
+        condition = _plan_condition(reason)
         if plan.graph is not None:
             new_state = StudyState.PROCESSING
         elif plan.decision is not None and plan.decision.preset is None:
@@ -114,6 +111,43 @@ def enqueue(database: Database, plan: Plan, reason: str) -> int | None:
                             f"{plan.reason}")
         logger.info("study %s: job %d queued (%s)", plan.study_uid, job.id, reason)
         return job.id
+
+
+def _plan_condition(reason: str) -> Any:
+    return (
+        (Study.state == StudyState.COMPLETE) if reason == COMPLETE
+        else (Study.needs_reprocess.is_(True) & Study.state.in_(_FINAL_STUDY_STATES))
+    )
+
+
+def fail_unplannable(database: Database, study_uid: str, reason: str, error: str) -> int | None:
+    """A study that cannot be planned (routing or resolution raised) goes `failed` with a failed
+    job row that says why (`dicomnode job show`, the API), so it never blocks the queue and an
+    operator can see and re-run it. `error` must already be free of data set values.
+    Returns the job id (None: another caller planned the study first)."""
+    with database.transaction() as session:
+        now = utcnow()
+        won = session.execute(
+            update(Study).where(Study.study_uid == study_uid, _plan_condition(reason))
+            .values(state=StudyState.FAILED, needs_reprocess=False, updated_at=now),
+            execution_options={"synchronize_session": False},
+        )
+        if not _updated(won):
+            return None
+        study_id = session.scalar(select(Study.id).where(Study.study_uid == study_uid))
+        outcome = {"outcome": JobState.FAILED, "problems": {"(planning)": error}}
+        job = Job(
+            study_id=study_id, study_uid=study_uid, preset=None,
+            graph_json=json.dumps({"stages": [], "models": {}}),
+            state=JobState.FAILED, reason=reason, attempts=0, created_at=now,
+            finished_at=now, outcome_json=json.dumps(outcome, sort_keys=True),
+        )
+        session.add(job)
+        session.flush()
+        audit.record(session, "job-failed", actor="processing", study_uid=study_uid,
+                     detail=f"job {job.id} failed: planning: {error}"[:4000])
+    logger.warning("study %s: cannot be planned, failed (job %d): %s", study_uid, job.id, error)
+    return int(job.id)
 
 
 def claim(database: Database, worker: str, lease_seconds: float) -> ClaimedJob | None:

@@ -19,14 +19,17 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
+
 from dicomnode.db.engine import Database
-from dicomnode.errors import DicomNodeError
+from dicomnode.errors import DatabaseError, StudyNotFoundError
 from dicomnode.inference.executor import GraphExecutor
 from dicomnode.inference.sessions import SessionPool
 from dicomnode.jobs import queue
 from dicomnode.jobs.health import health_report
 from dicomnode.jobs.planning import plan_study, study_facts
 from dicomnode.jobs.runner import run_job
+from dicomnode.redact import safe_error
 from dicomnode.registry.registry import Registry
 from dicomnode.routing.catalog import Catalog
 from dicomnode.routing.loader import PresetSet
@@ -114,17 +117,30 @@ class ProcessingService:
         """Assembler hook: plan the study now and wake a worker."""
         try:
             self.plan(study_uid, queue.COMPLETE)
-        except DicomNodeError as exc:
-            logger.warning("study %s: planning failed (the sweep retries): %s", study_uid, exc)
+        except Exception as exc:  # the hook must never break the assembler
+            logger.warning("study %s: planning failed (the sweep retries): %s", study_uid,
+                           safe_error(exc))
         self._wake.set()
 
     # -- planning and running ------------------------------------------------------------------
 
     def plan(self, study_uid: str, reason: str) -> int | None:
-        """Route and resolve a study and queue its job; None when not routed or already done."""
-        facts = study_facts(self.database, self.storage_root, study_uid)
-        plan = plan_study(study_uid, facts, self.registry, self.presets,
-                          self.settings.modality_defaults)
+        """Route and resolve a study and queue its job; None when not routed or already done.
+
+        Whatever goes wrong reading, routing or resolving this one study fails this study (a
+        failed job row says why) and nothing else: the next study is planned as usual. Only
+        database errors propagate (the sweep tries again).
+        """
+        try:
+            facts = study_facts(self.database, self.storage_root, study_uid)
+            plan = plan_study(study_uid, facts, self.registry, self.presets,
+                              self.settings.modality_defaults)
+        except (DBAPIError, DatabaseError, StudyNotFoundError):
+            raise
+        except Exception as exc:
+            logger.error("study %s: planning failed: %s", study_uid, safe_error(exc),
+                         exc_info=True)
+            return queue.fail_unplannable(self.database, study_uid, reason, safe_error(exc))
         return queue.enqueue(self.database, plan, reason)
 
     def plan_pending(self) -> list[int]:
@@ -135,8 +151,9 @@ class ProcessingService:
             for study_uid, reason in queue.studies_to_plan(self.database):
                 try:
                     job_id = self.plan(study_uid, reason)
-                except DicomNodeError as exc:
-                    logger.warning("study %s: planning failed: %s", study_uid, exc)
+                except Exception as exc:  # e.g. the database: this study waits, others go on
+                    logger.warning("study %s: planning failed (tried again at the next "
+                                   "sweep): %s", study_uid, safe_error(exc))
                     continue
                 if job_id is not None:
                     created.append(job_id)
@@ -161,7 +178,7 @@ class ProcessingService:
             except Exception as exc:  # an unexpected error must end the job, not the worker
                 logger.exception("job %d failed", job.id)
                 result, outcome, output = None, {
-                    "outcome": "failed", "problems": {"(job)": f"{type(exc).__name__}: {exc}"},
+                    "outcome": "failed", "problems": {"(job)": safe_error(exc)},
                 }, None
         finally:
             heartbeat.stop()

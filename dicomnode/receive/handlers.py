@@ -25,7 +25,8 @@ from dicomnode.db.engine import Database
 from dicomnode.receive import ingest, statuses, storage
 from dicomnode.receive.identifiers import Refused, read_identifiers
 from dicomnode.receive.policy import CallerPolicy
-from dicomnode.receive.sop_classes import is_implicit_vr
+from dicomnode.receive.sop_classes import is_encapsulated, is_implicit_vr
+from dicomnode.redact import safe_error
 from dicomnode.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ class ReceiveHandlers:
                 self._audit("error", calling_ae=log.calling_ae, peer=log.peer,
                             sop_instance_uid=_command_uid(event),
                             status=statuses.PROCESSING_FAILURE,
-                            detail=f"{type(exc).__name__}: {exc}"[:2000])
+                            detail=safe_error(exc))
                 return statuses.PROCESSING_FAILURE
         finally:
             self.in_flight.exit()
@@ -199,6 +200,7 @@ class ReceiveHandlers:
             ids = read_identifiers(
                 data,
                 implicit_vr=is_implicit_vr(transfer_syntax),
+                encapsulated=is_encapsulated(transfer_syntax),
                 command_sop_class_uid=str(request.AffectedSOPClassUID),
                 command_sop_instance_uid=str(request.AffectedSOPInstanceUID),
             )
