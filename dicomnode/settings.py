@@ -49,6 +49,14 @@ class NodeSettings(_Strict):
     max_pdu: Annotated[int, Field(ge=0)] = 0
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
     shutdown_grace_seconds: Annotated[float, Field(ge=0)] = 30.0
+    # From TCP connect to a complete A-ASSOCIATE-RQ: a connection that sends nothing (or a
+    # trickle) holds an association slot only this long.
+    association_request_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
+    # Connections from one address at once; a further one first displaces that address's
+    # oldest connection still without a request, else it is closed.
+    max_associations_per_host: Annotated[int, Field(ge=1, le=1000)] = 16
+    # Slots beyond max_associations that only callers on the allow-list may take.
+    reserved_associations: Annotated[int, Field(ge=0, le=100)] = 2
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
