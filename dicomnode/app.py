@@ -77,6 +77,7 @@ class Node:
         self.assembler = Assembler(self.database, settings.completeness, hooks)
         self.assembler.start()
         self.receiver = Receiver(settings, self.database, self.assembler)
+        self.assembler.receiving = self.receiver.handlers.is_receiving
         host, port = self.receiver.start()
         # Console/API last: preset edits reach the processing service and results pipeline.
         self.web = start_web(settings, self.database, holder, health_probe=processing.health)

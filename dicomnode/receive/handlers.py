@@ -179,6 +179,11 @@ class ReceiveHandlers:
             except Exception:
                 logger.exception("study assembler failed at the end of an association")
 
+    def is_receiving(self, study_uid: str) -> bool:
+        """Whether an open association has stored an instance of this study."""
+        with self._lock:
+            return any(study_uid in log.studies for log in self._associations.values())
+
     def on_echo(self, _event: Any) -> int:
         return statuses.SUCCESS
 
