@@ -78,6 +78,10 @@ class StorageSettings(_Strict):
 
 class DatabaseSettings(_Strict):
     url: str = "sqlite:///./var/dicomnode.db"
+    # A transient error (connection lost, serialization failure, lock timeout, SQLite busy)
+    # is retried this many times, waiting retry_seconds, then twice as long each time.
+    transient_retries: Annotated[int, Field(ge=0, le=20)] = 5
+    retry_seconds: Annotated[float, Field(gt=0, le=60)] = 0.5
 
 
 class CompletenessSettings(_Strict):

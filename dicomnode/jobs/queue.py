@@ -187,6 +187,20 @@ def renew(database: Database, job_id: int, worker: str, lease_seconds: float) ->
         return _updated(result)
 
 
+def release(database: Database, job: ClaimedJob) -> bool:
+    """Give a claimed job back to the queue untouched (its run could not reach the database);
+    the attempt it used is not counted against it."""
+    with database.transaction() as session:
+        result = session.execute(
+            update(Job).where(Job.id == job.id, Job.claimed_by == job.worker,
+                              Job.state == JobState.RUNNING)
+            .values(state=JobState.QUEUED, claimed_by=None, lease_until=None,
+                    attempts=Job.attempts - 1),
+            execution_options={"synchronize_session": False},
+        )
+        return _updated(result)
+
+
 def _study_state(outcome: str) -> str:
     return {"done": StudyState.DONE, "partial": StudyState.PARTIAL}.get(outcome, StudyState.FAILED)
 

@@ -10,6 +10,7 @@ nothing depends on the notification arriving.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -17,11 +18,13 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError
 
+from dicomnode.db import audit
 from dicomnode.db.engine import Database
+from dicomnode.db.transient import Retries, is_transient, retrying
 from dicomnode.errors import DatabaseError, StudyNotFoundError
 from dicomnode.inference.executor import GraphExecutor
 from dicomnode.inference.sessions import SessionPool
@@ -36,6 +39,8 @@ from dicomnode.routing.loader import PresetSet
 from dicomnode.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class ProcessingService:
@@ -170,19 +175,39 @@ class ProcessingService:
                     job.id, job.study_uid, job.attempt, worker)
         heartbeat = _Heartbeat(self.database, job, config.lease_seconds)
         heartbeat.start()
+        retries = Retries()
+        db = self.settings.database
+
+        def again(operation: Callable[[], T], what: str) -> T:
+            return retrying(operation, what=f"job {job.id}: {what}",
+                            attempts=db.transient_retries, first_delay=db.retry_seconds,
+                            retries=retries)
+
         try:
             try:
-                result, outcome, output = run_job(
+                result, outcome, output = again(lambda: run_job(
                     job, self.database, self.storage_root, config.jobs_folder, self.executor
-                )
+                ), "run")
             except Exception as exc:  # an unexpected error must end the job, not the worker
+                if is_transient(exc):
+                    # The database stayed away through every retry: that is not the job's
+                    # fault. Hand it back (or let its lease lapse) rather than fail it.
+                    logger.error("job %d: database unavailable; the job is queued again: %s",
+                                 job.id, safe_error(exc))
+                    with contextlib.suppress(Exception):
+                        queue.release(self.database, job)
+                    return job.id
                 logger.exception("job %d failed", job.id)
                 result, outcome, output = None, {
                     "outcome": "failed", "problems": {"(job)": safe_error(exc)},
                 }, None
         finally:
             heartbeat.stop()
-        if queue.finish(self.database, job, result, outcome, output):
+        finished = again(lambda: queue.finish(self.database, job, result, outcome, output),
+                         "recording the outcome")
+        if retries.errors:
+            _audit_retries(self.database, job, retries)
+        if finished:
             for hook in list(self.on_job_finished):
                 try:
                     hook(job.id)
@@ -202,6 +227,16 @@ class ProcessingService:
             if ran is None:
                 self._wake.wait(poll)
                 self._wake.clear()
+
+
+def _audit_retries(database: Database, job: queue.ClaimedJob, retries: Retries) -> None:
+    try:
+        with database.transaction() as session:
+            audit.record(session, "database-retry", actor=job.worker, study_uid=job.study_uid,
+                         detail=f"job {job.id}: {len(retries.errors)} transient database "
+                                f"error(s) retried; last: {retries.errors[-1]}"[:4000])
+    except Exception:  # auditing must not undo a finished job
+        logger.exception("job %d: could not audit its database retries", job.id)
 
 
 class _Heartbeat:

@@ -22,6 +22,7 @@ from pynetdicom.dsutils import encode_file_meta
 
 from dicomnode.db import audit
 from dicomnode.db.engine import Database
+from dicomnode.db.transient import retrying
 from dicomnode.receive import ingest, statuses, storage
 from dicomnode.receive.admission import Admission
 from dicomnode.receive.identifiers import Refused, read_identifiers
@@ -256,14 +257,18 @@ class ReceiveHandlers:
                 if exc.errno in _NO_SPACE:
                     raise Refused(statuses.OUT_OF_RESOURCES, f"disk full: {exc}") from exc
                 raise
-        result = ingest.record_arrival(
-            self.database,
-            ingest.Arrival(
-                ids=ids, transfer_syntax_uid=transfer_syntax, path=relative.as_posix(),
-                size_bytes=size, calling_ae=log.calling_ae,
-                called_ae=self.settings.node.ae_title, peer=log.peer,
-            ),
-            quiet_seconds=self.settings.completeness.quiet_seconds,
+        arrival = ingest.Arrival(
+            ids=ids, transfer_syntax_uid=transfer_syntax, path=relative.as_posix(),
+            size_bytes=size, calling_ae=log.calling_ae,
+            called_ae=self.settings.node.ae_title, peer=log.peer,
+        )
+        # A brief database hiccup is retried here; the sender is waiting, so only briefly.
+        database = self.settings.database
+        result = retrying(
+            lambda: ingest.record_arrival(
+                self.database, arrival, quiet_seconds=self.settings.completeness.quiet_seconds),
+            what="recording an instance", attempts=min(database.transient_retries, 3),
+            first_delay=min(database.retry_seconds, 0.5),
         )
         if result.outcome is ingest.Outcome.DUPLICATE:
             log.duplicates += 1
