@@ -25,7 +25,8 @@ from dicomnode.db.engine import Database
 from dicomnode.db.transient import retrying
 from dicomnode.receive import ingest, statuses, storage
 from dicomnode.receive.admission import Admission
-from dicomnode.receive.identifiers import Refused, read_identifiers
+from dicomnode.receive.identifiers import Identifiers, Refused, read_identifiers
+from dicomnode.receive.keyed_locks import KeyedLocks
 from dicomnode.receive.policy import CallerPolicy
 from dicomnode.receive.sop_classes import is_encapsulated, is_implicit_vr
 from dicomnode.redact import safe_error
@@ -107,6 +108,7 @@ class ReceiveHandlers:
         )
         self.root: Path = settings.storage.path
         self.in_flight = InFlight()
+        self._sop_locks = KeyedLocks()
         self._associations: dict[Any, _AssociationLog] = {}
         self._lock = threading.Lock()
 
@@ -241,35 +243,13 @@ class ReceiveHandlers:
                 command_sop_instance_uid=str(request.AffectedSOPInstanceUID),
             )
             relative = storage.relative_path(ids.study_uid, ids.series_uid, ids.sop_instance_uid)
-            target = self.root / relative
-            # Keep the first copy: a resend must not rewrite a file a row already points to.
-            if target.exists() and ingest.is_stored(self.database, ids.sop_instance_uid):
-                log.duplicates += 1
-                self._audit("duplicate", calling_ae=log.calling_ae, peer=log.peer,
-                            study_uid=ids.study_uid, sop_instance_uid=ids.sop_instance_uid,
-                            status=statuses.SUCCESS, detail="SOP Instance already held")
-                return statuses.SUCCESS
-            meta = _PREAMBLE + encode_file_meta(event.file_meta)
-            try:
-                size = storage.write_atomic(target, (meta, data),
-                                            durable=self.settings.storage.fsync)
-            except OSError as exc:
-                if exc.errno in _NO_SPACE:
-                    raise Refused(statuses.OUT_OF_RESOURCES, f"disk full: {exc}") from exc
-                raise
-        arrival = ingest.Arrival(
-            ids=ids, transfer_syntax_uid=transfer_syntax, path=relative.as_posix(),
-            size_bytes=size, calling_ae=log.calling_ae,
-            called_ae=self.settings.node.ae_title, peer=log.peer,
-        )
-        # A brief database hiccup is retried here; the sender is waiting, so only briefly.
-        database = self.settings.database
-        result = retrying(
-            lambda: ingest.record_arrival(
-                self.database, arrival, quiet_seconds=self.settings.completeness.quiet_seconds),
-            what="recording an instance", attempts=min(database.transient_retries, 3),
-            first_delay=min(database.retry_seconds, 0.5),
-        )
+            # One writer per SOP Instance at a time: of two copies sent at once, the second
+            # finds the first committed and never replaces the file its row describes.
+            with self._sop_locks.hold(ids.sop_instance_uid):
+                result = self._write_and_record(event, log, ids, relative, transfer_syntax,
+                                                data)
+        if result is None:
+            return statuses.SUCCESS  # already held (audited as a duplicate)
         if result.outcome is ingest.Outcome.DUPLICATE:
             log.duplicates += 1
         elif result.outcome is ingest.Outcome.LATE:
@@ -284,6 +264,53 @@ class ReceiveHandlers:
                 except Exception:
                     logger.exception("could not schedule the quiet period of a study")
         return statuses.SUCCESS
+
+    def _write_and_record(self, event: Any, log: _AssociationLog, ids: Identifiers,
+                          relative: Path, transfer_syntax: str, data: memoryview
+                          ) -> ingest.IngestResult | None:
+        """Write the file and commit its row; None when the instance is already held here."""
+        target = self.root / relative
+        held = ingest.held_path(self.database, ids.sop_instance_uid)
+        if held is not None and held != relative.as_posix():
+            raise Refused(statuses.DUPLICATE_SOP_INSTANCE,
+                          "SOP Instance UID already held under another study or series "
+                          f"({held.split('/', 1)[0]}); nothing stored")
+        # Keep the first copy: a resend must not rewrite a file a row already points to.
+        if held is not None and target.exists():
+            log.duplicates += 1
+            self._audit("duplicate", calling_ae=log.calling_ae, peer=log.peer,
+                        study_uid=ids.study_uid, sop_instance_uid=ids.sop_instance_uid,
+                        status=statuses.SUCCESS, detail="SOP Instance already held")
+            return None
+        meta = _PREAMBLE + encode_file_meta(event.file_meta)
+        try:
+            size = storage.write_atomic(target, (meta, data), durable=self.settings.storage.fsync)
+        except OSError as exc:
+            if exc.errno in _NO_SPACE:
+                raise Refused(statuses.OUT_OF_RESOURCES, f"disk full: {exc}") from exc
+            raise
+        arrival = ingest.Arrival(
+            ids=ids, transfer_syntax_uid=transfer_syntax, path=relative.as_posix(),
+            size_bytes=size, calling_ae=log.calling_ae,
+            called_ae=self.settings.node.ae_title, peer=log.peer,
+        )
+        # A brief database hiccup is retried here; the sender is waiting, so only briefly.
+        database = self.settings.database
+        try:
+            return retrying(
+                lambda: ingest.record_arrival(
+                    self.database, arrival,
+                    quiet_seconds=self.settings.completeness.quiet_seconds),
+                what="recording an instance", attempts=min(database.transient_retries, 3),
+                first_delay=min(database.retry_seconds, 0.5),
+            )
+        except ingest.HeldElsewhere as exc:
+            # Another node committed it under another path meanwhile; the rows were rolled
+            # back, and the file just written is referenced by nothing.
+            target.unlink(missing_ok=True)
+            raise Refused(statuses.DUPLICATE_SOP_INSTANCE,
+                          f"SOP Instance UID already held under another study or series "
+                          f"({exc.path.split('/', 1)[0]}); nothing stored") from exc
 
     def _audit(self, kind: str, **fields: Any) -> None:
         """Write an audit row in its own transaction; never let auditing break serving."""

@@ -105,3 +105,62 @@ def test_unexpected_error_is_a_failure_status_and_audited(
     monkeypatch.undo()
     # The same handler object goes on serving.
     assert handlers.on_store(_event(write_op(tmp_path / "b.dcm"))) == statuses.SUCCESS
+
+
+def _variant(path: Path, target: Path, **changes: object) -> Path:
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    ds.save_as(target, enforce_file_format=True)
+    return target
+
+
+def test_the_same_instance_sent_twice_at_once_never_replaces_the_committed_file(
+    database: Database, tmp_path: Path
+) -> None:
+    import threading
+
+    handlers = _handlers(database, tmp_path, min_free_mb=0)
+    for attempt in range(12):
+        first = write_op(tmp_path / f"a{attempt}.dcm")
+        # Same SOP Instance UID, other content (and another size).
+        second = _variant(first, tmp_path / f"b{attempt}.dcm", ImageComments="x" * 400)
+        events = [_event(first), _event(second)]
+        barrier = threading.Barrier(2)
+        answers: list[int] = []
+
+        def send(event: Any, barrier: threading.Barrier, answers: list[int]) -> None:
+            barrier.wait()
+            answers.append(handlers.on_store(event))
+
+        threads = [threading.Thread(target=send, args=(e, barrier, answers)) for e in events]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert answers == [statuses.SUCCESS, statuses.SUCCESS]
+        with database.transaction() as session:
+            row = session.scalars(select(Instance).order_by(Instance.id.desc())).first()
+        assert row is not None
+        stored = tmp_path / "storage" / row.path
+        assert stored.stat().st_size == row.size_bytes, f"attempt {attempt}: file replaced"
+        assert dataset_bytes(stored) in (dataset_bytes(first), dataset_bytes(second))
+
+
+def test_a_sop_instance_uid_held_under_another_study_is_refused_without_traces(
+    database: Database, tmp_path: Path
+) -> None:
+    from dicomnode.db.models import Study
+
+    handlers = _handlers(database, tmp_path, min_free_mb=0)
+    first = write_op(tmp_path / "a.dcm")
+    assert handlers.on_store(_event(first)) == statuses.SUCCESS
+    other = _variant(first, tmp_path / "b.dcm", StudyInstanceUID="1.2.3.4.5.6")
+    assert handlers.on_store(_event(other)) == statuses.DUPLICATE_SOP_INSTANCE
+    with database.transaction() as session:
+        studies = session.scalars(select(Study.study_uid)).all()
+    assert "1.2.3.4.5.6" not in studies and len(studies) == 1
+    assert not (tmp_path / "storage" / "1.2.3.4.5.6").exists()
+    assert _kinds(database) == [("arrived", 0), ("refused", statuses.DUPLICATE_SOP_INSTANCE)]
