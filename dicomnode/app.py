@@ -16,6 +16,7 @@ from dicomnode.db import open_database
 from dicomnode.db.engine import Database
 from dicomnode.dispatch import Dispatcher
 from dicomnode.errors import DicomNodeError
+from dicomnode.identity import NodeIdentity, claim_identity
 from dicomnode.jobs import ProcessingService
 from dicomnode.receive.ae import Receiver
 from dicomnode.results.pipeline import ResultsPipeline
@@ -41,6 +42,7 @@ class Node:
         self.web: WebServer | None = None
         self.catalog: CatalogHolder | None = None
         self.watcher: CatalogWatcher | None = None
+        self.identity: NodeIdentity | None = None
         self._hooks = list(hooks or [])
         self._stopped = threading.Event()
 
@@ -57,7 +59,12 @@ class Node:
         # Bad models and presets are reported and left out here; they never stop the node.
         self.catalog = holder = CatalogHolder(settings)
         catalog = holder.catalog
-        self.dispatcher = Dispatcher(settings, self.database)
+        # Who this process is across restarts: its own unfinished jobs and deliveries are
+        # taken back at once (no waiting for leases to lapse).
+        self.identity = identity = claim_identity(settings.storage.path, "serve")
+        resume_as = identity.name if identity.resumable else None
+        self.dispatcher = Dispatcher(settings, self.database,
+                                     owner=None if resume_as is None else f"{resume_as}:send")
         self.dispatcher.start()
         self.results = ResultsPipeline(
             settings, self.database, catalog.registry, catalog.presets,
@@ -68,7 +75,7 @@ class Node:
         # table, so a missed wake only delays encoding by one poll, never loses it.
         processing = ProcessingService(
             settings, self.database, catalog.registry, catalog.presets,
-            on_job_finished=[self.results.wake],
+            on_job_finished=[self.results.wake], node_id=resume_as,
         )
         self.processing = processing
         processing.start()
@@ -119,6 +126,8 @@ class Node:
             self.dispatcher.stop()
         if self.database is not None:
             self.database.dispose()
+        if self.identity is not None:
+            self.identity.release()
         logger.info("dicomnode stopped")
 
 

@@ -144,6 +144,8 @@ class InferenceSettings(_Strict):
     max_batch: Annotated[int, Field(ge=1, le=1024)] = 16
     # Where job outputs go; relative paths resolve against the storage path.
     jobs_folder: str = "jobs"
+    # A job whose run ended its worker (crash, kill, lapsed lease) this many times is failed.
+    max_job_attempts: Annotated[int, Field(ge=1, le=100)] = 3
 
 
 class DispatchSettings(_Strict):

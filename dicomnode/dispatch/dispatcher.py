@@ -40,10 +40,14 @@ class PassResult:
 class Dispatcher:
     """Sends queued result objects to their destinations, retrying with backoff."""
 
-    def __init__(self, settings: Settings, database: Database) -> None:
+    def __init__(self, settings: Settings, database: Database, *,
+                 owner: str | None = None) -> None:
+        """`owner`: a stable identity (dicomnode.identity); deliveries it left `sending`
+        in a previous run are due again at once when the dispatcher starts."""
         self.settings = settings
         self.database = database
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._resume = owner is not None
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -106,6 +110,10 @@ class Dispatcher:
         if self._thread is not None:
             return
         self._stop.clear()
+        if self._resume:
+            resumed = outbox.resume_own(self.database, self.owner)
+            if resumed:
+                logger.info("taking back %d delivery(ies) this node left sending", resumed)
         self._thread = threading.Thread(target=self._loop, name="dicomnode-dispatch",
                                         daemon=True)
         self._thread.start()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from sqlalchemy import or_, select
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from dicomnode.db.engine import Database
@@ -124,6 +124,18 @@ def claim_due(
             claimed.append(Claimed(row.id, row.path, row.sop_instance_uid, row.sop_class_uid,
                                    row.destination, row.attempts))
     return claimed
+
+
+def resume_own(database: Database, owner: str) -> int:
+    """Make deliveries `owner` left `sending` (it died mid-send) due now; returns how many."""
+    with database.transaction() as session:
+        result = session.execute(
+            update(Delivery).where(Delivery.state == DeliveryState.SENDING,
+                                   Delivery.claimed_by == owner)
+            .values(next_attempt_at=utcnow()),
+            execution_options={"synchronize_session": False},
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
 
 
 def mark_sent(database: Database, delivery_id: int, *, now: datetime | None = None) -> None:

@@ -150,20 +150,62 @@ def fail_unplannable(database: Database, study_uid: str, reason: str, error: str
     return int(job.id)
 
 
-def claim(database: Database, worker: str, lease_seconds: float) -> ClaimedJob | None:
-    """Claim the oldest runnable job for `worker`, or None when there is none."""
+def resume_own(database: Database, worker_prefix: str) -> int:
+    """Hand back to the queue the running jobs claimed by workers named `worker_prefix...`:
+    the caller holds that identity (dicomnode.identity), so their runs died with its previous
+    process. Each counts as an attempt (a job that keeps killing its worker is bounded)."""
+    with database.transaction() as session:
+        result = session.execute(
+            update(Job).where(Job.state == JobState.RUNNING,
+                              Job.claimed_by.startswith(worker_prefix, autoescape=True))
+            .values(state=JobState.QUEUED, claimed_by=None, lease_until=None),
+            execution_options={"synchronize_session": False},
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
+
+
+def _give_up(session: Session, job: Job, now: datetime, max_attempts: int) -> None:
+    """A job that ended its worker `max_attempts` times fails instead of running again."""
+    reason = (f"the job ended its worker {job.attempts} time(s) (crash, kill or lapsed "
+              f"lease; inference.max_job_attempts is {max_attempts})")
+    job.state = JobState.FAILED
+    job.finished_at = now
+    job.lease_until = None
+    job.outcome_json = json.dumps({"outcome": JobState.FAILED, "problems": {"(job)": reason}},
+                                  sort_keys=True)
+    session.execute(
+        update(Study).where(Study.study_uid == job.study_uid,
+                            Study.state == StudyState.PROCESSING)
+        .values(state=StudyState.FAILED, updated_at=now),
+        execution_options={"synchronize_session": False},
+    )
+    audit.record(session, "job-failed", actor="processing", study_uid=job.study_uid,
+                 detail=f"job {job.id} failed: {reason}")
+    logger.error("job %d (study %s) failed: %s", job.id, job.study_uid, reason)
+
+
+def claim(database: Database, worker: str, lease_seconds: float,
+          max_attempts: int | None = None) -> ClaimedJob | None:
+    """Claim the oldest runnable job for `worker`, or None when there is none. A runnable job
+    that already used `max_attempts` attempts is failed instead (and the next one claimed)."""
     with database.transaction() as session:
         now = utcnow()
         runnable = or_(
             Job.state == JobState.QUEUED,
             (Job.state == JobState.RUNNING) & (Job.lease_until < now),
         )
-        job = session.execute(
-            select(Job).where(runnable).order_by(Job.id).limit(1)
-            .with_for_update(skip_locked=True)
-        ).scalar_one_or_none()
-        if job is None:
-            return None
+        while True:
+            job = session.execute(
+                select(Job).where(runnable).order_by(Job.id).limit(1)
+                .with_for_update(skip_locked=True)
+            ).scalar_one_or_none()
+            if job is None:
+                return None
+            if max_attempts is not None and job.attempts >= max_attempts:
+                _give_up(session, job, now, max_attempts)
+                session.flush()
+                continue
+            break
         if job.state == JobState.RUNNING:
             logger.warning("job %d: lease of %s lapsed; taking it over", job.id, job.claimed_by)
         job.state = JobState.RUNNING

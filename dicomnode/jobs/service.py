@@ -67,6 +67,9 @@ class ProcessingService:
             registry, self.sessions, max_batch=config.max_batch,
             model_threads=config.model_threads,
         )
+        # A given node_id is a stable identity (dicomnode.identity): jobs its workers left
+        # running in a previous run are taken back at start.
+        self.resume = node_id is not None
         self.node_id = node_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         # Called with the job id after a job's end is committed (e.g. wake the encoder).
         self.on_job_finished: list[Callable[[int], None]] = list(on_job_finished)
@@ -94,6 +97,11 @@ class ProcessingService:
 
     def start(self) -> None:
         self._stop.clear()
+        if self.resume:
+            resumed = queue.resume_own(self.database, f"{self.node_id}:")
+            if resumed:
+                logger.info("taking back %d job(s) this node was running when it stopped",
+                            resumed)
         for index in range(self.settings.inference.workers):
             thread = threading.Thread(
                 target=self._loop, args=(f"{self.node_id}:w{index}",),
@@ -168,7 +176,8 @@ class ProcessingService:
         """Claim and run one job; return its id, or None when the queue is empty."""
         worker = worker or f"{self.node_id}:once"
         config = self.settings.inference
-        job = queue.claim(self.database, worker, config.lease_seconds)
+        job = queue.claim(self.database, worker, config.lease_seconds,
+                          max_attempts=config.max_job_attempts)
         if job is None:
             return None
         logger.info("job %d (study %s, attempt %d) claimed by %s",
