@@ -167,6 +167,13 @@ class DispatchSettings(_Strict):
     calling_ae_title: str | None = None
     connect_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    # After max_attempts a delivery is `failed` but still tried every slow_retry_seconds
+    # until give_up_after_hours after it was queued (0 = no slow retries).
+    slow_retry_seconds: Annotated[float, Field(gt=0)] = 900.0
+    give_up_after_hours: Annotated[float, Field(ge=0)] = 72.0
+    # A destination with failed deliveries is C-ECHOed this often; when it answers, its
+    # failed deliveries are sent at once.
+    echo_seconds: Annotated[float, Field(gt=0)] = 60.0
 
     @field_validator("calling_ae_title")
     @classmethod
