@@ -211,6 +211,9 @@ class WebSettings(_Strict):
     login_max_failures_per_user: Annotated[int, Field(ge=1, le=10000)] = 5
     login_max_failures_per_address: Annotated[int, Field(ge=1, le=100000)] = 20
     login_window_minutes: Annotated[int, Field(ge=1, le=60 * 24)] = 15
+    # Reverse proxies (IP addresses) whose X-Forwarded-For / X-Forwarded-Proto are believed;
+    # empty = none: the client address is the TCP peer's, whatever headers say.
+    trusted_proxies: list[str] = Field(default_factory=list)
     # /api/health C-ECHOes each destination; answers are reused this long, so frequent polls
     # do not open an association at the PACS each time.
     health_echo_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 3.0

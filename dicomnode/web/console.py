@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -54,6 +54,21 @@ def login_page(request: Request, next: str = "/presets") -> HTMLResponse:
     return render(request, "login.html", None, next=next, error=None)
 
 
+def same_origin(request: Request) -> bool:
+    """Whether a form post comes from this console's own page, by the headers browsers set
+    on every cross-site POST (Sec-Fetch-Site, Origin). A request without either (a script,
+    an old browser) is not a cross-site browser request."""
+    fetch_site = request.headers.get("sec-fetch-site")
+    if fetch_site is not None and fetch_site not in ("same-origin", "none"):
+        return False
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    if origin == "null":  # sandboxed frames, data: URLs, some redirects
+        return False
+    return urlsplit(origin).netloc.lower() == request.headers.get("host", "").lower()
+
+
 def _safe_next(target: str) -> str:
     # Only local paths: an open redirect would let a link log someone in and send them away.
     # Browsers read "/\\host" like "//host", so a backslash is refused too.
@@ -69,6 +84,15 @@ def login_submit(
 ) -> Response:
     minutes = state.settings.web.session_minutes
     address = request.client.host if request.client else None
+    if not same_origin(request):
+        # Login CSRF: another site's form must not sign this browser in (as its author).
+        auth.record_refusal(state.database, "login-cross-site", username.strip(), address,
+                            f"Origin {request.headers.get('origin')!r}, Sec-Fetch-Site "
+                            f"{request.headers.get('sec-fetch-site')!r}")
+        response = render(request, "login.html", None, next="/presets",
+                          error="This sign-in did not come from this console's own page.")
+        response.status_code = 403
+        return response
     try:
         secret, _ = auth.login(state.database, username.strip(), password, minutes,
                                address=address,
