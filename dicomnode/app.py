@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from pathlib import Path
 
 from dicomnode.assemble.assembler import Assembler, StudyCompleteHook
 from dicomnode.db import open_database
 from dicomnode.db.engine import Database
 from dicomnode.dispatch import Dispatcher
+from dicomnode.durable import sweep_temporaries
 from dicomnode.errors import DicomNodeError
 from dicomnode.identity import NodeIdentity, claim_identity
 from dicomnode.jobs import ProcessingService
@@ -55,6 +57,10 @@ class Node:
                 "under 'callers' to restrict who may send"
             )
         self.database = open_database(settings.database.url)
+        # Temporary files a killed predecessor left half-written: in the background, as
+        # the storage tree may be large.
+        threading.Thread(target=_sweep_temporaries, args=(settings.storage.path,),
+                         name="tmp-sweep", daemon=True).start()
         # One catalog holder per node: the console's preset edits and the watcher reload it.
         # Bad models and presets are reported and left out here; they never stop the node.
         self.catalog = holder = CatalogHolder(settings)
@@ -129,6 +135,16 @@ class Node:
         if self.identity is not None:
             self.identity.release()
         logger.info("dicomnode stopped")
+
+
+def _sweep_temporaries(root: Path) -> None:
+    try:
+        removed = sweep_temporaries(root) if root.is_dir() else 0
+    except OSError as exc:
+        logger.warning("could not sweep temporary files under %s: %s", root, exc)
+        return
+    if removed:
+        logger.info("removed %d temporary file(s) left by an interrupted write", removed)
 
 
 def serve(settings: Settings) -> int:
