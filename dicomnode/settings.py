@@ -74,6 +74,8 @@ class StorageSettings(_Strict):
     min_free_mb: Annotated[int, Field(ge=0)] = 1024
     # fsync the file and its folder before acknowledging: a success status is a promise.
     fsync: bool = True
+    # Larger data sets are refused (0xA700); 0 = no limit.
+    max_instance_mb: Annotated[int, Field(ge=0)] = 2048
 
 
 class DatabaseSettings(_Strict):

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 _PREAMBLE = b"\x00" * 128 + b"DICM"
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+_BYTES_PER_MB = 1024 * 1024
 
 
 class ReceiveListener(Protocol):
@@ -235,6 +236,11 @@ class ReceiveHandlers:
         request = event.request
         transfer_syntax = str(event.context.transfer_syntax)
         with request.DataSet.getbuffer() as data:
+            limit_mb = self.settings.storage.max_instance_mb
+            if limit_mb and len(data) > limit_mb * _BYTES_PER_MB:
+                raise Refused(statuses.OUT_OF_RESOURCES,
+                              f"data set of {len(data) / _BYTES_PER_MB:.1f} MB is larger than "
+                              f"storage.max_instance_mb ({limit_mb} MB)")
             ids = read_identifiers(
                 data,
                 implicit_vr=is_implicit_vr(transfer_syntax),

@@ -164,3 +164,20 @@ def test_a_sop_instance_uid_held_under_another_study_is_refused_without_traces(
     assert "1.2.3.4.5.6" not in studies and len(studies) == 1
     assert not (tmp_path / "storage" / "1.2.3.4.5.6").exists()
     assert _kinds(database) == [("arrived", 0), ("refused", statuses.DUPLICATE_SOP_INSTANCE)]
+
+
+def test_an_instance_over_the_size_limit_is_refused_and_audited(
+    database: Database, tmp_path: Path
+) -> None:
+    handlers = _handlers(database, tmp_path, min_free_mb=0, max_instance_mb=1)
+    small = write_op(tmp_path / "small.dcm", size=96)
+    big = write_op(tmp_path / "big.dcm", size=700)  # 700 x 700 RGB: about 1.4 MB
+    assert handlers.on_store(_event(big)) == statuses.OUT_OF_RESOURCES
+    assert handlers.on_store(_event(small)) == statuses.SUCCESS  # the node is unharmed
+    with database.transaction() as session:
+        details = session.scalars(select(AuditEvent.detail)
+                                  .where(AuditEvent.kind == "refused")).all()
+        stored = session.scalars(select(Instance.sop_instance_uid)).all()
+    assert len(details) == 1 and "storage.max_instance_mb" in (details[0] or "")
+    assert len(stored) == 1
+    assert _kinds(database)[0] == ("refused", statuses.OUT_OF_RESOURCES)
