@@ -50,7 +50,10 @@ def _text(ds: Dataset, keyword: str) -> str | None:
     value = ds.get(keyword)
     if value is None:
         return None
-    return str(value).strip("\x00 ") or None
+    # Control characters (a NUL inside a value, escape codes of a wrong character set) have
+    # no place in an identifier; PostgreSQL refuses a NUL in text outright.
+    text = "".join(ch for ch in str(value) if ch.isprintable())
+    return text.strip() or None
 
 
 def read_identifiers(

@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from dicomnode.db import open_database
 from dicomnode.db.engine import Database
-from dicomnode.db.models import AuditEvent, Instance
+from dicomnode.db.models import AuditEvent, Instance, Study
 from dicomnode.receive import ingest, statuses
 from dicomnode.receive.handlers import ReceiveHandlers
 from dicomnode.settings import Settings, StorageSettings
@@ -152,8 +152,6 @@ def test_the_same_instance_sent_twice_at_once_never_replaces_the_committed_file(
 def test_a_sop_instance_uid_held_under_another_study_is_refused_without_traces(
     database: Database, tmp_path: Path
 ) -> None:
-    from dicomnode.db.models import Study
-
     handlers = _handlers(database, tmp_path, min_free_mb=0)
     first = write_op(tmp_path / "a.dcm")
     assert handlers.on_store(_event(first)) == statuses.SUCCESS
@@ -181,3 +179,24 @@ def test_an_instance_over_the_size_limit_is_refused_and_audited(
     assert len(details) == 1 and "storage.max_instance_mb" in (details[0] or "")
     assert len(stored) == 1
     assert _kinds(database)[0] == ("refused", statuses.OUT_OF_RESOURCES)
+
+
+@pytest.mark.parametrize("value", [b"AB\x00CD", b"\x1b$B\x00\x00"])
+def test_control_characters_in_an_identifier_are_no_processing_failure(
+    database: Database, tmp_path: Path, value: bytes
+) -> None:
+    """A NUL inside Patient ID under a mistyped character set used to reach PostgreSQL,
+    which refuses it: 0x0110. The identifier keeps its printable characters."""
+    from tests.support.mutate import put
+
+    handlers = _handlers(database, tmp_path, min_free_mb=0)
+    path = write_op(tmp_path / "a.dcm")
+    raw = path.read_bytes()
+    body = dataset_bytes(path)
+    meta = raw[: len(raw) - len(body)]
+    path.write_bytes(meta + put(put(body, 0x00100020, "LO", value),
+                                0x00080005, "CS", b"ISO 2022 IR 87"))
+    assert handlers.on_store(_event(path)) == statuses.SUCCESS
+    with database.transaction() as session:
+        [patient_id] = session.scalars(select(Study.patient_id)).all()
+    assert patient_id is None or patient_id.isprintable()
