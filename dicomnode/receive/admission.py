@@ -11,7 +11,9 @@ so a few silent connections used to lock every camera out. Here:
   sent its request (real callers send it within milliseconds; silent ones lose their place)
   and is closed itself only when there is none;
 - `node.max_associations` is for everyone; `node.reserved_associations` more are kept for
-  callers on the allow-list (checked once the request names the calling AE title).
+  callers on the allow-list (checked once the request names the calling AE title), and
+  connections that have not sent their request yet never hold more than
+  `node.max_associations` slots between them.
 """
 
 from __future__ import annotations
@@ -87,6 +89,13 @@ class Admission:
                     _close(assoc)
                     return False
                 victims.append(victim)
+            # Connections that have not said who they are never fill the reserved slots.
+            waiting = [a for a, c in self._connections.items()
+                       if not c.requested and a not in victims]
+            if len(waiting) >= self.max_associations:
+                victim = self._oldest_waiting(waiting)
+                if victim is not None:
+                    victims.append(victim)
             held = len(self._connections) - len(victims)
             if held >= self.connection_limit:
                 victim = self._oldest_waiting(
