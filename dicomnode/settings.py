@@ -54,7 +54,7 @@ class NodeSettings(_Strict):
     association_request_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
     # Connections from one address at once; a further one first displaces that address's
     # oldest connection still without a request, else it is closed.
-    max_associations_per_host: Annotated[int, Field(ge=1, le=1000)] = 16
+    max_associations_per_host: Annotated[int, Field(ge=1, le=1000)] = 32
     # Slots beyond max_associations that only callers on the allow-list may take.
     reserved_associations: Annotated[int, Field(ge=0, le=100)] = 2
 
