@@ -307,12 +307,12 @@ def test_a_study_that_cannot_be_planned_fails_alone_without_patient_data(
     import struct
 
     from dicomnode.jobs import service as service_module
+    from dicomnode.jobs.planning import plan_study as real
 
     settings, database, storage = env
     service = service_for(settings, database)
     bad, _ = add_study(database, storage, [200])
     good, _ = add_study(database, storage, [200])
-    real = service_module.plan_study
 
     def plan_study(study_uid: str, *args: object, **kwargs: object) -> object:
         if study_uid == bad:  # what pydicom says about a name sent with a numeric VR
