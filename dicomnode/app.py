@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
 from dicomnode.assemble.assembler import Assembler, StudyCompleteHook
@@ -17,7 +18,9 @@ from dicomnode.db import open_database
 from dicomnode.db.engine import Database
 from dicomnode.dispatch import Dispatcher
 from dicomnode.dispatch.dimse_tls import check_destinations
+from dicomnode.durable import sweep_temporaries
 from dicomnode.errors import DicomNodeError
+from dicomnode.identity import NodeIdentity, claim_identity
 from dicomnode.jobs import ProcessingService
 from dicomnode.receive.ae import Receiver
 from dicomnode.results.pipeline import ResultsPipeline
@@ -46,6 +49,7 @@ class Node:
         self.catalog: CatalogHolder | None = None
         self.watcher: CatalogWatcher | None = None
         self.retention: RetentionService | None = None
+        self.identity: NodeIdentity | None = None
         self._hooks = list(hooks or [])
         self._stopped = threading.Event()
 
@@ -60,11 +64,20 @@ class Node:
         # Certificates and keys first: a bad file stops the start with the key that names it.
         check_destinations(settings)
         self.database = open_database(settings.database.url)
+        # Temporary files a killed predecessor left half-written: in the background, as
+        # the storage tree may be large.
+        threading.Thread(target=_sweep_temporaries, args=(settings.storage.path,),
+                         name="tmp-sweep", daemon=True).start()
         # One catalog holder per node: the console's preset edits and the watcher reload it.
         # Bad models and presets are reported and left out here; they never stop the node.
         self.catalog = holder = CatalogHolder(settings)
         catalog = holder.catalog
-        self.dispatcher = Dispatcher(settings, self.database)
+        # Who this process is across restarts: its own unfinished jobs and deliveries are
+        # taken back at once (no waiting for leases to lapse).
+        self.identity = identity = claim_identity(settings.storage.path, "serve")
+        resume_as = identity.name if identity.resumable else None
+        self.dispatcher = Dispatcher(settings, self.database,
+                                     owner=None if resume_as is None else f"{resume_as}:send")
         self.dispatcher.start()
         self.results = ResultsPipeline(
             settings, self.database, catalog.registry, catalog.presets,
@@ -75,7 +88,7 @@ class Node:
         # table, so a missed wake only delays encoding by one poll, never loses it.
         processing = ProcessingService(
             settings, self.database, catalog.registry, catalog.presets,
-            on_job_finished=[self.results.wake],
+            on_job_finished=[self.results.wake], node_id=resume_as,
         )
         self.processing = processing
         processing.start()
@@ -84,6 +97,7 @@ class Node:
         self.assembler = Assembler(self.database, settings.completeness, hooks)
         self.assembler.start()
         self.receiver = Receiver(settings, self.database, self.assembler)
+        self.assembler.receiving = self.receiver.handlers.is_receiving
         host, port = self.receiver.start()
         # Console/API last: preset edits reach the processing service and results pipeline.
         # A console that cannot start (port taken, bad certificate) is reported, and the
@@ -151,7 +165,19 @@ class Node:
             self.dispatcher.stop()
         if self.database is not None:
             self.database.dispose()
+        if self.identity is not None:
+            self.identity.release()
         logger.info("dicomnode stopped")
+
+
+def _sweep_temporaries(root: Path) -> None:
+    try:
+        removed = sweep_temporaries(root) if root.is_dir() else 0
+    except OSError as exc:
+        logger.warning("could not sweep temporary files under %s: %s", root, exc)
+        return
+    if removed:
+        logger.info("removed %d temporary file(s) left by an interrupted write", removed)
 
 
 def serve(settings: Settings) -> int:

@@ -8,6 +8,7 @@ Folders created on the way are fsync'd into their parents for the same reason.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -67,3 +68,28 @@ def write_atomic(target: Path, chunks: Iterable[bytes | memoryview], *, durable:
 def write_text_atomic(target: Path, text: str) -> None:
     """Durably replace a UTF-8 text file (a preset, a manifest) all-or-nothing."""
     write_atomic(target, [text.encode("utf-8")], durable=True)
+
+
+# A writer keeps writing, so its temporary file's mtime keeps moving; one untouched this long
+# belongs to a writer that died (kill -9, power cut) and is referenced by nothing.
+STALE_TEMPORARY_SECONDS = 60.0
+
+
+def sweep_temporaries(root: Path, *, older_than: float = STALE_TEMPORARY_SECONDS) -> int:
+    """Delete `write_atomic`'s temporary files under `root` untouched for `older_than`
+    seconds; return how many. Other nodes sharing the folder are writing theirs right now,
+    so fresh ones are left alone."""
+    cutoff = time.time() - older_than
+    removed = 0
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            if not (name.startswith(".") and name.endswith(".tmp")):
+                continue
+            path = Path(folder) / name
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue  # its writer finished (renamed it) meanwhile
+    return removed

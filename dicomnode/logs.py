@@ -15,6 +15,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Literal
 
+from dicomnode.redact import RedactingFormatter
+
 LogFormat = Literal["text", "json"]
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 THIRD_PARTY = ("highdicom", "pynetdicom", "apscheduler", "PIL", "uvicorn", "httpx",
@@ -22,8 +24,9 @@ THIRD_PARTY = ("highdicom", "pynetdicom", "apscheduler", "PIL", "uvicorn", "http
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time (ISO 8601 UTC), level, logger, message; exc if any."""
+class JsonFormatter(RedactingFormatter):
+    """One JSON object per line: time (ISO 8601 UTC), level, logger, message; exc if any
+    (scrubbed: tracebacks quote exception messages, which may carry data set values)."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -61,7 +64,7 @@ def configure_logging(configured: str = "INFO", fmt: LogFormat = "text", *,
         if isinstance(handler, _NodeHandler):
             root.removeHandler(handler)
     handler = _NodeHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else RedactingFormatter(TEXT_FORMAT))
     root.addHandler(handler)
     root.setLevel(level)
     for name in THIRD_PARTY:

@@ -99,6 +99,14 @@ class NodeSettings(_Strict):
     max_pdu: Annotated[int, Field(ge=0)] = 0
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
     shutdown_grace_seconds: Annotated[float, Field(ge=0)] = 30.0
+    # From TCP connect to a complete A-ASSOCIATE-RQ: a connection that sends nothing (or a
+    # trickle) holds an association slot only this long.
+    association_request_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
+    # Connections from one address at once; a further one first displaces that address's
+    # oldest connection still without a request, else it is closed.
+    max_associations_per_host: Annotated[int, Field(ge=1, le=1000)] = 32
+    # Slots beyond max_associations that only callers on the allow-list may take.
+    reserved_associations: Annotated[int, Field(ge=0, le=100)] = 2
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
@@ -141,10 +149,16 @@ class StorageSettings(_Strict):
     min_free_mb: Annotated[int, Field(ge=0)] = 1024
     # fsync the file and its folder before acknowledging: a success status is a promise.
     fsync: bool = True
+    # Larger data sets are refused (0xA700); 0 = no limit.
+    max_instance_mb: Annotated[int, Field(ge=0)] = 2048
 
 
 class DatabaseSettings(_Strict):
     url: str = "sqlite:///./var/dicomnode.db"
+    # A transient error (connection lost, serialization failure, lock timeout, SQLite busy)
+    # is retried this many times, waiting retry_seconds, then twice as long each time.
+    transient_retries: Annotated[int, Field(ge=0, le=20)] = 5
+    retry_seconds: Annotated[float, Field(gt=0, le=60)] = 0.5
 
 
 class CompletenessSettings(_Strict):
@@ -316,6 +330,8 @@ class InferenceSettings(_Strict):
 
     def backend_for(self, model_id: str) -> InferenceBackend:
         return self.backends.get(model_id, self.backend)
+    # A job whose run ended its worker (crash, kill, lapsed lease) this many times is failed.
+    max_job_attempts: Annotated[int, Field(ge=1, le=100)] = 3
 
 
 class DispatchSettings(_Strict):
@@ -337,6 +353,13 @@ class DispatchSettings(_Strict):
     calling_ae_title: str | None = None
     connect_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    # After max_attempts a delivery is `failed` but still tried every slow_retry_seconds
+    # until give_up_after_hours after it was queued (0 = no slow retries).
+    slow_retry_seconds: Annotated[float, Field(gt=0)] = 900.0
+    give_up_after_hours: Annotated[float, Field(ge=0)] = 72.0
+    # A destination with failed deliveries is C-ECHOed this often; when it answers, its
+    # failed deliveries are sent at once.
+    echo_seconds: Annotated[float, Field(gt=0)] = 60.0
 
     @field_validator("calling_ae_title")
     @classmethod
@@ -406,6 +429,9 @@ class WebSettings(_Strict):
     login_max_failures_per_user: Annotated[int, Field(ge=1, le=10000)] = 5
     login_max_failures_per_address: Annotated[int, Field(ge=1, le=100000)] = 20
     login_window_minutes: Annotated[int, Field(ge=1, le=60 * 24)] = 15
+    # Reverse proxies (IP addresses) whose X-Forwarded-For / X-Forwarded-Proto are believed;
+    # empty = none: the client address is the TCP peer's, whatever headers say.
+    trusted_proxies: list[str] = Field(default_factory=list)
     # /api/health C-ECHOes each destination; answers are reused this long, so frequent polls
     # do not open an association at the PACS each time.
     health_echo_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 3.0

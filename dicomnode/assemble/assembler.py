@@ -20,7 +20,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
@@ -29,11 +29,14 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicomnode.assemble import completeness
 from dicomnode.db.engine import Database
+from dicomnode.db.models import utcnow
 from dicomnode.settings import CompletenessSettings
 
 logger = logging.getLogger(__name__)
 
 StudyCompleteHook = Callable[[str], None]
+
+_BUSY_RECHECK_SECONDS = 1.0
 
 
 class Assembler:
@@ -49,6 +52,10 @@ class Assembler:
         self.settings = settings
         # Injected callables, each called with the Study Instance UID of a completed study.
         self.on_study_complete: list[StudyCompleteHook] = list(hooks)
+        # Whether an association that stored into the study is still open (set by the
+        # composition root to the receiver's answer). While it is, the quiet period never
+        # completes the study: a sender pausing between the eyes is still sending.
+        self.receiving: Callable[[str], bool] = lambda _study_uid: False
         # Every call into the scheduler goes through `_guard`, and none once stopping:
         # APScheduler 3's shutdown(wait=True) holds its job-store lock while it joins the
         # worker threads, so a job calling add_job/remove_job then would deadlock it.
@@ -98,7 +105,7 @@ class Assembler:
         self._arm(study_uid, quiet_until)
 
     def association_ended(self, study_uids: set[str]) -> None:
-        self._submit(self.evaluate_expected, sorted(study_uids))
+        self._submit(self.after_association, sorted(study_uids))
 
     # -- jobs --------------------------------------------------------------------------------
 
@@ -109,7 +116,19 @@ class Assembler:
             ):
                 self._completed(study_uid, completeness.EXPECTED_CONTENT)
 
+    def after_association(self, study_uids: list[str]) -> None:
+        """Expected content first; a study whose quiet period ran out while its sender was
+        still connected completes now that the sender has finished."""
+        self.evaluate_expected(study_uids)
+        for study_uid in study_uids:
+            self.quiet_timer(study_uid)
+
     def quiet_timer(self, study_uid: str) -> None:
+        if self.receiving(study_uid):
+            # Looked at again when the association ends; this timer is only a fallback.
+            self._arm(study_uid, utcnow() + timedelta(
+                seconds=max(self.settings.quiet_seconds, _BUSY_RECHECK_SECONDS)))
+            return
         check = completeness.complete_if_quiet(self.database, study_uid)
         if check.completed:
             self._completed(study_uid, completeness.QUIET_PERIOD)

@@ -79,6 +79,13 @@ def run_check(args: argparse.Namespace) -> int:
         check_destination(name, destination, calling_ae=calling, settings=settings.dispatch)
         for name, destination in sorted(settings.destinations.items())
     ]
+    # A destination that answers again gets its failed deliveries sent at once (a running
+    # node picks them up at its next poll).
+    with opened_database(settings.database.url) as database:
+        for result in results:
+            if result.ok:
+                outbox.due_now(database, result.destination,
+                               reason="it answered `dicomnode destinations check`")
     if args.json:
         print_json([r.__dict__ for r in results])
     else:

@@ -15,6 +15,7 @@ from dicomnode.commands.common import (
 )
 from dicomnode.db import open_database, opened_database
 from dicomnode.errors import InferenceError
+from dicomnode.identity import claim_identity
 from dicomnode.inference.sessions import SessionPool
 from dicomnode.jobs import queue
 from dicomnode.jobs.health import health_report
@@ -169,7 +170,9 @@ def run_worker(args: argparse.Namespace) -> int:
         settings = settings.model_copy(update={
             "inference": settings.inference.model_copy(update={"workers": 1})
         })
-    service = ProcessingService(settings, database, catalog.registry, catalog.presets)
+    identity = claim_identity(settings.storage.path, "worker")
+    service = ProcessingService(settings, database, catalog.registry, catalog.presets,
+                                node_id=identity.name if identity.resumable else None)
     service.start()
     # A worker node follows preset and registry changes on disk as `serve` does.
     holder.subscribe(service.use_catalog)
@@ -182,4 +185,5 @@ def run_worker(args: argparse.Namespace) -> int:
         watcher.stop()
         service.stop(settings.node.shutdown_grace_seconds)
         database.dispose()
+        identity.release()
     return 0

@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable
@@ -21,6 +22,7 @@ from sqlalchemy.orm import Session
 from dicomnode.db.engine import Database
 from dicomnode.db.models import Delivery
 from dicomnode.dispatch import dicomweb, outbox
+from dicomnode.dispatch.check import check_destination, describe
 from dicomnode.dispatch.sender import send_batch
 from dicomnode.settings import DestinationSettings, Settings
 
@@ -40,10 +42,14 @@ class PassResult:
 class Dispatcher:
     """Sends queued result objects to their destinations, retrying with backoff."""
 
-    def __init__(self, settings: Settings, database: Database) -> None:
+    def __init__(self, settings: Settings, database: Database, *,
+                 owner: str | None = None) -> None:
+        """`owner`: a stable identity (dicomnode.identity); deliveries it left `sending`
+        in a previous run are due again at once when the dispatcher starts."""
         self.settings = settings
         self.database = database
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._resume = owner is not None
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -109,6 +115,11 @@ class Dispatcher:
         if self._thread is not None:
             return
         self._stop.clear()
+        if self._resume:
+            resumed = outbox.resume_own(self.database, self.owner)
+            if resumed:
+                logger.info("taking back %d delivery(ies) this node left sending", resumed)
+        self.check_settings_changes()
         self._thread = threading.Thread(target=self._loop, name="dicomnode-dispatch",
                                         daemon=True)
         self._thread.start()
@@ -126,10 +137,46 @@ class Dispatcher:
         self._thread = None
         logger.info("dispatcher stopped")
 
+    def check_settings_changes(self) -> None:
+        """A destination whose address or AE title changed since the last start: its failed
+        deliveries may work now, so they are tried at once."""
+        for name, destination in sorted(self.settings.destinations.items()):
+            where = describe(destination)  # AE title and address, or the DICOMweb URL
+            fingerprint = f"{where['ae_title']}@{where['address']}"
+            try:
+                if outbox.destination_changed(self.database, name, fingerprint):
+                    count = outbox.due_now(self.database, name,
+                                           reason=f"its settings changed to {fingerprint}")
+                    logger.info("destination %s changed to %s: %d delivery(ies) due now",
+                                name, fingerprint, count)
+            except Exception:  # the loop's own passes still run; this is only a shortcut
+                logger.exception("could not compare the settings of destination %s", name)
+
+    def probe_failed_destinations(self) -> int:
+        """Check each destination that has failed deliveries (C-ECHO, or QIDO-RS for DICOMweb);
+        those that answer get them sent at once. Returns how many deliveries became due."""
+        due = 0
+        for name, destination in sorted(self.settings.destinations.items()):
+            if not outbox.has_failed(self.database, name):
+                continue
+            outcome = check_destination(name, destination, calling_ae=self.calling_ae,
+                                        settings=self.settings.dispatch)
+            if outcome.ok:
+                due += outbox.due_now(self.database, name, reason="it answered its check")
+        return due
+
     def _loop(self) -> None:
         poll = self.settings.dispatch.poll_seconds
+        next_probe = time.monotonic() + self.settings.dispatch.echo_seconds
         while not self._stop.is_set():
             self._wake.clear()
+            if time.monotonic() >= next_probe:
+                next_probe = time.monotonic() + self.settings.dispatch.echo_seconds
+                try:
+                    if self.probe_failed_destinations():
+                        continue  # send them now
+                except Exception:
+                    logger.exception("probing destinations with failed deliveries failed")
             try:
                 result = self.run_once()
             except Exception:  # a database hiccup must not end the loop; the rows wait

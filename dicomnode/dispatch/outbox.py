@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from sqlalchemy import or_, select
+from sqlalchemy import false, or_, select, update
 from sqlalchemy.orm import Session
 
+from dicomnode.db import audit
 from dicomnode.db.engine import Database
-from dicomnode.db.models import Delivery, DeliveryState, utcnow
+from dicomnode.db.models import AuditEvent, Delivery, DeliveryState, utcnow
 from dicomnode.dispatch.backoff import retry_delay
 from dicomnode.errors import DeliveryNotFoundError, DispatchError
 from dicomnode.settings import DispatchSettings
@@ -100,7 +101,8 @@ def claim_due(
             select(Delivery)
             .where(
                 or_(Delivery.state == DeliveryState.PENDING,
-                    Delivery.state == DeliveryState.SENDING),
+                    Delivery.state == DeliveryState.SENDING,
+                    _slow_retry_due(settings, when)),
                 Delivery.next_attempt_at <= when,
             )
             .order_by(Delivery.next_attempt_at, Delivery.id)
@@ -125,6 +127,67 @@ def claim_due(
             claimed.append(Claimed(row.id, row.path, row.sop_instance_uid, row.sop_class_uid,
                                    row.destination, row.attempts))
     return claimed
+
+
+def _slow_retry_due(settings: DispatchSettings, when: datetime) -> Any:
+    """Failed rows still inside the give-up period are tried again at the slow pace."""
+    if settings.give_up_after_hours <= 0:
+        return false()
+    return (Delivery.state == DeliveryState.FAILED) & (
+        Delivery.created_at > when - timedelta(hours=settings.give_up_after_hours))
+
+
+def due_now(database: Database, destination: str, *, reason: str) -> int:
+    """Make a destination's failed and waiting deliveries due at once (it answers again, or
+    its settings changed); failed ones keep their state until an attempt succeeds."""
+    when = utcnow()
+    with database.transaction() as session:
+        result = session.execute(
+            update(Delivery).where(
+                Delivery.destination == destination,
+                Delivery.state.in_((DeliveryState.FAILED, DeliveryState.PENDING)),
+                Delivery.next_attempt_at > when)
+            .values(next_attempt_at=when),
+            execution_options={"synchronize_session": False},
+        )
+        count = int(getattr(result, "rowcount", 0) or 0)
+        if count:
+            audit.record(session, "deliveries-due", actor="dispatch",
+                         detail=f"{count} delivery(ies) to {destination} due now: {reason}")
+    return count
+
+
+def has_failed(database: Database, destination: str) -> bool:
+    with database.transaction() as session:
+        return session.scalar(
+            select(Delivery.id).where(Delivery.destination == destination,
+                                      Delivery.state == DeliveryState.FAILED).limit(1)
+        ) is not None
+
+
+def destination_changed(database: Database, name: str, fingerprint: str) -> bool:
+    """Whether `name`'s settings differ from those recorded last time (recorded now)."""
+    with database.transaction() as session:
+        last = session.scalar(
+            select(AuditEvent.detail).where(AuditEvent.kind == "destination-settings",
+                                            AuditEvent.actor == name)
+            .order_by(AuditEvent.id.desc()).limit(1))
+        if last == fingerprint:
+            return False
+        audit.record(session, "destination-settings", actor=name, detail=fingerprint)
+        return last is not None
+
+
+def resume_own(database: Database, owner: str) -> int:
+    """Make deliveries `owner` left `sending` (it died mid-send) due now; returns how many."""
+    with database.transaction() as session:
+        result = session.execute(
+            update(Delivery).where(Delivery.state == DeliveryState.SENDING,
+                                   Delivery.claimed_by == owner)
+            .values(next_attempt_at=utcnow()),
+            execution_options={"synchronize_session": False},
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
 
 
 def mark_sent(database: Database, delivery_id: int, *, now: datetime | None = None) -> None:
@@ -156,6 +219,8 @@ def mark_attempt_failed(
         row.updated_at = when
         if row.attempts >= settings.max_attempts:
             row.state = DeliveryState.FAILED
+            # Still tried now and then (claim_due), and at once when the destination answers.
+            row.next_attempt_at = when + timedelta(seconds=settings.slow_retry_seconds)
             logger.error("delivery %d of %s to %s failed after %d attempts: %s", row.id,
                          row.sop_instance_uid, row.destination, row.attempts, error)
         else:

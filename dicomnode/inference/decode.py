@@ -46,7 +46,10 @@ def decode_rgb(ds: Dataset) -> NDArray[np.uint8]:
     if syntax is None:
         raise DecodeError(f"{where}: the dataset has no Transfer Syntax UID in its file meta")
 
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError) as exc:  # a malformed IS, or a value that does not parse
+        raise DecodeError(f"{where}: Number of Frames is not a number") from exc
     if frames > 1:
         logger.info("%s has %d frames; using the first", where, frames)
     try:

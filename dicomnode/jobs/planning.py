@@ -21,6 +21,7 @@ from dicomnode.errors import PresetError, ResolutionError, StudyNotFoundError
 from dicomnode.graph.model import ResolvedGraph
 from dicomnode.graph.resolver import resolve
 from dicomnode.graph.selection import Selection
+from dicomnode.redact import safe_error
 from dicomnode.registry.registry import Registry
 from dicomnode.routing.facts import StudyFacts
 from dicomnode.routing.loader import PresetSet
@@ -65,7 +66,8 @@ def study_facts(database: Database, storage_root: Path, study_uid: str) -> Study
         try:
             datasets.append(dcmread(storage_root / path, stop_before_pixels=True))
         except (InvalidDicomError, OSError, ValueError) as exc:
-            logger.warning("study %s: cannot read %s for routing: %s", study_uid, path, exc)
+            logger.warning("study %s: cannot read %s for routing: %s", study_uid, path,
+                           safe_error(exc))
     return StudyFacts.from_datasets(datasets, calling_ae=callers, called_ae=called)
 
 

@@ -73,10 +73,7 @@ def enqueue(database: Database, plan: Plan, reason: str) -> int | None:
     """Record the plan for a study; return the new job id (None: not routed, or lost race)."""
     with database.transaction() as session:
         now = utcnow()
-        condition = (
-            (Study.state == StudyState.COMPLETE) if reason == COMPLETE
-            else (Study.needs_reprocess.is_(True) & Study.state.in_(_FINAL_STUDY_STATES))
-        )
+        condition = _plan_condition(reason)
         if plan.graph is not None:
             new_state = StudyState.PROCESSING
         elif plan.decision is not None and plan.decision.preset is None:
@@ -117,8 +114,81 @@ def enqueue(database: Database, plan: Plan, reason: str) -> int | None:
         return job.id
 
 
-def claim(database: Database, worker: str, lease_seconds: float) -> ClaimedJob | None:
-    """Claim the oldest runnable job for `worker`, or None when there is none."""
+def _plan_condition(reason: str) -> Any:
+    return (
+        (Study.state == StudyState.COMPLETE) if reason == COMPLETE
+        else (Study.needs_reprocess.is_(True) & Study.state.in_(_FINAL_STUDY_STATES))
+    )
+
+
+def fail_unplannable(database: Database, study_uid: str, reason: str, error: str) -> int | None:
+    """A study that cannot be planned (routing or resolution raised) goes `failed` with a failed
+    job row that says why (`dicomnode job show`, the API), so it never blocks the queue and an
+    operator can see and re-run it. `error` must already be free of data set values.
+    Returns the job id (None: another caller planned the study first)."""
+    with database.transaction() as session:
+        now = utcnow()
+        won = session.execute(
+            update(Study).where(Study.study_uid == study_uid, _plan_condition(reason))
+            .values(state=StudyState.FAILED, needs_reprocess=False, updated_at=now),
+            execution_options={"synchronize_session": False},
+        )
+        if not _updated(won):
+            return None
+        study_id = session.scalar(select(Study.id).where(Study.study_uid == study_uid))
+        outcome = {"outcome": JobState.FAILED, "problems": {"(planning)": error}}
+        job = Job(
+            study_id=study_id, study_uid=study_uid, preset=None,
+            graph_json=json.dumps({"stages": [], "models": {}}),
+            state=JobState.FAILED, reason=reason, attempts=0, created_at=now,
+            finished_at=now, outcome_json=json.dumps(outcome, sort_keys=True),
+        )
+        session.add(job)
+        session.flush()
+        audit.record(session, "job-failed", actor="processing", study_uid=study_uid,
+                     detail=f"job {job.id} failed: planning: {error}"[:4000])
+    logger.warning("study %s: cannot be planned, failed (job %d): %s", study_uid, job.id, error)
+    return int(job.id)
+
+
+def resume_own(database: Database, worker_prefix: str) -> int:
+    """Hand back to the queue the running jobs claimed by workers named `worker_prefix...`:
+    the caller holds that identity (dicomnode.identity), so their runs died with its previous
+    process. Each counts as an attempt (a job that keeps killing its worker is bounded)."""
+    with database.transaction() as session:
+        result = session.execute(
+            update(Job).where(Job.state == JobState.RUNNING,
+                              Job.claimed_by.startswith(worker_prefix, autoescape=True))
+            .values(state=JobState.QUEUED, claimed_by=None, lease_until=None),
+            execution_options={"synchronize_session": False},
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
+
+
+def _give_up(session: Session, job: Job, now: datetime, max_attempts: int) -> None:
+    """A job that ended its worker `max_attempts` times fails instead of running again."""
+    reason = (f"the job ended its worker {job.attempts} time(s) (crash, kill or lapsed "
+              f"lease; inference.max_job_attempts is {max_attempts})")
+    job.state = JobState.FAILED
+    job.finished_at = now
+    job.lease_until = None
+    job.outcome_json = json.dumps({"outcome": JobState.FAILED, "problems": {"(job)": reason}},
+                                  sort_keys=True)
+    session.execute(
+        update(Study).where(Study.study_uid == job.study_uid,
+                            Study.state == StudyState.PROCESSING)
+        .values(state=StudyState.FAILED, updated_at=now),
+        execution_options={"synchronize_session": False},
+    )
+    audit.record(session, "job-failed", actor="processing", study_uid=job.study_uid,
+                 detail=f"job {job.id} failed: {reason}")
+    logger.error("job %d (study %s) failed: %s", job.id, job.study_uid, reason)
+
+
+def claim(database: Database, worker: str, lease_seconds: float,
+          max_attempts: int | None = None) -> ClaimedJob | None:
+    """Claim the oldest runnable job for `worker`, or None when there is none. A runnable job
+    that already used `max_attempts` attempts is failed instead (and the next one claimed)."""
     with database.transaction() as session:
         now = utcnow()
         runnable = or_(
@@ -127,12 +197,18 @@ def claim(database: Database, worker: str, lease_seconds: float) -> ClaimedJob |
                 Job.lease_until.is_(None) | (Job.lease_until < now)),
             (Job.state == JobState.RUNNING) & (Job.lease_until < now),
         )
-        job = session.execute(
-            select(Job).where(runnable).order_by(Job.id).limit(1)
-            .with_for_update(skip_locked=True)
-        ).scalar_one_or_none()
-        if job is None:
-            return None
+        while True:
+            job = session.execute(
+                select(Job).where(runnable).order_by(Job.id).limit(1)
+                .with_for_update(skip_locked=True)
+            ).scalar_one_or_none()
+            if job is None:
+                return None
+            if max_attempts is not None and job.attempts >= max_attempts:
+                _give_up(session, job, now, max_attempts)
+                session.flush()
+                continue
+            break
         if job.state == JobState.RUNNING:
             logger.warning("job %d: lease of %s lapsed; taking it over", job.id, job.claimed_by)
         job.state = JobState.RUNNING
@@ -159,7 +235,9 @@ def renew(database: Database, job_id: int, worker: str, lease_seconds: float) ->
 def requeue(database: Database, job: ClaimedJob, why: str, delay_seconds: float) -> bool:
     """Put a claimed job back in the queue, claimable after `delay_seconds`: a transient
     failure (the inference server is unavailable), not the job's end. Nothing else is
-    recorded, so a later attempt records the results exactly once. False if the claim was lost.
+    recorded, so a later attempt records the results exactly once, and the attempt is not
+    counted against `inference.max_job_attempts` (waiting for a server is not a crash).
+    False if the claim was lost.
     """
     with database.transaction() as session:
         now = utcnow()
@@ -168,6 +246,7 @@ def requeue(database: Database, job: ClaimedJob, why: str, delay_seconds: float)
                               Job.state == JobState.RUNNING)
             .values(state=JobState.QUEUED, claimed_by=None,
                     lease_until=now + timedelta(seconds=delay_seconds),
+                    attempts=Job.attempts - 1,
                     outcome_json=json.dumps({"waiting": why[:2000]}, sort_keys=True)),
             execution_options={"synchronize_session": False},
         )
@@ -176,6 +255,20 @@ def requeue(database: Database, job: ClaimedJob, why: str, delay_seconds: float)
         audit.record(session, "job-waiting", actor=job.worker, study_uid=job.study_uid,
                      detail=f"job {job.id} attempt {job.attempt}: {why}"[:4000])
     return True
+
+
+def release(database: Database, job: ClaimedJob) -> bool:
+    """Give a claimed job back to the queue untouched (its run could not reach the database);
+    the attempt it used is not counted against it."""
+    with database.transaction() as session:
+        result = session.execute(
+            update(Job).where(Job.id == job.id, Job.claimed_by == job.worker,
+                              Job.state == JobState.RUNNING)
+            .values(state=JobState.QUEUED, claimed_by=None, lease_until=None,
+                    attempts=Job.attempts - 1),
+            execution_options={"synchronize_session": False},
+        )
+        return _updated(result)
 
 
 def _study_state(outcome: str) -> str:

@@ -27,6 +27,7 @@ from dicomnode.inference.executor import GraphExecutor, GraphResult
 from dicomnode.inference.outputs import write_outputs
 from dicomnode.inference.preprocess import SourceImage
 from dicomnode.jobs.queue import ClaimedJob
+from dicomnode.redact import safe_error, scrub
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,9 @@ def load_study(database: Database, storage_root: Path, study_uid: str) -> Loaded
             dataset = dcmread(storage_root / path)
             return decode_rgb(dataset), pixel_spacing(dataset)
         except (DecodeError, InvalidDicomError, OSError, ValueError) as exc:
-            return str(exc)
+            return scrub(str(exc))
+        except Exception as exc:  # any decoder failure costs this image, not the study
+            return safe_error(exc)
 
     # Reading and decoding (zlib, JPEG codecs, numpy copies) mostly release the GIL: a few
     # threads shorten the wait before the first model can start.

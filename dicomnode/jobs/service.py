@@ -10,6 +10,7 @@ nothing depends on the notification arriving.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -17,22 +18,29 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from sqlalchemy.exc import DBAPIError
+
+from dicomnode.db import audit
 from dicomnode.db.engine import Database
-from dicomnode.errors import DicomNodeError, InferenceUnavailableError
+from dicomnode.db.transient import Retries, is_transient, retrying
+from dicomnode.errors import DatabaseError, InferenceUnavailableError, StudyNotFoundError
 from dicomnode.inference.executor import GraphExecutor
 from dicomnode.inference.sessions import SessionPool
 from dicomnode.jobs import queue
 from dicomnode.jobs.health import health_report
 from dicomnode.jobs.planning import plan_study, study_facts
 from dicomnode.jobs.runner import run_job
+from dicomnode.redact import safe_error
 from dicomnode.registry.registry import Registry
 from dicomnode.routing.catalog import Catalog
 from dicomnode.routing.loader import PresetSet
 from dicomnode.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class ProcessingService:
@@ -57,6 +65,9 @@ class ProcessingService:
             registry, self.sessions, max_batch=config.max_batch,
             model_threads=config.model_threads,
         )
+        # A given node_id is a stable identity (dicomnode.identity): jobs its workers left
+        # running in a previous run are taken back at start.
+        self.resume = node_id is not None
         self.node_id = node_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         # Called with the job id after a job's end is committed (e.g. wake the encoder).
         self.on_job_finished: list[Callable[[int], None]] = list(on_job_finished)
@@ -84,6 +95,11 @@ class ProcessingService:
 
     def start(self) -> None:
         self._stop.clear()
+        if self.resume:
+            resumed = queue.resume_own(self.database, f"{self.node_id}:")
+            if resumed:
+                logger.info("taking back %d job(s) this node was running when it stopped",
+                            resumed)
         for index in range(self.settings.inference.workers):
             thread = threading.Thread(
                 target=self._loop, args=(f"{self.node_id}:w{index}",),
@@ -112,17 +128,30 @@ class ProcessingService:
         """Assembler hook: plan the study now and wake a worker."""
         try:
             self.plan(study_uid, queue.COMPLETE)
-        except DicomNodeError as exc:
-            logger.warning("study %s: planning failed (the sweep retries): %s", study_uid, exc)
+        except Exception as exc:  # the hook must never break the assembler
+            logger.warning("study %s: planning failed (the sweep retries): %s", study_uid,
+                           safe_error(exc))
         self._wake.set()
 
     # -- planning and running ------------------------------------------------------------------
 
     def plan(self, study_uid: str, reason: str) -> int | None:
-        """Route and resolve a study and queue its job; None when not routed or already done."""
-        facts = study_facts(self.database, self.storage_root, study_uid)
-        plan = plan_study(study_uid, facts, self.registry, self.presets,
-                          self.settings.modality_defaults)
+        """Route and resolve a study and queue its job; None when not routed or already done.
+
+        Whatever goes wrong reading, routing or resolving this one study fails this study (a
+        failed job row says why) and nothing else: the next study is planned as usual. Only
+        database errors propagate (the sweep tries again).
+        """
+        try:
+            facts = study_facts(self.database, self.storage_root, study_uid)
+            plan = plan_study(study_uid, facts, self.registry, self.presets,
+                              self.settings.modality_defaults)
+        except (DBAPIError, DatabaseError, StudyNotFoundError):
+            raise
+        except Exception as exc:
+            logger.error("study %s: planning failed: %s", study_uid, safe_error(exc),
+                         exc_info=True)
+            return queue.fail_unplannable(self.database, study_uid, reason, safe_error(exc))
         return queue.enqueue(self.database, plan, reason)
 
     def plan_pending(self) -> list[int]:
@@ -133,8 +162,9 @@ class ProcessingService:
             for study_uid, reason in queue.studies_to_plan(self.database):
                 try:
                     job_id = self.plan(study_uid, reason)
-                except DicomNodeError as exc:
-                    logger.warning("study %s: planning failed: %s", study_uid, exc)
+                except Exception as exc:  # e.g. the database: this study waits, others go on
+                    logger.warning("study %s: planning failed (tried again at the next "
+                                   "sweep): %s", study_uid, safe_error(exc))
                     continue
                 if job_id is not None:
                     created.append(job_id)
@@ -144,18 +174,27 @@ class ProcessingService:
         """Claim and run one job; return its id, or None when the queue is empty."""
         worker = worker or f"{self.node_id}:once"
         config = self.settings.inference
-        job = queue.claim(self.database, worker, config.lease_seconds)
+        job = queue.claim(self.database, worker, config.lease_seconds,
+                          max_attempts=config.max_job_attempts)
         if job is None:
             return None
         logger.info("job %d (study %s, attempt %d) claimed by %s",
                     job.id, job.study_uid, job.attempt, worker)
         heartbeat = _Heartbeat(self.database, job, config.lease_seconds)
         heartbeat.start()
+        retries = Retries()
+        db = self.settings.database
+
+        def again(operation: Callable[[], T], what: str) -> T:
+            return retrying(operation, what=f"job {job.id}: {what}",
+                            attempts=db.transient_retries, first_delay=db.retry_seconds,
+                            retries=retries)
+
         try:
             try:
-                result, outcome, output = run_job(
+                result, outcome, output = again(lambda: run_job(
                     job, self.database, self.storage_root, config.jobs_folder, self.executor
-                )
+                ), "run")
             except InferenceUnavailableError as exc:
                 # The inference server, not the study: back to the queue, nothing recorded.
                 remote = config.remote
@@ -164,13 +203,25 @@ class ProcessingService:
                 queue.requeue(self.database, job, str(exc), delay)
                 return job.id
             except Exception as exc:  # an unexpected error must end the job, not the worker
+                if is_transient(exc):
+                    # The database stayed away through every retry: that is not the job's
+                    # fault. Hand it back (or let its lease lapse) rather than fail it.
+                    logger.error("job %d: database unavailable; the job is queued again: %s",
+                                 job.id, safe_error(exc))
+                    with contextlib.suppress(Exception):
+                        queue.release(self.database, job)
+                    return job.id
                 logger.exception("job %d failed", job.id)
                 result, outcome, output = None, {
-                    "outcome": "failed", "problems": {"(job)": f"{type(exc).__name__}: {exc}"},
+                    "outcome": "failed", "problems": {"(job)": safe_error(exc)},
                 }, None
         finally:
             heartbeat.stop()
-        if queue.finish(self.database, job, result, outcome, output):
+        finished = again(lambda: queue.finish(self.database, job, result, outcome, output),
+                         "recording the outcome")
+        if retries.errors:
+            _audit_retries(self.database, job, retries)
+        if finished:
             for hook in list(self.on_job_finished):
                 try:
                     hook(job.id)
@@ -190,6 +241,16 @@ class ProcessingService:
             if ran is None:
                 self._wake.wait(poll)
                 self._wake.clear()
+
+
+def _audit_retries(database: Database, job: queue.ClaimedJob, retries: Retries) -> None:
+    try:
+        with database.transaction() as session:
+            audit.record(session, "database-retry", actor=job.worker, study_uid=job.study_uid,
+                         detail=f"job {job.id}: {len(retries.errors)} transient database "
+                                f"error(s) retried; last: {retries.errors[-1]}"[:4000])
+    except Exception:  # auditing must not undo a finished job
+        logger.exception("job %d: could not audit its database retries", job.id)
 
 
 class _Heartbeat:

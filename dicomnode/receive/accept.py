@@ -18,14 +18,19 @@ from typing import Any, Protocol
 
 from dicomnode.db import audit
 from dicomnode.db.engine import Database
+from dicomnode.db.transient import retrying
 from dicomnode.receive import ingest, statuses, storage
 from dicomnode.receive.identifiers import Identifiers, Refused, read_identifiers
-from dicomnode.receive.sop_classes import is_implicit_vr
+from dicomnode.receive.keyed_locks import KeyedLocks
+from dicomnode.receive.sop_classes import is_encapsulated, is_implicit_vr
 from dicomnode.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+_BYTES_PER_MB = 1024 * 1024
+# Process-wide: C-STORE and STOW-RS of the same instance at once must take turns too.
+_SOP_LOCKS = KeyedLocks()
 
 
 class ReceiveListener(Protocol):
@@ -67,36 +72,25 @@ class Acceptor:
         if not storage.has_room(self.root, self.settings.storage.min_free_mb):
             raise Refused(statuses.OUT_OF_RESOURCES,
                           f"storage below the {self.settings.storage.min_free_mb} MB watermark")
+        limit_mb = self.settings.storage.max_instance_mb
+        if limit_mb and len(offer.data) > limit_mb * _BYTES_PER_MB:
+            raise Refused(statuses.OUT_OF_RESOURCES,
+                          f"data set of {len(offer.data) / _BYTES_PER_MB:.1f} MB is larger than "
+                          f"storage.max_instance_mb ({limit_mb} MB)")
         ids = read_identifiers(
             offer.data,
             implicit_vr=is_implicit_vr(offer.transfer_syntax),
+            encapsulated=is_encapsulated(offer.transfer_syntax),
             command_sop_class_uid=offer.sop_class_uid,
             command_sop_instance_uid=offer.sop_instance_uid,
         )
         relative = storage.relative_path(ids.study_uid, ids.series_uid, ids.sop_instance_uid)
-        target = self.root / relative
-        # Keep the first copy: a resend must not rewrite a file a row already points to.
-        if target.exists() and ingest.is_stored(self.database, ids.sop_instance_uid):
-            self.audit("duplicate", calling_ae=offer.calling_ae, peer=offer.peer,
-                       study_uid=ids.study_uid, sop_instance_uid=ids.sop_instance_uid,
-                       status=statuses.SUCCESS, detail="SOP Instance already held")
+        # One writer per SOP Instance at a time: of two copies sent at once, the second finds
+        # the first committed and never replaces the file its row describes.
+        with _SOP_LOCKS.hold(ids.sop_instance_uid):
+            result = self._write_and_record(offer, ids, relative, file_meta)
+        if result is None:
             return Accepted(ids, ingest.Outcome.DUPLICATE)
-        try:
-            size = storage.write_atomic(target, (file_meta(ids), offer.data),
-                                        durable=self.settings.storage.fsync)
-        except OSError as exc:
-            if exc.errno in _NO_SPACE:
-                raise Refused(statuses.OUT_OF_RESOURCES, f"disk full: {exc}") from exc
-            raise
-        result = ingest.record_arrival(
-            self.database,
-            ingest.Arrival(
-                ids=ids, transfer_syntax_uid=offer.transfer_syntax, path=relative.as_posix(),
-                size_bytes=size, calling_ae=offer.calling_ae,
-                called_ae=self.settings.node.ae_title, peer=offer.peer,
-            ),
-            quiet_seconds=self.settings.completeness.quiet_seconds,
-        )
         if (result.outcome is ingest.Outcome.STORED and self.listener is not None
                 and result.quiet_until is not None):
             # The rows are committed; a failing timer only delays completion to the sweep.
@@ -105,6 +99,52 @@ class Acceptor:
             except Exception:
                 logger.exception("could not schedule the quiet period of a study")
         return Accepted(ids, result.outcome)
+
+    def _write_and_record(self, offer: Offer, ids: Identifiers, relative: Path,
+                          file_meta: Callable[[Identifiers], bytes]
+                          ) -> ingest.IngestResult | None:
+        """Write the file and commit its row; None when the instance is already held here."""
+        target = self.root / relative
+        held = ingest.held_path(self.database, ids.sop_instance_uid)
+        if held is not None and held != relative.as_posix():
+            raise Refused(statuses.DUPLICATE_SOP_INSTANCE,
+                          "SOP Instance UID already held under another study or series "
+                          f"({held.split('/', 1)[0]}); nothing stored")
+        # Keep the first copy: a resend must not rewrite a file a row already points to.
+        if held is not None and target.exists():
+            self.audit("duplicate", calling_ae=offer.calling_ae, peer=offer.peer,
+                       study_uid=ids.study_uid, sop_instance_uid=ids.sop_instance_uid,
+                       status=statuses.SUCCESS, detail="SOP Instance already held")
+            return None
+        try:
+            size = storage.write_atomic(target, (file_meta(ids), offer.data),
+                                        durable=self.settings.storage.fsync)
+        except OSError as exc:
+            if exc.errno in _NO_SPACE:
+                raise Refused(statuses.OUT_OF_RESOURCES, f"disk full: {exc}") from exc
+            raise
+        arrival = ingest.Arrival(
+            ids=ids, transfer_syntax_uid=offer.transfer_syntax, path=relative.as_posix(),
+            size_bytes=size, calling_ae=offer.calling_ae,
+            called_ae=self.settings.node.ae_title, peer=offer.peer,
+        )
+        # A brief database hiccup is retried here; the sender is waiting, so only briefly.
+        database = self.settings.database
+        try:
+            return retrying(
+                lambda: ingest.record_arrival(
+                    self.database, arrival,
+                    quiet_seconds=self.settings.completeness.quiet_seconds),
+                what="recording an instance", attempts=min(database.transient_retries, 3),
+                first_delay=min(database.retry_seconds, 0.5),
+            )
+        except ingest.HeldElsewhere as exc:
+            # Another node committed it under another path meanwhile; the rows were rolled
+            # back, and the file just written is referenced by nothing.
+            target.unlink(missing_ok=True)
+            raise Refused(statuses.DUPLICATE_SOP_INSTANCE,
+                          f"SOP Instance UID already held under another study or series "
+                          f"({exc.path.split('/', 1)[0]}); nothing stored") from exc
 
     def sender_finished(self, study_uids: set[str]) -> None:
         """The association (or STOW-RS request) ended: check the studies' expected content."""

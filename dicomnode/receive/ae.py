@@ -10,6 +10,7 @@ from typing import Any
 from pynetdicom import AE
 
 from dicomnode.db.engine import Database
+from dicomnode.receive import admission
 from dicomnode.receive.handlers import ReceiveHandlers, ReceiveListener
 from dicomnode.receive.sop_classes import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION
 from dicomnode.receive.tls import start_tls_server
@@ -21,7 +22,9 @@ logger = logging.getLogger(__name__)
 def build_ae(settings: Settings) -> Any:
     node = settings.node
     ae = AE(ae_title=node.ae_title)
-    ae.maximum_associations = node.max_associations
+    # pynetdicom's own limit sits above the admission's (receive/admission.py), which decides.
+    ae.maximum_associations = (node.max_associations + node.reserved_associations
+                               + admission.OVERFLOW + node.max_associations_per_host)
     ae.maximum_pdu_size = node.max_pdu
     ae.network_timeout = node.network_timeout_seconds
     ae.acse_timeout = node.network_timeout_seconds
@@ -66,6 +69,7 @@ class Receiver:
     def start(self) -> tuple[str, int]:
         self.settings.storage.path.mkdir(parents=True, exist_ok=True)
         self._ae = build_ae(self.settings)
+        self.handlers.admission.start()
         node = self.settings.node
         if node.tls is not None:  # first: a bad certificate stops the start before binding
             self._tls_server = start_tls_server(
@@ -112,6 +116,7 @@ class Receiver:
             if not assoc.is_established:
                 with contextlib.suppress(Exception):
                     assoc.dul.socket.close()
+        self.handlers.admission.stop()
         if not self.handlers.in_flight.close_and_wait(timeout=max(5.0, grace_seconds)):
             logger.error("%d store(s) still running at shutdown",
                          self.handlers.in_flight.count)

@@ -21,9 +21,11 @@ from pynetdicom.dsutils import encode_file_meta
 from dicomnode.db.engine import Database
 from dicomnode.receive import ingest, statuses
 from dicomnode.receive.accept import Acceptor, Offer, ReceiveListener
+from dicomnode.receive.admission import Admission
 from dicomnode.receive.identifiers import Refused
 from dicomnode.receive.policy import CallerPolicy
 from dicomnode.receive.tls import peer_certificate
+from dicomnode.redact import safe_error
 from dicomnode.settings import Settings
 
 __all__ = ["InFlight", "ReceiveHandlers", "ReceiveListener"]
@@ -88,6 +90,12 @@ class ReceiveHandlers:
         self.listener = listener
         self.policy = CallerPolicy(settings.node.ae_title, settings.callers)
         self.acceptor = Acceptor(settings, database, listener)
+        node = settings.node
+        self.admission = Admission(
+            max_associations=node.max_associations, per_host=node.max_associations_per_host,
+            reserved=node.reserved_associations,
+            request_timeout=node.association_request_timeout_seconds,
+        )
         self.root: Path = settings.storage.path
         self.in_flight = InFlight()
         self._associations: dict[Any, _AssociationLog] = {}
@@ -95,6 +103,7 @@ class ReceiveHandlers:
 
     def bindings(self) -> list[tuple[Any, Any]]:
         return [
+            (evt.EVT_CONN_OPEN, self.on_opened),
             (evt.EVT_REQUESTED, self.on_requested),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
@@ -105,6 +114,12 @@ class ReceiveHandlers:
 
     # -- association ---------------------------------------------------------------------
 
+    def on_opened(self, event: Any) -> None:
+        """A TCP connection: admit it (or make room for it) before it has said anything."""
+        address = event.address
+        host = str(address[0]) if isinstance(address, tuple | list) else str(address)
+        self.admission.opened(event.assoc, host)
+
     def on_requested(self, event: Any) -> None:
         """Check called AE and caller before negotiation; reject with the right diagnostic."""
         assoc = event.assoc
@@ -114,9 +129,24 @@ class ReceiveHandlers:
         peer = str(assoc.requestor.address)
         rejection = self.policy.check(called, calling, peer, peer_certificate(assoc))
         if rejection is None:
+            allow_listed = not self.policy.admits_anyone
+            if not self.admission.requested(assoc, allow_listed=allow_listed):
+                logger.warning("association from %s@%s rejected: local limit of %d "
+                               "associations reached", calling, peer,
+                               self.settings.node.max_associations)
+                self._audit("association-rejected", calling_ae=calling, peer=peer,
+                            detail="local limit exceeded (node.max_associations"
+                                   + (" + node.reserved_associations)" if allow_listed
+                                      else ")"))
+                # Transient, service provider (presentation), local-limit-exceeded.
+                assoc.acse.send_reject(0x02, 0x03, 0x02)
+                self.admission.closed(assoc)
+                assoc.kill()
+                return
             with self._lock:
                 self._associations[assoc] = _AssociationLog(calling, peer)
             return
+        self.admission.closed(assoc)
         logger.warning("association from %s@%s to %s rejected: %s",
                        calling, peer, called, rejection.reason)
         # Audit first: once the caller sees the rejection, its record is already committed.
@@ -131,6 +161,7 @@ class ReceiveHandlers:
         self._audit("association-rejected", peer=peer, detail=f"TLS: {reason}")
 
     def on_ended(self, event: Any) -> None:
+        self.admission.closed(event.assoc)
         with self._lock:
             log = self._associations.pop(event.assoc, None)
         if log is None:
@@ -140,6 +171,11 @@ class ReceiveHandlers:
             log.calling_ae, log.peer, log.stored, log.late, log.duplicates, log.refused,
         )
         self.acceptor.sender_finished(log.studies)
+
+    def is_receiving(self, study_uid: str) -> bool:
+        """Whether an open association has stored an instance of this study."""
+        with self._lock:
+            return any(study_uid in log.studies for log in self._associations.values())
 
     def on_echo(self, _event: Any) -> int:
         return statuses.SUCCESS
@@ -168,7 +204,7 @@ class ReceiveHandlers:
                 self._audit("error", calling_ae=log.calling_ae, peer=log.peer,
                             sop_instance_uid=_command_uid(event),
                             status=statuses.PROCESSING_FAILURE,
-                            detail=f"{type(exc).__name__}: {exc}"[:2000])
+                            detail=safe_error(exc))
                 return statuses.PROCESSING_FAILURE
         finally:
             self.in_flight.exit()

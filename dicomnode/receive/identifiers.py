@@ -15,6 +15,7 @@ from pydicom.filereader import read_dataset
 
 from dicomnode.receive import statuses
 from dicomnode.receive.structure import MalformedDataSet, check_structure
+from dicomnode.redact import safe_error, scrub
 
 # PS3.5 9.1: components of digits without leading zeros, separated by dots, at most 64 chars.
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
@@ -52,7 +53,10 @@ def _text(ds: Dataset, keyword: str) -> str | None:
     value = ds.get(keyword)
     if value is None:
         return None
-    return str(value).strip("\x00 ") or None
+    # Control characters (a NUL inside a value, escape codes of a wrong character set) have
+    # no place in an identifier; PostgreSQL refuses a NUL in text outright.
+    text = "".join(ch for ch in str(value) if ch.isprintable())
+    return text.strip() or None
 
 
 def read_identifiers(
@@ -61,11 +65,17 @@ def read_identifiers(
     implicit_vr: bool,
     command_sop_class_uid: str,
     command_sop_instance_uid: str,
+    encapsulated: bool | None = None,
 ) -> Identifiers:
-    """Check structure and identifiers of an encoded data set; raise Refused on a problem."""
+    """Check structure and identifiers of an encoded data set; raise Refused on a problem.
+
+    `encapsulated`: whether the negotiated transfer syntax compresses pixel data (None: do
+    not check how Pixel Data is encoded).
+    """
     try:
         header_end = check_structure(
-            data, implicit_vr=implicit_vr, header_until=_LAST_TAG_NEEDED
+            data, implicit_vr=implicit_vr, header_until=_LAST_TAG_NEEDED,
+            encapsulated=encapsulated,
         )
         # Decode only the header: no copy or parse of the pixel data.
         header = read_dataset(BytesIO(data[:header_end]), implicit_vr, True)
@@ -78,9 +88,9 @@ def read_identifiers(
             )
         }
     except MalformedDataSet as exc:
-        raise Refused(statuses.UNPARSEABLE, f"unparseable data set: {exc}") from exc
+        raise Refused(statuses.UNPARSEABLE, f"unparseable data set: {scrub(str(exc))}") from exc
     except (ValueError, TypeError, UnicodeError, EOFError) as exc:  # pydicom's decode errors
-        raise Refused(statuses.UNPARSEABLE, f"unparseable data set: {exc}") from exc
+        raise Refused(statuses.UNPARSEABLE, f"unparseable data set: {safe_error(exc)}") from exc
 
     uids: dict[str, str] = {}
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):

@@ -71,6 +71,22 @@ def _insert_ignore(session: Session, table: Table, key: str, values: dict[str, A
     return result.first() is not None
 
 
+class HeldElsewhere(Exception):
+    """The SOP Instance UID is already held at another path (another study or series)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"SOP Instance already held at {path}")
+        self.path = path
+
+
+def held_path(database: Database, sop_instance_uid: str) -> str | None:
+    """The stored path (relative) of an instance already held, or None."""
+    with database.transaction() as session:
+        path: str | None = session.scalar(
+            select(Instance.path).where(Instance.sop_instance_uid == sop_instance_uid))
+        return path
+
+
 def is_stored(database: Database, sop_instance_uid: str) -> bool:
     with database.transaction() as session:
         return bool(
@@ -124,6 +140,10 @@ def record_arrival(database: Database, arrival: Arrival, *, quiet_seconds: float
             "late": late,
         })
         if not inserted:
+            existing = session.scalar(
+                select(Instance.path).where(Instance.sop_instance_uid == ids.sop_instance_uid))
+            if existing is not None and existing != arrival.path:
+                raise HeldElsewhere(existing)  # rolls back the study and series rows too
             _audit(session, "duplicate", arrival, "SOP Instance already held")
             return IngestResult(Outcome.DUPLICATE, ids.study_uid, None)
         if late:

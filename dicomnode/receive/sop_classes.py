@@ -37,3 +37,8 @@ TRANSFER_SYNTAXES: tuple[uid.UID, ...] = (
 def is_implicit_vr(transfer_syntax: str) -> bool:
     """Only Implicit VR Little Endian is implicit among the accepted syntaxes."""
     return transfer_syntax == uid.ImplicitVRLittleEndian
+
+
+def is_encapsulated(transfer_syntax: str) -> bool:
+    """Whether the syntax carries pixel data encapsulated (compressed) rather than native."""
+    return bool(uid.UID(transfer_syntax).is_encapsulated)

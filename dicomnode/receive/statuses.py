@@ -17,6 +17,10 @@ UNPARSEABLE = 0xC210
 MISSING_UID = 0xC220
 MALFORMED_UID = 0xC221
 SOP_INSTANCE_MISMATCH = 0xC222
+# Failure: Duplicate SOP Instance (PS3.7 C.4, 0111H): the SOP Instance UID is already held
+# under another study or series. Not idempotent (the content cannot be the same instance),
+# so refused; a resend under the same study and series stays a success.
+DUPLICATE_SOP_INSTANCE = 0x0111
 # General processing failure (PS3.7 C.4): an unexpected error in the node; audited.
 PROCESSING_FAILURE = 0x0110
 
@@ -28,5 +32,6 @@ DESCRIPTIONS: dict[int, str] = {
     MISSING_UID: "Study, Series, SOP Instance or SOP Class UID missing or empty",
     MALFORMED_UID: "a UID is not well formed (digits and dots, at most 64 characters)",
     SOP_INSTANCE_MISMATCH: "data set SOP Instance UID differs from the request's",
+    DUPLICATE_SOP_INSTANCE: "SOP Instance UID already held under another study or series",
     PROCESSING_FAILURE: "unexpected error in the node (audited; the node keeps serving)",
 }

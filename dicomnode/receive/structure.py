@@ -10,6 +10,9 @@ tags ascend. It does not judge attribute values; that is the validator's job dow
 from __future__ import annotations
 
 import struct
+from functools import lru_cache
+
+from pydicom.datadict import dictionary_VR
 
 UNDEFINED = 0xFFFFFFFF
 ITEM = 0xFFFEE000
@@ -28,6 +31,12 @@ _SHORT_VRS = frozenset(
     }
 )
 _MAX_DEPTH = 32  # nesting deeper than this is hostile or broken, never a real image
+# Binary VRs whose values are a whole number of fixed-size items (PS3.5 6.2). A length that
+# does not divide is malformed: pydicom accepts it here and fails later, on first access.
+_ITEM_SIZES = {
+    "US": 2, "SS": 2, "OW": 2, "UL": 4, "SL": 4, "FL": 4, "AT": 4, "OF": 4, "OL": 4,
+    "FD": 8, "OD": 8, "SV": 8, "UV": 8, "OV": 8,
+}
 
 _TAG = struct.Struct("<HH")
 _U16 = struct.Struct("<H")
@@ -39,26 +48,31 @@ class MalformedDataSet(ValueError):
 
 
 def check_structure(
-    data: bytes | memoryview, *, implicit_vr: bool, header_until: int = 0xFFFFFFFF
+    data: bytes | memoryview, *, implicit_vr: bool, header_until: int = 0xFFFFFFFF,
+    encapsulated: bool | None = None,
 ) -> int:
     """Raise MalformedDataSet unless `data` is a well-formed little-endian data set.
 
     Returns the byte offset of the first top-level element whose tag is above
     `header_until` (or the length of the data): the header a caller needs to decode.
+    `encapsulated` (when known) says whether the transfer syntax compresses pixel data:
+    then top-level Pixel Data must be encapsulated (undefined length), else it must not be.
     """
     view = memoryview(data)
     if len(view) == 0:
         raise MalformedDataSet("empty data set")
-    walker = _Walker(view, implicit_vr, header_until)
+    walker = _Walker(view, implicit_vr, header_until, encapsulated)
     walker.elements(0, len(view), depth=0, delimited=False)
     return walker.header_end if walker.header_end is not None else len(view)
 
 
 class _Walker:
-    def __init__(self, view: memoryview, implicit_vr: bool, header_until: int) -> None:
+    def __init__(self, view: memoryview, implicit_vr: bool, header_until: int,
+                 encapsulated: bool | None) -> None:
         self.view = view
         self.implicit_vr = implicit_vr
         self.header_until = header_until
+        self.encapsulated = encapsulated
         self.header_end: int | None = None
 
     def _tag(self, pos: int, end: int) -> int:
@@ -85,6 +99,8 @@ class _Walker:
             previous = tag
             if depth == 0 and self.header_end is None and tag > self.header_until:
                 self.header_end = pos
+            if depth == 0 and tag == PIXEL_DATA and self.encapsulated is not None:
+                self._check_pixel_encoding(pos, implicit)
             pos = self._element(pos, end, tag, depth, implicit)
         if delimited:
             raise MalformedDataSet("item without an item delimiter")
@@ -118,9 +134,28 @@ class _Walker:
             raise MalformedDataSet(f"undefined length not allowed for VR {vr!r} at byte {pos}")
         if pos + length > end:
             raise MalformedDataSet(f"value of tag {tag:08X} runs past the end at byte {pos}")
+        size = _item_size(tag, vr)
+        if size and length % size:
+            raise MalformedDataSet(
+                f"tag {tag:08X}: a length of {length} is not a multiple of {size} "
+                f"for VR {_vr_name(tag, vr)} at byte {pos}")
         if vr == b"SQ":
             self.sequence(pos, pos + length, depth, implicit, delimited=False)
         return pos + length
+
+    def _check_pixel_encoding(self, pos: int, implicit: bool) -> None:
+        if implicit:
+            (length,) = _U32.unpack_from(self.view, pos + 4)
+        elif pos + 12 <= len(self.view):
+            (length,) = _U32.unpack_from(self.view, pos + 8)
+        else:
+            return  # the element walk reports the truncation
+        if self.encapsulated and length != UNDEFINED:
+            raise MalformedDataSet(
+                "native (unencapsulated) pixel data under a compressed transfer syntax")
+        if not self.encapsulated and length == UNDEFINED:
+            raise MalformedDataSet(
+                "encapsulated pixel data under an uncompressed transfer syntax")
 
     def sequence(self, pos: int, end: int, depth: int, implicit: bool, *, delimited: bool) -> int:
         while pos < end:
@@ -158,3 +193,30 @@ class _Walker:
                 raise MalformedDataSet(f"bad pixel data fragment at byte {pos - 8}")
             pos += length
             items += 1
+
+
+@lru_cache(maxsize=4096)
+def _dictionary_vr(tag: int) -> str | None:
+    """The public dictionary's VR of `tag` (implicit VR data carries none); None if unknown."""
+    if (tag >> 16) % 2:  # private: no dictionary to consult
+        return None
+    try:
+        return str(dictionary_VR(tag))
+    except KeyError:
+        return None
+
+
+def _item_size(tag: int, vr: bytes | None) -> int:
+    """The fixed item size the value's length must be a multiple of (0: no constraint)."""
+    if vr is not None:
+        return _ITEM_SIZES.get(vr.decode("ascii"), 0)
+    name = _dictionary_vr(tag)
+    if name is None:
+        return 0
+    # Ambiguous dictionary VRs ('US or SS', 'OB or OW'): only a size all choices share.
+    sizes = {_ITEM_SIZES.get(choice.strip(), 1) for choice in name.split(" or ")}
+    return sizes.pop() if len(sizes) == 1 and 1 not in sizes else 0
+
+
+def _vr_name(tag: int, vr: bytes | None) -> str:
+    return vr.decode("ascii") if vr is not None else f"{_dictionary_vr(tag)} (dictionary)"

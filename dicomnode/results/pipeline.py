@@ -42,6 +42,7 @@ from dicomnode.dispatch import outbox
 from dicomnode.durable import fsync_path
 from dicomnode.errors import DicomNodeError
 from dicomnode.inference.outputs import read_index
+from dicomnode.redact import safe_error
 from dicomnode.registry.registry import Registry
 from dicomnode.results.bookkeeping import ENCODABLE, work_list
 from dicomnode.results.encode import OVERLAY, SEG, SR, EncodedObject, encode_objects
@@ -188,7 +189,7 @@ class ResultsPipeline:
             self._tidy(folder, keep=queued is not None)
         except Exception as exc:  # any encoder or file error: record it, keep the node up
             logger.exception("job %d: encoding results failed", job_id)
-            error = f"{type(exc).__name__}: {exc}"
+            error = safe_error(exc)
             self._record_failure(job_id, error, started)
             return EncodeOutcome(job_id, ResultSetState.FAILED, error=error)
         if queued is None:

@@ -6,10 +6,11 @@ be tested and explained without files. Values are kept as text, keyed 'GGGGEEEE'
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
@@ -32,6 +33,19 @@ def _names(value: str | Iterable[str] | None) -> tuple[str, ...]:
     return tuple(sorted({v.strip() for v in items if v and v.strip()}))
 
 
+def _readable(ds: Dataset) -> Iterator[DataElement]:
+    """The elements of `ds` whose values parse. pydicom parses lazily, on access: a value
+    whose length does not fit its VR (a 3-byte US) raises there, and routing must not stop
+    at one bad attribute; the element is left out, as if absent."""
+    for tag in list(ds.keys()):
+        try:
+            elem = ds[tag]
+            _ = elem.value
+        except Exception:  # any parse error of that one element
+            continue
+        yield elem
+
+
 @dataclass(frozen=True)
 class StudyFacts:
     instances: tuple[dict[str, str], ...]  # per instance: 'GGGGEEEE' -> value as text
@@ -49,7 +63,7 @@ class StudyFacts:
         instances = []
         for ds in datasets:
             values: dict[str, str] = {}
-            for elem in ds:
+            for elem in _readable(ds):
                 if elem.VR in _SKIPPED_VRS or elem.tag == 0x7FE00010:
                     continue
                 if isinstance(elem.value, bytes | bytearray):  # e.g. ambiguous 'OB or OW'

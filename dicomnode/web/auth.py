@@ -132,13 +132,21 @@ def login(
     """
     actor = name[:login_throttle.NAME_WIDTH]
     peer = address[:login_throttle.ADDRESS_WIDTH] if address else None
+    attempt: int | None = None
     if limits is not None:
-        # Its own transaction: the refusal is on record even though no login happens.
+        # Check and count in one serialised transaction: the attempt is counted as a
+        # failure before the password is looked at (and forgiven if it is right), so a
+        # parallel burst gets exactly the limit, not one more per request in flight.
         with database.transaction() as session:
-            wait = login_throttle.retry_after(session, name, address, limits, utcnow())
+            login_throttle.serialise(session)
+            now = utcnow()
+            wait = login_throttle.retry_after(session, name, address, limits, now)
             if wait is not None:
+                # The refusal is on record even though no login happens.
                 record(session, "login-throttled", actor=actor, peer=peer,
                        detail=f"refused unchecked for {wait} s (too many failed logins)")
+            else:
+                attempt = login_throttle.add_failure(session, name, address, now)
         if wait is not None:
             logger.warning("console login throttled for user name %r from %s", actor, peer)
             raise LoginThrottled(wait)
@@ -150,9 +158,7 @@ def login(
     if refused or user is None:
         # Its own transaction: the refusal must be on record even though nothing else is.
         with database.transaction() as session:
-            record(session, "login-failed", actor=actor, peer=peer)
-            if limits is not None:
-                login_throttle.add_failure(session, name, address, utcnow())
+            record(session, "login-failed", actor=actor, peer=peer)  # counted already
         logger.warning("console login refused for user name %r from %s", actor, peer)
         raise UserError("wrong user name or password")
     with database.transaction() as session:
@@ -166,8 +172,20 @@ def login(
             created_at=now, expires_at=now + timedelta(minutes=minutes),
         ))
         login_throttle.clear_name(session, user.name)
+        if attempt is not None:
+            login_throttle.forget(session, attempt)
         record(session, "login", actor=user.name, peer=peer)
         return secret, Principal(user.id, user.name, user.role, "session", csrf)
+
+
+def record_refusal(database: Database, kind: str, name: str, address: str | None,
+                   detail: str) -> None:
+    """Audit a login refused before any check (e.g. a cross-site form post)."""
+    with database.transaction() as session:
+        record(session, kind, actor=name[:login_throttle.NAME_WIDTH],
+               peer=address[:login_throttle.ADDRESS_WIDTH] if address else None,
+               detail=detail[:2000])
+    logger.warning("console login refused (%s) from %s", kind, address)
 
 
 def principal_for_session(database: Database, secret: str) -> Principal | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -59,6 +59,25 @@ def login_page(request: Request, next: str = "/presets") -> HTMLResponse:
     return render(request, "login.html", None, next=next, error=None)
 
 
+def same_origin(request: Request, *, behind_proxy: bool = False) -> bool:
+    """Whether a form post comes from this console's own page, by the headers browsers set
+    on every cross-site POST (Sec-Fetch-Site, Origin). A request without either (a script,
+    an old browser) is not a cross-site browser request. Behind a trusted reverse proxy
+    (`web.trusted_proxies`) the host the browser used may arrive as X-Forwarded-Host."""
+    fetch_site = request.headers.get("sec-fetch-site")
+    if fetch_site is not None and fetch_site not in ("same-origin", "none"):
+        return False
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    if origin == "null":  # sandboxed frames, data: URLs, some redirects
+        return False
+    hosts = {request.headers.get("host", "").lower()}
+    if behind_proxy and "x-forwarded-host" in request.headers:
+        hosts.add(request.headers["x-forwarded-host"].split(",")[0].strip().lower())
+    return urlsplit(origin).netloc.lower() in hosts
+
+
 def _safe_next(target: str) -> str:
     # Only local paths: an open redirect would let a link log someone in and send them away.
     # Browsers read "/\\host" like "//host", so a backslash is refused too.
@@ -74,6 +93,15 @@ def login_submit(
 ) -> Response:
     minutes = state.settings.web.session_minutes
     address = request.client.host if request.client else None
+    if not same_origin(request, behind_proxy=bool(state.settings.web.trusted_proxies)):
+        # Login CSRF: another site's form must not sign this browser in (as its author).
+        auth.record_refusal(state.database, "login-cross-site", username.strip(), address,
+                            f"Origin {request.headers.get('origin')!r}, Sec-Fetch-Site "
+                            f"{request.headers.get('sec-fetch-site')!r}")
+        response = render(request, "login.html", None, next="/presets",
+                          error="This sign-in did not come from this console's own page.")
+        response.status_code = 403
+        return response
     try:
         secret, _ = auth.login(state.database, username.strip(), password, minutes,
                                address=address,

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, delete, func, select
+from sqlalchemy import ColumnElement, delete, func, select, text
 from sqlalchemy.orm import Session
 
 from dicomnode.db.models import LoginFailure, as_utc
@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 # Column widths of login_failures (and audit_events.actor / .peer).
 NAME_WIDTH = 64
 ADDRESS_WIDTH = 64
+_ADVISORY_KEY = 0x6C6F67696E  # "login"
 
 
 @dataclass(frozen=True)
@@ -82,9 +83,29 @@ def retry_after(session: Session, name: str, address: str | None, limits: LoginL
     return max(1, math.ceil((latest - now).total_seconds()))
 
 
-def add_failure(session: Session, name: str, address: str | None, now: datetime) -> None:
-    session.add(LoginFailure(at=now, user_name=name[:NAME_WIDTH],
-                             address=address[:ADDRESS_WIDTH] if address else None))
+def add_failure(session: Session, name: str, address: str | None, now: datetime) -> int:
+    """Count a failure (or an attempt in progress, see `admit`); returns its row id."""
+    row = LoginFailure(at=now, user_name=name[:NAME_WIDTH],
+                       address=address[:ADDRESS_WIDTH] if address else None)
+    session.add(row)
+    session.flush()
+    return int(row.id)
+
+
+def serialise(session: Session) -> None:
+    """Make this transaction the only one checking and counting login attempts until it ends.
+
+    SQLite's BEGIN IMMEDIATE already does; PostgreSQL counts under READ COMMITTED, so two
+    checks at once would both see the count below the limit: a transaction-scoped advisory
+    lock orders them (logins are rare; one lock for all is enough).
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADVISORY_KEY})
+
+
+def forget(session: Session, failure_id: int) -> None:
+    """Drop an attempt counted in advance, once its password proved right."""
+    session.execute(delete(LoginFailure).where(LoginFailure.id == failure_id))
 
 
 def clear_name(session: Session, name: str) -> None:

@@ -17,6 +17,7 @@ from pydicom.errors import InvalidDicomError
 
 from dicomnode.errors import DecodeError, DicomNodeError
 from dicomnode.inference.decode import decode_rgb
+from dicomnode.redact import safe_error, scrub
 from dicomnode.results.codes import unit_label
 
 logger = logging.getLogger(__name__)
@@ -46,8 +47,10 @@ def _png(image: Image.Image) -> bytes:
 def image_png(path: Path, max_size: int) -> bytes:
     try:
         rgb = decode_rgb(read(path))
-    except DecodeError as exc:
-        raise ViewError(str(exc)) from exc
+    except (DecodeError, ViewError) as exc:
+        raise ViewError(scrub(str(exc))) from exc
+    except Exception as exc:  # a malformed stored image: a clear 422, never a 500
+        raise ViewError(f"{path.name}: cannot be shown: {safe_error(exc)}") from exc
     picture = Image.fromarray(rgb)
     picture.thumbnail((max_size, max_size))
     return _png(picture)

@@ -38,6 +38,10 @@ class WebServer:
         config = uvicorn.Config(
             create_app(state), host=settings.host, port=settings.port, log_level="warning",
             access_log=False, lifespan="off", **https,
+            # uvicorn believes X-Forwarded-For from 127.0.0.1 by default: anyone on the
+            # machine could then pick their "address" and dodge the per-address login limit.
+            proxy_headers=bool(settings.trusted_proxies),
+            forwarded_allow_ips=list(settings.trusted_proxies),
         )
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None

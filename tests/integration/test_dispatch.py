@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,7 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
 
 
 def _settings(tmp_path: Path, port: int, *, ae_title: str = ORTHANC_AET,
-              max_attempts: int = 5) -> Settings:
+              max_attempts: int = 5, slow_retry_seconds: float = 3600.0) -> Settings:
     return Settings(
         node=NodeSettings(ae_title=NODE_AET),
         storage=StorageSettings(path=tmp_path),
@@ -54,7 +55,8 @@ def _settings(tmp_path: Path, port: int, *, ae_title: str = ORTHANC_AET,
         dispatch=DispatchSettings(first_delay_seconds=0.2, factor=2.0, max_delay_seconds=1.0,
                                   max_attempts=max_attempts, poll_seconds=0.1,
                                   lease_seconds=1.0, connect_timeout_seconds=2.0,
-                                  network_timeout_seconds=10.0),
+                                  network_timeout_seconds=10.0,
+                                  slow_retry_seconds=slow_retry_seconds),
     )
 
 
@@ -189,3 +191,84 @@ def test_a_rejection_is_reported_as_a_rejection_every_time(orthanc: Orthanc) -> 
                for _ in range(REJECTION_ATTEMPTS)]
     misread = [d for d in details if "rejected" not in d]
     assert misread == [], f"{len(misread)} of {REJECTION_ATTEMPTS}: {misread[0]}"
+
+
+def _fail_against_a_closed_port(tmp_path: Path, **kwargs: object) -> tuple[
+        Orthanc, Settings, Database, Dispatcher, list[Path]]:
+    pacs = Orthanc(tmp_path / "pacs", free_port(), free_port())
+    settings = _settings(tmp_path, pacs.dicom_port, max_attempts=2, **kwargs)  # type: ignore[arg-type]
+    database = open_database(settings.database.url)
+    dispatcher = Dispatcher(settings, database)
+    paths = _results(tmp_path / "out")[:1]
+    _enqueue(dispatcher, database, paths)
+    assert _drain(dispatcher, database) == [DeliveryState.FAILED]
+    return pacs, settings, database, dispatcher, paths
+
+
+def test_failed_deliveries_keep_trying_slowly_and_heal_without_an_operator(
+    tmp_path: Path
+) -> None:
+    from sqlalchemy import update
+
+    from dicomnode.db.models import Delivery, utcnow
+
+    pacs, settings, database, dispatcher, paths = _fail_against_a_closed_port(
+        tmp_path, slow_retry_seconds=0.5)
+    # A second one queued long ago, past dispatch.give_up_after_hours: left alone.
+    old_paths = _results(tmp_path / "old")[:1]
+    _enqueue(dispatcher, database, old_paths)
+    assert _drain(dispatcher, database) == [DeliveryState.FAILED] * 2
+    long_ago = utcnow() - timedelta(hours=settings.dispatch.give_up_after_hours + 1)
+    with database.transaction() as session:
+        session.execute(update(Delivery).where(Delivery.sop_instance_uid == _uids(old_paths)[0])
+                        .values(created_at=long_ago))
+    pacs.start()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            dispatcher.run_once()
+            if pacs.sop_instance_uids():
+                break
+            time.sleep(0.2)
+        states = {r["sop_instance_uid"]: r["state"] for r in outbox.list_deliveries(database)}
+        assert states == {_uids(paths)[0]: DeliveryState.SENT,
+                          _uids(old_paths)[0]: DeliveryState.FAILED}
+        assert pacs.sop_instance_uids() == _uids(paths)
+    finally:
+        pacs.stop()
+        database.dispose()
+
+
+def test_a_destination_that_answers_c_echo_again_gets_its_failed_deliveries_at_once(
+    tmp_path: Path
+) -> None:
+    pacs, _, database, dispatcher, paths = _fail_against_a_closed_port(tmp_path)
+    assert dispatcher.run_once().claimed == 0  # slow retry an hour away
+    assert dispatcher.probe_failed_destinations() == 0  # still down
+    pacs.start()
+    try:
+        assert dispatcher.probe_failed_destinations() == 1
+        assert _drain(dispatcher, database) == [DeliveryState.SENT]
+        assert pacs.sop_instance_uids() == _uids(paths)
+    finally:
+        pacs.stop()
+        database.dispose()
+
+
+def test_changed_destination_settings_retry_its_failed_deliveries_at_once(
+    tmp_path: Path, orthanc: Orthanc
+) -> None:
+    wrong = _settings(tmp_path, orthanc.dicom_port, ae_title="WRONGAET", max_attempts=1)
+    database = open_database(wrong.database.url)
+    paths = _results(tmp_path / "out")[:1]
+    dispatcher = Dispatcher(wrong, database)
+    dispatcher.check_settings_changes()  # what start() does: records the settings
+    _enqueue(dispatcher, database, paths)
+    assert _drain(dispatcher, database) == [DeliveryState.FAILED]
+    dispatcher.check_settings_changes()  # unchanged: nothing becomes due
+    assert dispatcher.run_once().claimed == 0
+    fixed = Dispatcher(_settings(tmp_path, orthanc.dicom_port), database)  # restarted
+    fixed.check_settings_changes()
+    assert _drain(fixed, database) == [DeliveryState.SENT]
+    assert orthanc.sop_instance_uids().count(_uids(paths)[0]) == 1
+    database.dispose()

@@ -88,7 +88,8 @@ def test_kill_9_during_a_job_then_restart_completes_once(
             assert second.wait(30) == 0
         job = _job(database)
         assert job is not None
-        assert job.attempts == 2 and job.claimed_by != dead_worker
+        # The restarted process holds the same identity and took its job back itself.
+        assert job.attempts == 2 and job.claimed_by == dead_worker
         with database.transaction() as session:
             runs = session.scalar(select(func.count()).select_from(ModelRun))
             completions = session.scalar(
@@ -100,5 +101,55 @@ def test_kill_9_during_a_job_then_restart_completes_once(
         assert completions == 1 and state == "done"
         folders = sorted(p.name for p in (tmp_path / "storage" / "jobs").iterdir())
         assert folders == [str(job.id)]
+    finally:
+        database.dispose()
+
+
+def test_a_restart_takes_its_job_back_at_once_and_attempts_are_bounded(
+    tmp_path: Path
+) -> None:
+    """The default 300 s lease: a restarted node must not wait for it. A job that dies with
+    its worker `inference.max_job_attempts` times is failed with that reason."""
+    db_url = f"sqlite:///{tmp_path / 'node.db'}"
+    write_diamond(tmp_path / "registry", slow_repeats=80)
+    write_preset(tmp_path / "presets", "screening", ["total"])
+    config = write_config(
+        tmp_path, db_url,
+        registry={"path": str(tmp_path / "registry")},
+        presets={"path": str(tmp_path / "presets")},
+        inference={"workers": 1, "lease_seconds": 300, "poll_seconds": 0.2,
+                   "max_job_attempts": 2, "providers": ["CPUExecutionProvider"]},
+    )
+    database = open_database(db_url)
+    log = tmp_path / "node.log"
+    try:
+        study_uid, _ = add_study(database, tmp_path / "storage", [200] * 6)
+        for attempt in (1, 2):
+            node = _start(["serve", "--config", str(config)], log)
+            try:
+                # 40 s, well inside the 300 s lease: taken back at start, not when it lapses.
+                _wait(lambda a=attempt: (j := _job(database)) is not None  # type: ignore[misc]
+                      and j.state == "running" and j.attempts == a,
+                      40, f"attempt {attempt} running", log)
+                time.sleep(0.3)
+                node.send_signal(signal.SIGKILL)
+                node.wait(10)
+            finally:
+                if node.poll() is None:
+                    node.kill()
+        node = _start(["serve", "--config", str(config)], log)
+        try:
+            _wait(lambda: (j := _job(database)) is not None and j.state == "failed",
+                  40, "the job to be failed after two attempts", log)
+        finally:
+            node.send_signal(signal.SIGTERM)
+            assert node.wait(30) == 0
+        job = _job(database)
+        assert job is not None and job.attempts == 2 and job.outcome_json is not None
+        assert "max_job_attempts is 2" in job.outcome_json
+        with database.transaction() as session:
+            state = session.scalars(select(Study.state).where(Study.study_uid == study_uid)).one()
+            runs = session.scalar(select(func.count()).select_from(ModelRun))
+        assert state == "failed" and runs == 0
     finally:
         database.dispose()

@@ -245,3 +245,23 @@ def test_bad_identifiers_refused(env: Env, tmp_path: Path, keyword: str, value: 
     ds.save_as(path, enforce_file_format=False)  # file meta keeps the original SOP Instance
     assert _pynetdicom_store(env, path) == status
     assert instance_count(env, ds.file_meta.MediaStorageSOPInstanceUID) == 0
+
+
+def test_native_pixels_under_a_jpeg_syntax_are_refused(env: Env, tmp_path: Path) -> None:
+    """A sender that labels uncompressed pixel data JPEG Baseline: refused at receive (the
+    job would fail on it later), not stored."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom.dsutils import create_file_meta
+
+    good = write_op(tmp_path / "native.dcm")
+    ds = pydicom.dcmread(good, stop_before_pixels=True)
+    meta = DicomBytesIO()
+    write_file_meta_info(meta, create_file_meta(
+        sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID,
+        transfer_syntax=JPEGBaseline8Bit))
+    mislabelled = tmp_path / "mislabelled.dcm"
+    mislabelled.write_bytes(b"\x00" * 128 + b"DICM" + meta.getvalue() + dataset_bytes(good))
+    assert _pynetdicom_store(env, mislabelled) == statuses.UNPARSEABLE
+    assert instance_count(env, ds.SOPInstanceUID) == 0
+    assert audit_kinds(env, ds.SOPInstanceUID) == ["refused"]

@@ -287,3 +287,75 @@ def test_job_finished_hook_runs_once_after_commit(env: tuple[Settings, Database,
     service.on_study_complete(uid)
     job_id = service.run_once()
     assert seen == [(job_id, "done")]
+
+
+def _corrupt(storage: Path, database: Database, sop_uid: str, tag: int, vr: str,
+             value: bytes) -> None:
+    """Rewrite a stored instance with one element's raw bytes replaced (as a camera sent it)."""
+    from dicomnode.db.models import Instance
+    from tests.support.dicom_files import dataset_bytes
+    from tests.support.mutate import put
+
+    with database.transaction() as session:
+        rel = session.scalars(select(Instance.path)
+                              .where(Instance.sop_instance_uid == sop_uid)).one()
+    path = storage / rel
+    raw = path.read_bytes()
+    body = dataset_bytes(path)
+    path.write_bytes(raw[: len(raw) - len(body)] + put(body, tag, vr, value))
+
+
+def test_an_unparseable_value_does_not_stop_planning(
+    env: tuple[Settings, Database, Path]
+) -> None:
+    """A (0028,0106) US with 3 bytes, already stored, used to raise out of planning and stall
+    every later study; the element is now left out of the routing facts."""
+    settings, database, storage = env
+    service = service_for(settings, database)
+    bad, sops = add_study(database, storage, [200])
+    _corrupt(storage, database, sops[0], 0x00280106, "US", b"\x01\x02\x03")
+    good, _ = add_study(database, storage, [200])
+    assert len(service.plan_pending()) == 2
+    assert study_state(database, bad) == "processing"
+    assert study_state(database, good) == "processing"
+    while service.run_once() is not None:
+        pass
+    assert {j["study_uid"]: j["state"] for j in queue.list_jobs(database)} == {
+        bad: "done", good: "done"}
+
+
+def test_a_study_that_cannot_be_planned_fails_alone_without_patient_data(
+    env: tuple[Settings, Database, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import struct
+
+    from dicomnode.jobs import service as service_module
+    from dicomnode.jobs.planning import plan_study as real
+
+    settings, database, storage = env
+    service = service_for(settings, database)
+    bad, _ = add_study(database, storage, [200])
+    good, _ = add_study(database, storage, [200])
+
+    def plan_study(study_uid: str, *args: object, **kwargs: object) -> object:
+        if study_uid == bad:  # what pydicom says about a name sent with a numeric VR
+            raise struct.error(f"unpack requires a buffer: {b'Doe^Jane'!r} in (0010,0010)")
+        return real(study_uid, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(service_module, "plan_study", plan_study)
+    created = service.plan_pending()
+    assert study_state(database, bad) == "failed"
+    assert study_state(database, good) == "processing"
+    jobs = {j["study_uid"]: j for j in queue.list_jobs(database)}
+    assert jobs[good]["id"] in created and jobs[good]["state"] == "queued"
+    detail = queue.job_detail(database, jobs[bad]["id"])
+    assert detail["state"] == "failed"
+    problem = detail["outcome"]["problems"]["(planning)"]
+    assert problem.startswith("error: unpack requires a buffer") and "(0010,0010)" in problem
+    with database.transaction() as session:
+        texts = [d or "" for d in session.scalars(select(AuditEvent.detail))]
+    assert not [t for t in [problem, *texts] if "Doe" in t]
+    # The queue keeps flowing: the good study's job runs; the failed study is never retried
+    # on its own (an operator re-runs it).
+    assert service.run_once() == jobs[good]["id"]
+    assert service.run_once() is None and service.plan_pending() == []

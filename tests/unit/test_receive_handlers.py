@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from dicomnode.db import open_database
 from dicomnode.db.engine import Database
-from dicomnode.db.models import AuditEvent, Instance
+from dicomnode.db.models import AuditEvent, Instance, Study
 from dicomnode.receive import ingest, statuses
 from dicomnode.receive.handlers import ReceiveHandlers
 from dicomnode.settings import Settings, StorageSettings
@@ -105,3 +105,98 @@ def test_unexpected_error_is_a_failure_status_and_audited(
     monkeypatch.undo()
     # The same handler object goes on serving.
     assert handlers.on_store(_event(write_op(tmp_path / "b.dcm"))) == statuses.SUCCESS
+
+
+def _variant(path: Path, target: Path, **changes: object) -> Path:
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    ds.save_as(target, enforce_file_format=True)
+    return target
+
+
+def test_the_same_instance_sent_twice_at_once_never_replaces_the_committed_file(
+    database: Database, tmp_path: Path
+) -> None:
+    import threading
+
+    handlers = _handlers(database, tmp_path, min_free_mb=0)
+    for attempt in range(12):
+        first = write_op(tmp_path / f"a{attempt}.dcm")
+        # Same SOP Instance UID, other content (and another size).
+        second = _variant(first, tmp_path / f"b{attempt}.dcm", ImageComments="x" * 400)
+        events = [_event(first), _event(second)]
+        barrier = threading.Barrier(2)
+        answers: list[int] = []
+
+        def send(event: Any, barrier: threading.Barrier, answers: list[int]) -> None:
+            barrier.wait()
+            answers.append(handlers.on_store(event))
+
+        threads = [threading.Thread(target=send, args=(e, barrier, answers)) for e in events]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert answers == [statuses.SUCCESS, statuses.SUCCESS]
+        with database.transaction() as session:
+            row = session.scalars(select(Instance).order_by(Instance.id.desc())).first()
+        assert row is not None
+        stored = tmp_path / "storage" / row.path
+        assert stored.stat().st_size == row.size_bytes, f"attempt {attempt}: file replaced"
+        assert dataset_bytes(stored) in (dataset_bytes(first), dataset_bytes(second))
+
+
+def test_a_sop_instance_uid_held_under_another_study_is_refused_without_traces(
+    database: Database, tmp_path: Path
+) -> None:
+    handlers = _handlers(database, tmp_path, min_free_mb=0)
+    first = write_op(tmp_path / "a.dcm")
+    assert handlers.on_store(_event(first)) == statuses.SUCCESS
+    other = _variant(first, tmp_path / "b.dcm", StudyInstanceUID="1.2.3.4.5.6")
+    assert handlers.on_store(_event(other)) == statuses.DUPLICATE_SOP_INSTANCE
+    with database.transaction() as session:
+        studies = session.scalars(select(Study.study_uid)).all()
+    assert "1.2.3.4.5.6" not in studies and len(studies) == 1
+    assert not (tmp_path / "storage" / "1.2.3.4.5.6").exists()
+    assert _kinds(database) == [("arrived", 0), ("refused", statuses.DUPLICATE_SOP_INSTANCE)]
+
+
+def test_an_instance_over_the_size_limit_is_refused_and_audited(
+    database: Database, tmp_path: Path
+) -> None:
+    handlers = _handlers(database, tmp_path, min_free_mb=0, max_instance_mb=1)
+    small = write_op(tmp_path / "small.dcm", size=96)
+    big = write_op(tmp_path / "big.dcm", size=700)  # 700 x 700 RGB: about 1.4 MB
+    assert handlers.on_store(_event(big)) == statuses.OUT_OF_RESOURCES
+    assert handlers.on_store(_event(small)) == statuses.SUCCESS  # the node is unharmed
+    with database.transaction() as session:
+        details = session.scalars(select(AuditEvent.detail)
+                                  .where(AuditEvent.kind == "refused")).all()
+        stored = session.scalars(select(Instance.sop_instance_uid)).all()
+    assert len(details) == 1 and "storage.max_instance_mb" in (details[0] or "")
+    assert len(stored) == 1
+    assert _kinds(database)[0] == ("refused", statuses.OUT_OF_RESOURCES)
+
+
+@pytest.mark.parametrize("value", [b"AB\x00CD", b"\x1b$B\x00\x00"])
+def test_control_characters_in_an_identifier_are_no_processing_failure(
+    database: Database, tmp_path: Path, value: bytes
+) -> None:
+    """A NUL inside Patient ID under a mistyped character set used to reach PostgreSQL,
+    which refuses it: 0x0110. The identifier keeps its printable characters."""
+    from tests.support.mutate import put
+
+    handlers = _handlers(database, tmp_path, min_free_mb=0)
+    path = write_op(tmp_path / "a.dcm")
+    raw = path.read_bytes()
+    body = dataset_bytes(path)
+    meta = raw[: len(raw) - len(body)]
+    path.write_bytes(meta + put(put(body, 0x00100020, "LO", value),
+                                0x00080005, "CS", b"ISO 2022 IR 87"))
+    assert handlers.on_store(_event(path)) == statuses.SUCCESS
+    with database.transaction() as session:
+        [patient_id] = session.scalars(select(Study.patient_id)).all()
+    assert patient_id is None or patient_id.isprintable()

@@ -143,3 +143,76 @@ def test_sop_instance_must_match_the_command() -> None:
 )
 def test_uid_form(uid: str, valid: bool) -> None:
     assert is_valid_uid(uid) is valid
+
+
+def _with_element(ds: Dataset, tag: int, vr: str, value: bytes, *, implicit: bool) -> bytes:
+    """The encoding of `ds` with one raw element inserted (pydicom will not write it)."""
+    data = _encode(ds, implicit=implicit)
+    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+    raw = head + (struct.pack("<I", len(value)) if implicit
+                  else vr.encode() + struct.pack("<H", len(value))) + value
+    pos = 0
+    while pos < len(data):  # top-level elements of the small test data set
+        group, element = struct.unpack_from("<HH", data, pos)
+        if (group << 16) | element > tag:
+            break
+        if implicit:
+            (length,) = struct.unpack_from("<I", data, pos + 4)
+            pos += 8 + length
+        elif data[pos + 4:pos + 6] in (b"OB", b"SQ"):
+            (length,) = struct.unpack_from("<I", data, pos + 8)
+            pos += 12 + length
+        else:
+            (length,) = struct.unpack_from("<H", data, pos + 6)
+            pos += 8 + length
+    return data[:pos] + raw + data[pos:]
+
+
+@pytest.mark.parametrize(
+    ("tag", "vr", "value", "implicit"),
+    [
+        (0x00280106, "US", b"\x01\x02\x03", False),  # Smallest Image Pixel Value, 3 bytes
+        (0x00280106, "US", b"\x01\x02\x03", True),  # the dictionary says US
+        (0x00280030, "FD", b"\x00" * 12, False),  # an FD of 12 bytes
+    ],
+)
+def test_a_length_that_does_not_fit_the_vr_is_unparseable(
+    implicit: bool, tag: int, vr: str, value: bytes
+) -> None:
+    data = _with_element(_dataset(), tag, vr, value, implicit=implicit)
+    with pytest.raises(Refused) as refused:
+        _read(_dataset(), data, implicit=implicit)
+    assert refused.value.status == statuses.UNPARSEABLE
+    assert "not a multiple" in refused.value.reason
+
+
+def test_a_wrongly_typed_specific_character_set_is_unparseable() -> None:
+    ds = _dataset()
+    data = _with_element(ds, 0x00080005, "US", b"\x01\x00", implicit=False)
+    with pytest.raises(Refused) as refused:
+        _read(ds, data)
+    assert refused.value.status == statuses.UNPARSEABLE
+
+
+def test_native_pixel_data_under_a_compressed_syntax_is_unparseable() -> None:
+    ds = _dataset()
+    data = _encode(ds)  # native (defined-length) Pixel Data
+    with pytest.raises(Refused) as refused:
+        read_identifiers(data, implicit_vr=False, command_sop_class_uid=OP,
+                         command_sop_instance_uid=str(ds.SOPInstanceUID), encapsulated=True)
+    assert refused.value.status == statuses.UNPARSEABLE
+    assert "native" in refused.value.reason
+    # The same bytes are fine under an uncompressed syntax.
+    assert read_identifiers(data, implicit_vr=False, command_sop_class_uid=OP,
+                            command_sop_instance_uid=str(ds.SOPInstanceUID),
+                            encapsulated=False).modality == "OP"
+
+
+def test_refusal_reasons_carry_no_values() -> None:
+    """A Patient's Name sent with a numeric VR: pydicom's error quotes its bytes."""
+    ds = _dataset()
+    data = _with_element(ds, 0x00100010, "US", b"Doe^Jane^", implicit=False)
+    with pytest.raises(Refused) as refused:
+        _read(ds, data)
+    assert refused.value.status == statuses.UNPARSEABLE
+    assert "Doe" not in refused.value.reason

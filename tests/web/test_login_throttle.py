@@ -146,3 +146,99 @@ def test_two_nodes_on_one_database_share_the_count(shared_env: tuple[Env, str]) 
     finally:
         one.dispose()
         two.dispose()
+
+
+def test_a_parallel_burst_gets_exactly_the_limit(shared_env: tuple[Env, str]) -> None:
+    """12 wrong passwords at once: 5 are checked (and fail), every other one is throttled."""
+    import threading
+
+    from dicomnode.errors import UserError
+    from dicomnode.web.login_throttle import LoginLimits, LoginThrottled
+
+    _, url = shared_env
+    database = open_database(url)
+    try:
+        auth.add_user(database, "alice", "admin", ADMIN_PASSWORD)
+        limits = LoginLimits(per_user=5, per_address=1000, window=timedelta(minutes=15))
+        barrier = threading.Barrier(12)
+        outcomes: list[str] = []
+        lock = threading.Lock()
+
+        def attempt(index: int) -> None:
+            barrier.wait()
+            try:
+                auth.login(database, "alice", WRONG, 60, address=f"192.0.2.{index}",
+                           limits=limits)
+                outcome = "in"
+            except LoginThrottled:
+                outcome = "throttled"
+            except UserError:
+                outcome = "checked"
+            with lock:
+                outcomes.append(outcome)
+
+        threads = [threading.Thread(target=attempt, args=(i,)) for i in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(outcomes) == ["checked"] * 5 + ["throttled"] * 7
+        with database.transaction() as session:
+            failures = session.scalars(select(LoginFailure.id)).all()
+        assert len(failures) == 5
+    finally:
+        database.dispose()
+
+
+def _serve(env: Env) -> tuple[object, str]:
+    from dicomnode.web.server import WebServer
+
+    server = WebServer(env.state, env.settings.web)
+    host, port = server.start()
+    return server, f"http://{host}:{port}"
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_forwarded_for_counts_only_from_a_trusted_proxy(tmp_path: Path, trusted: bool) -> None:
+    web: dict[str, object] = {"port": 0, "login_max_failures_per_address": 3}
+    if trusted:
+        web["trusted_proxies"] = ["127.0.0.1"]
+    env = make_env(tmp_path, web)
+    server, base = _serve(env)
+    try:
+        with httpx.Client(base_url=base, follow_redirects=False) as http:
+            for index, name in enumerate(("nobody", "root", "admin", "victor")):
+                response = http.post("/login", data={"username": name, "password": WRONG},
+                                     headers={"X-Forwarded-For": f"198.51.100.{index}"})
+                if index < 3:
+                    assert response.status_code == 401
+        with env.database.transaction() as session:
+            peers = session.scalars(select(AuditEvent.peer)
+                                    .where(AuditEvent.kind.like("login-%"))
+                                    .order_by(AuditEvent.id)).all()
+        if trusted:  # the proxy's word is taken: four addresses, none over its limit
+            assert response.status_code == 401
+            assert peers == [f"198.51.100.{i}" for i in range(4)]
+        else:  # one address (the real peer), locked after three failures
+            assert response.status_code == 429
+            assert set(peers) == {"127.0.0.1"}
+    finally:
+        server.stop()  # type: ignore[attr-defined]
+        env.database.dispose()
+
+
+def test_a_cross_site_login_post_is_refused(client: TestClient, env: Env) -> None:
+    evil = client.post("/login", data={"username": "alice", "password": ADMIN_PASSWORD},
+                       headers={"Origin": "https://evil.example"}, follow_redirects=False)
+    assert evil.status_code == 403 and SESSION_COOKIE not in evil.cookies
+    fetch = client.post("/login", data={"username": "alice", "password": ADMIN_PASSWORD},
+                        headers={"Sec-Fetch-Site": "cross-site"}, follow_redirects=False)
+    assert fetch.status_code == 403 and SESSION_COOKIE not in fetch.cookies
+    own = client.post("/login", data={"username": "alice", "password": ADMIN_PASSWORD},
+                      headers={"Origin": "http://testserver", "Sec-Fetch-Site": "same-origin"},
+                      follow_redirects=False)
+    assert own.status_code == 303 and SESSION_COOKIE in own.cookies
+    with env.database.transaction() as session:
+        kinds = session.scalars(select(AuditEvent.kind).where(
+            AuditEvent.kind.like("login%")).order_by(AuditEvent.id)).all()
+    assert kinds == ["login-cross-site", "login-cross-site", "login"]

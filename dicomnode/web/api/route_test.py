@@ -30,6 +30,8 @@ router = APIRouter(tags=["routing"])
 
 # Headers only: an upload larger than this is not a fundus photograph's header worth reading.
 MAX_UPLOAD_BYTES = 256 * 1024 * 1024
+# A study's worth of files; more is not a routing question.
+MAX_UPLOAD_FILES = 50
 
 
 def _read(upload: UploadFile) -> Dataset:
@@ -55,6 +57,8 @@ def route_test(
     settings = state.settings
     catalog = state.catalog.catalog
     if files:
+        if len(files) > MAX_UPLOAD_FILES:
+            raise HTTPException(413, f"{len(files)} files: at most {MAX_UPLOAD_FILES} at once")
         datasets = [_read(upload) for upload in files]
         facts = StudyFacts.from_datasets(
             datasets, calling_ae=calling_ae or None,
