@@ -14,7 +14,7 @@ import csv
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pydicom
@@ -79,7 +79,8 @@ def test_real_photographs_come_back_graded_with_lesion_segments(tmp_path: Path) 
     eyes = _two_eyes()
     files = []
     study_uid = pydicom.uid.generate_uid()
-    for number, ((name, _grade), side) in enumerate(zip(eyes, ("R", "L"), strict=True), 1):
+    sides: tuple[Literal["R"], Literal["L"]] = ("R", "L")
+    for number, ((name, _grade), side) in enumerate(zip(eyes, sides, strict=True), 1):
         rgb = np.asarray(Image.open(IDRID / "test" / name).convert("RGB"))
         ds = op_dataset(rgb, laterality=side, study_uid=study_uid, instance_number=number,
                         patient_id="IDRID0001")
