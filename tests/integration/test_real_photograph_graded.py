@@ -79,7 +79,7 @@ def test_real_photographs_come_back_graded_with_lesion_segments(tmp_path: Path) 
     eyes = _two_eyes()
     files = []
     study_uid = pydicom.uid.generate_uid()
-    sides: tuple[Literal["R"], Literal["L"]] = ("R", "L")
+    sides: list[Literal["L", "R"]] = ["R", "L"]
     for number, ((name, _grade), side) in enumerate(zip(eyes, sides, strict=True), 1):
         rgb = np.asarray(Image.open(IDRID / "test" / name).convert("RGB"))
         ds = op_dataset(rgb, laterality=side, study_uid=study_uid, instance_number=number,
