@@ -275,6 +275,11 @@ def _v9_login_failures(conn: Connection) -> None:
     md.create_all(conn)
 
 
+def _v14_model_runs_not_analysed(conn: Connection) -> None:
+    # Numbered 14 to leave room for steps other branches add; versions need not be contiguous.
+    conn.execute(text("ALTER TABLE model_runs ADD COLUMN not_analysed_json TEXT"))
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "studies, series, instances", _v1_studies_series_instances),
     Migration(2, "audit trail", _v2_audit_events),
@@ -286,6 +291,8 @@ MIGRATIONS: list[Migration] = [
               _v7_users_sessions_preset_revisions),
     Migration(8, "model evaluations (dicomnode evaluate --record)", _v8_model_evaluations),
     Migration(9, "failed logins (login throttling)", _v9_login_failures),
+    Migration(14, "model_runs.not_analysed_json (coded reason per image not analysed)",
+              _v14_model_runs_not_analysed),
 ]
 
 HEAD = MIGRATIONS[-1].version
