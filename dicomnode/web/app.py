@@ -17,6 +17,7 @@ from dicomnode import __version__
 from dicomnode.web import console
 from dicomnode.web.api import (
     health,
+    jobs,
     models,
     presets,
     resolve,
@@ -65,7 +66,8 @@ def create_app(state: WebState) -> FastAPI:
     app.state.web = state
     app.state.destination_echoes = health.EchoCache()
     app.middleware("http")(_security_headers)
-    for module in (models, presets, resolve, route_test, studies, results, health, schema):
+    for module in (models, presets, resolve, route_test, studies, jobs, results, health,
+                   schema):
         app.include_router(module.router, prefix="/api")
     app.include_router(health.metrics_router)
     app.include_router(console.router)
