@@ -27,7 +27,9 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from dicomnode.db import open_database
-from dicomnode.db.models import Delivery, DeliveryState, Job
+from dicomnode.db.models import Delivery, DeliveryState, Job, ModelRun
+from dicomnode.inference.decode import decode_rgb
+from dicomnode.registry import load_registry
 from dicomnode.results.codes import NOT_ANALYSED
 from dicomnode.synthetic import op_dataset, synthetic_fundus
 from dicomnode.web import auth
@@ -247,3 +249,86 @@ def _console_shows_the_reasons(tmp_path: Path, chromium: str, port: int, study_u
             assert problems == []
         finally:
             context.close()
+
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[2]
+NEMA_ENDOSCOPY = DATA / "dicom-samples" / "NEMA_WG04" / "RLE" / "VL1_RLE"
+
+
+def test_a_non_fundus_photograph_is_refused_with_its_own_reason(
+    tmp_path: Path, orthanc: Orthanc
+) -> None:
+    """The NEMA WG04 endoscopy image (Barrett's oesophagus), re-wrapped as an OP instance in
+    code (its own Modality OT is not routed to fundus presets on this branch), through the
+    shipped registry: fundus-quality 2.0.0 calls it not a fundus photograph, no other model
+    runs on it, and the SR in Orthanc says why for each of them."""
+    if not NEMA_ENDOSCOPY.exists():
+        pytest.skip(f"{NEMA_ENDOSCOPY} is absent (../shared/data is not part of the project)")
+    require_tool("dciodvfy", "dicom3tools")
+    storescu = require_tool("storescu", "dcmtk")
+    rgb = decode_rgb(pydicom.dcmread(NEMA_ENDOSCOPY))
+    path = tmp_path / "endoscopy-as-op.dcm"
+    op_dataset(rgb, laterality="R").save_as(path, enforce_file_format=True)
+    sop = str(pydicom.dcmread(path).SOPInstanceUID)
+    (tmp_path / "presets").mkdir()
+    models = ["fundus-quality", "vessel-metrics", "disc-metrics", "laterality"]
+    (tmp_path / "presets" / "screen.yaml").write_text(yaml.safe_dump({
+        "id": "screen", "name": "Screening", "audience": "tests", "description": "test",
+        "models": models, "destinations": ["pacs"], "routing": {"modality": "OP"},
+    }), "utf-8")
+    db_url = f"sqlite:///{tmp_path / 'node.db'}"
+    config = write_config(
+        tmp_path, db_url,
+        destinations={"pacs": {"ae_title": ORTHANC_AET, "host": "127.0.0.1",
+                               "port": orthanc.dicom_port}},
+        registry={"path": str(ROOT / "model_registry")},
+        presets={"path": str(tmp_path / "presets")},
+        inference={"providers": ["CPUExecutionProvider"], "poll_seconds": 0.3},
+        dispatch={"first_delay_seconds": 0.3, "poll_seconds": 0.2},
+    )
+    database = open_database(db_url)
+    before = set(orthanc.instance_ids())
+    try:
+        with NodeProcess(config) as node:
+            subprocess.run([storescu, "-aet", "CAM1", "-aec", NODE_AE, "127.0.0.1",
+                            str(node.port), str(path)],
+                           check=True, capture_output=True, timeout=60)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                with database.transaction() as session:
+                    deliveries = list(session.scalars(select(Delivery)))
+                if deliveries and all(d.state == DeliveryState.SENT for d in deliveries):
+                    break
+                time.sleep(0.3)
+            else:
+                pytest.fail(f"results not delivered; node log:\n{node.log()[-6000:]}")
+            with database.transaction() as session:
+                [job] = list(session.scalars(select(Job)))
+                graph = json.loads(job.graph_json)
+                job_state = job.state
+        with database.transaction() as session:
+            runs = {r.model_id: (r.version, r.images, json.loads(r.not_analysed_json or "{}"))
+                    for r in session.scalars(select(ModelRun))}
+    finally:
+        database.dispose()
+    assert job_state == "done"
+    assert runs["fundus-quality"][:2] == ("2.0.0", 1)
+    others = set(graph["models"]) - {"fundus-quality"}
+    assert {"vessel-seg", "optic-disc", "laterality"} <= others
+    for model in others:
+        _, images, reasons = runs[model]
+        assert images == 0, f"{model} ran on a non-fundus image"
+        assert reasons[sop]["value"] == "NA-NOT-FUNDUS", (model, reasons)
+        assert reasons[sop]["detail"] == "fundus-quality: not a fundus photograph"
+
+    [sr_path] = [path for path in (orthanc.download(i, tmp_path / f"pacs-{i}.dcm")
+                                   for i in set(orthanc.instance_ids()) - before)
+                 if pydicom.dcmread(path).Modality == "SR"]
+    assert errors(dciodvfy(sr_path)) == [], dciodvfy(sr_path)
+    said = _not_analysed(pydicom.dcmread(sr_path))
+    registry = load_registry(ROOT / "model_registry")
+    names = {registry.get(m, runs[m][0]).manifest.name for m in {*others, "fundus-quality"}}
+    # Every model, the gate included (its own group), says not analysed: not a fundus photo.
+    assert {name for (uid, name) in said if uid == sop} == names
+    assert set(said.values()) == {("99DICOMNODE", "NA-NOT-FUNDUS", "Not a fundus photograph")}
