@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -37,22 +38,22 @@ NEAR = 0.12
 def _disc_centre(graph: onnx.GraphProto) -> str:
     """The disc locator's centre: Concat(mx, my) / 256, the first Concat of the 1.0.0 graph."""
     concat = next(n for n in graph.node if n.op_type == "Concat")
-    return next(n.output[0] for n in graph.node
-                if n.op_type == "Div" and n.input[0] == concat.output[0])
+    return str(next(n.output[0] for n in graph.node
+                    if n.op_type == "Div" and n.input[0] == concat.output[0]))
 
 
 def with_unknown(model: onnx.ModelProto, confidence: float, far: float = FAR,
                  near: float = NEAR) -> onnx.ModelProto:
     graph = model.graph
-    for node in graph.node:
-        node.output[:] = ["laterality_lr" if o == "laterality" else o for o in node.output]
+    for item in graph.node:
+        item.output[:] = ["laterality_lr" if o == "laterality" else o for o in item.output]
     centre = _disc_centre(graph)
 
     def const(name: str, value: object, dtype: type = np.float32) -> str:
         graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype), name))
         return name
 
-    def node(op: str, inputs: list[str], output: str, **attrs: object) -> str:
+    def node(op: str, inputs: list[str], output: str, **attrs: Any) -> str:
         graph.node.append(helper.make_node(op, inputs, [output], **attrs))
         return output
 

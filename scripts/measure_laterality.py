@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ import numpy as np
 import onnx
 import onnx.numpy_helper
 import onnxruntime as ort
+from make_laterality_unknown import SOURCE, with_unknown  # the sibling script (same folder)
 from numpy.typing import NDArray
 from PIL import Image
 
@@ -42,8 +42,6 @@ from dicomnode.inference.preprocess import SourceImage, prepare
 from dicomnode.registry import load_registry
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the 1.1.0 builder is a sibling script
-from scripts.make_laterality_unknown import SOURCE, with_unknown  # noqa: E402
 
 GRID = [round(0.5 + 0.05 * k, 2) for k in range(10)]
 
@@ -96,7 +94,7 @@ def _run(session: ort.InferenceSession, spec: Any, rgb: NDArray[np.uint8]
 
 
 def _answers(row: dict[str, Any], confidence: float) -> bool:
-    return max(row["p_left"], row["p_right"]) >= confidence
+    return bool(max(row["p_left"], row["p_right"]) >= confidence)
 
 
 def _summary(rows: list[dict[str, Any]], confidence: float) -> dict[str, Any]:

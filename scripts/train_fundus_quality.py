@@ -163,7 +163,8 @@ class QualityModel(nn.Module):
         p = torch.softmax(self.head((raw - self.mean) / self.std), dim=1)
         z = (raw[:, self.env_index] - self.env_mean) / self.env_std
         distance = torch.sqrt((z * z).sum(dim=1, keepdim=True))
-        outside = ((distance > self.env_limit) & (p[:, 0:1] >= 0.5)).float()
+        limit: torch.Tensor = self.env_limit  # type: ignore[assignment]  # a buffer
+        outside = ((distance > limit) & (p[:, 0:1] >= 0.5)).float()
         moved = p[:, 0:1] * outside
         p = torch.cat([p[:, 0:1] - moved, p[:, 1:2], p[:, 2:3] + moved], dim=1)
         return p, torch.cat([raw, distance], dim=1)
@@ -189,7 +190,8 @@ def _f(rgb: NDArray[np.uint8]) -> NDArray[np.float32]:
 
 
 def _u8(values: NDArray[Any]) -> NDArray[np.uint8]:
-    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    out: NDArray[np.uint8] = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    return out
 
 
 def _fov_mask(rgb: NDArray[np.uint8]) -> NDArray[np.bool_]:
@@ -317,7 +319,8 @@ def flat_field(rng: np.random.Generator) -> NDArray[np.uint8]:
 def _smooth_noise(rng: np.random.Generator, h: int, w: int, scale: float) -> NDArray[np.float32]:
     small = rng.normal(0, 1, (max(2, int(h / scale)), max(2, int(w / scale))))
     img = Image.fromarray(((small - small.min()) / (np.ptp(small) + 1e-9) * 255).astype(np.uint8))
-    return np.array(img.resize((w, h), Image.Resampling.BICUBIC), np.float32) / 255 - 0.5
+    resized = np.array(img.resize((w, h), Image.Resampling.BICUBIC), np.float32)
+    return (resized / np.float32(255) - np.float32(0.5)).astype(np.float32)
 
 
 def skin(rng: np.random.Generator) -> NDArray[np.uint8]:
@@ -530,7 +533,7 @@ def train_head(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     for _ in range(1500):
         optimiser.zero_grad()
         loss = F.cross_entropy(head(z), y, weight=weights)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         optimiser.step()
     logger.info("training loss %.4f", float(loss.detach()))
     return mean, std, head
