@@ -567,6 +567,21 @@ def figures(collector: Collector, predicted: list[int]) -> dict[str, Any]:
                   "ci95": wilson(sum(v), len(v))} for key, v in sorted(groups.items())}
 
 
+def add_dark_defocus(collector: Collector, rng: np.random.Generator) -> None:
+    """Ungradable: each gradable original, defocused and then darkened (gain 0.12-0.35), made
+    on the 256 crop itself (blur radius 2.5-4 px there) so that the cached images serve. A dark
+    photo's 8-bit steps must not pass for sharpness."""
+    for tensor, tags in list(zip(collector.tensors, collector.tags, strict=True)):
+        if tags["label"] != "gradable" or tags["variant"] != "original":
+            continue
+        crop = Image.fromarray(np.rint(tensor.transpose(1, 2, 0) * 255).astype(np.uint8))
+        blurred = np.array(crop.filter(ImageFilter.GaussianBlur(rng.uniform(2.5, 4.0))))
+        dark = _u8(_f(blurred) * rng.uniform(0.12, 0.35))
+        collector.tensors.append((dark.transpose(2, 0, 1) / np.float32(255)).astype(np.float32))
+        collector.labels.append(CLASSES.index("ungradable"))
+        collector.tags.append({**tags, "label": "ungradable", "variant": "dark_defocus"})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
@@ -588,6 +603,7 @@ def main() -> None:
     tag = f"{args.train_per_camera}-{args.test_per_camera}"
     train = cached(args.cache, f"train-{tag}",
                    lambda: build(args.data, "train", rng, per_camera=args.train_per_camera))
+    add_dark_defocus(train, np.random.default_rng(SEED + 2))
     logger.info("train: %d images (%.0f s)", len(train.labels), time.monotonic() - started)
     x_train = features(extractor, train)
     y_train = torch.tensor(train.labels)
@@ -597,6 +613,7 @@ def main() -> None:
     test = cached(args.cache, f"test-{tag}",
                   lambda: build(args.data, "test", np.random.default_rng(SEED + 1),
                                 per_camera=args.test_per_camera))
+    add_dark_defocus(test, np.random.default_rng(SEED + 3))
     held = nema(args.data)
     logger.info("test: %d images, NEMA %d (%.0f s)", len(test.labels), len(held.labels),
                 time.monotonic() - started)
