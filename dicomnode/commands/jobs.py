@@ -94,13 +94,27 @@ def run_show(args: argparse.Namespace) -> int:
         print(f"  outputs: {detail['output_path']} (under the storage path)")
     if detail["runs"]:
         print_table(
-            ["MODEL", "VERSION", "STATUS", "PROVIDER", "IMAGES", "BATCH", "MS", "SKIPPED",
+            ["MODEL", "VERSION", "STATUS", "PROVIDER", "IMAGES", "BATCH", "MS", "NOT ANALYSED",
              "ERROR"],
             [[r["model_id"], r["version"], r["status"], r["provider"], r["images"],
               r["batch_size"], None if r["duration_ms"] is None else f"{r['duration_ms']:.1f}",
-              len(r["skipped"]) or None, r["error"]] for r in detail["runs"]],
+              len(r.get("not_analysed") or r["skipped"]) or None, r["error"]]
+             for r in detail["runs"]],
         )
+    _print_not_analysed(detail.get("not_analysed") or [])
     return 0
+
+
+def _print_not_analysed(rows: list[dict[str, Any]]) -> None:
+    """One line per (image, model) not analysed: the coded reason and its detail."""
+    if not rows:
+        return
+    print("  not analysed:")
+    print_table(
+        ["  IMAGE", "MODEL", "REASON", "CODE", "DETAIL"],
+        [[f"  {r['sop_instance_uid']}", f"{r['model_id']}@{r['version']}", r["meaning"],
+          f"{r['scheme']} {r['code']}", r["detail"]] for r in rows],
+    )
 
 
 def run_health(args: argparse.Namespace) -> int:

@@ -283,11 +283,17 @@ def _v10_retention(conn: Connection) -> None:
                           ("instances", "purged_at"), ("results", "purged_at")):
         conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {column_type}"))
     conn.execute(text("CREATE INDEX ix_studies_purged_at ON studies (purged_at)"))
+
+
 def _v11_study_date_station(conn: Connection) -> None:
     for name, column_type in (("study_date", String(8)), ("station_name", String(64))):
         compiled = column_type.compile(dialect=conn.dialect)
         conn.execute(text(f"ALTER TABLE studies ADD COLUMN {name} {compiled}"))
     conn.execute(text("CREATE INDEX ix_studies_study_date ON studies (study_date)"))
+
+
+def _v12_model_runs_not_analysed(conn: Connection) -> None:
+    conn.execute(text("ALTER TABLE model_runs ADD COLUMN not_analysed_json TEXT"))
 
 
 MIGRATIONS: list[Migration] = [
@@ -305,6 +311,8 @@ MIGRATIONS: list[Migration] = [
               _v10_retention),
     Migration(11, "studies.study_date and station_name (the operator's study list)",
               _v11_study_date_station),
+    Migration(12, "model_runs.not_analysed_json (coded reason per image not analysed)",
+              _v12_model_runs_not_analysed),
 ]
 
 HEAD = MIGRATIONS[-1].version

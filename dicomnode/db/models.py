@@ -196,6 +196,9 @@ class ModelRun(Base):
     error: Mapped[str | None] = mapped_column(Text)
     # JSON: SOP Instance UID -> why that image was skipped (gates).
     skipped_json: Mapped[str | None] = mapped_column(Text)
+    # JSON (migration 12): SOP Instance UID -> {scheme, value, meaning, detail}, the coded
+    # reason for every image the model did not analyse (skipped or lost to a failure).
+    not_analysed_json: Mapped[str | None] = mapped_column(Text)
 
     job: Mapped[Job] = relationship(back_populates="runs")
 

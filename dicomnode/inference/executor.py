@@ -7,6 +7,8 @@
   every model that depends on it (directly or through others), with the reason.
 - Failure: a model that raises fails; what depends on it is not run ("skipped", naming the
   failed model); the rest of the graph carries on.
+- Every image a model did not analyse gets a coded reason in `not_analysed` (reasons.py):
+  skipped by a requirement, a gate or an upstream model, or lost to a failure.
 ONNX Runtime releases the GIL in `run`, so a thread per model gives real parallelism.
 """
 
@@ -26,8 +28,10 @@ from numpy.typing import NDArray
 
 from dicomnode.errors import InferenceUnavailableError
 from dicomnode.graph.model import ResolvedGraph
-from dicomnode.inference.postprocess import Finding, binary_mask, classify, gate_reason
+from dicomnode.inference import reasons
+from dicomnode.inference.postprocess import Finding, binary_mask, classify, gate_not_analysed
 from dicomnode.inference.preprocess import Geometry, SourceImage, prepare
+from dicomnode.inference.reasons import NotAnalysedReason
 from dicomnode.inference.sessions import LoadedModel, SessionPool
 from dicomnode.registry.manifest import (
     Manifest,
@@ -63,6 +67,9 @@ class ModelResult:
     geometry: dict[str, Geometry] = field(default_factory=dict)
     findings: dict[str, dict[str, Finding]] = field(default_factory=dict)  # output -> uid -> ...
     gated: dict[str, str] = field(default_factory=dict)  # uid -> reason (from this model's gates)
+    gate_reasons: dict[str, NotAnalysedReason] = field(default_factory=dict)  # coded `gated`
+    # uid -> coded reason, for every image this model did not analyse (skipped or failed).
+    not_analysed: dict[str, NotAnalysedReason] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -143,13 +150,18 @@ class GraphExecutor:
         if broken:
             result.status = "skipped"
             result.error = f"not run: needs {', '.join(broken)}, which did not run"
+            for image in images:
+                uid = image.sop_instance_uid
+                result.skipped[uid] = result.error
+                result.not_analysed[uid] = reasons.UPSTREAM_FAILED.with_detail(result.error)
             return result
         try:
             manifest = self.registry.get(model_id, result.version).manifest
             for image in images:
                 reason = _ineligible(image, manifest, dependencies, done)
                 if reason is not None:
-                    result.skipped[image.sop_instance_uid] = reason
+                    result.skipped[image.sop_instance_uid] = reason.detail
+                    result.not_analysed[image.sop_instance_uid] = reason
             eligible = [i for i in images if i.sop_instance_uid not in result.skipped]
             if not eligible:
                 result.status = "skipped"
@@ -169,6 +181,9 @@ class GraphExecutor:
             result.error = f"{type(exc).__name__}: {_first_line(exc)}"
             result.finished_at = result.finished_at or datetime.now(UTC)
             logger.warning("model %s failed: %s", result.key, result.error)
+            failed = reasons.MODEL_FAILED.with_detail(f"{model_id} failed: {result.error}")
+            for image in images:
+                result.not_analysed.setdefault(image.sop_instance_uid, failed)
         return result
 
     def _batch_size(self, manifest: Manifest, loaded: LoadedModel, count: int) -> tuple[int, bool]:
@@ -268,9 +283,10 @@ class GraphExecutor:
             findings = {uid: classify(v, output) for uid, v in values.items()}
             result.findings[output.name] = findings
             for uid, finding in findings.items():
-                reason = gate_reason(finding, output)
+                reason = gate_not_analysed(finding, output, result.model_id)
                 if reason is not None and uid not in result.gated:
-                    result.gated[uid] = f"{result.model_id}: {reason}"
+                    result.gated[uid] = reason.detail
+                    result.gate_reasons[uid] = reason
 
 
 class _TensorCache:
@@ -296,20 +312,31 @@ def _ineligible(
     manifest: Manifest,
     dependencies: list[str],
     done: dict[str, ModelResult],
-) -> str | None:
+) -> NotAnalysedReason | None:
+    """Why `manifest`'s model must not analyse `image`, or None. An upstream model's reason
+    comes first and keeps its code: the root cause (e.g. "monochrome image") is what matters."""
     uid = image.sop_instance_uid
     for dep in dependencies:
         previous = done[dep]
         if uid in previous.skipped:
-            return previous.skipped[uid]
+            return previous.not_analysed.get(uid) or reasons.UPSTREAM_SKIPPED.with_detail(
+                previous.skipped[uid])
         if uid in previous.gated:
-            return previous.gated[uid]
+            return previous.gate_reasons.get(uid) or reasons.GATED.with_detail(
+                previous.gated[uid])
+    modality = (image.modality or "").strip().upper()
+    if modality and modality not in manifest.modalities:
+        return reasons.MODALITY.with_detail(
+            f"modality {modality} is not one {manifest.id} accepts "
+            f"({', '.join(manifest.modalities)})")
     need = manifest.requirements
     height, width = image.shape
     if height < need.min_height or width < need.min_width:
-        return f"image {width}x{height} is smaller than {need.min_width}x{need.min_height}"
+        return reasons.TOO_SMALL.with_detail(
+            f"image {width}x{height} is smaller than {need.min_width}x{need.min_height}")
     if need.colour == "colour" and _is_grey(image.rgb):
-        return "needs a colour image"
+        return reasons.MONOCHROME.with_detail(
+            "needs a colour image; this one is monochrome (e.g. red-free)")
     return None
 
 

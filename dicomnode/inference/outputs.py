@@ -68,6 +68,7 @@ def _model_entry(
         "images": list(result.run_images),
         "skipped": dict(result.skipped),
         "gated": dict(result.gated),
+        "not_analysed": {uid: r.to_dict() for uid, r in result.not_analysed.items()},
         "outputs": {},
     }
     if result.status != "ok":

@@ -20,6 +20,7 @@ from numpy.typing import NDArray
 
 from dicomnode.inference.fov import place_back, resize_probability
 from dicomnode.inference.preprocess import Geometry
+from dicomnode.inference.reasons import NotAnalysedReason
 from dicomnode.registry.manifest import (
     PHYSICAL_UNITS,
     PIXEL_UNITS,
@@ -97,7 +98,20 @@ def gate_reason(finding: Finding, spec: ProbabilitiesOutput) -> str | None:
     """Why the image is ineligible for dependants, or None when it passes the gate."""
     if spec.gate is None or finding.label not in spec.gate.ineligible:
         return None
-    return spec.gate.reason
+    return spec.gate.text_for(finding.label)
+
+
+def gate_not_analysed(finding: Finding, spec: ProbabilitiesOutput, model_id: str
+                      ) -> NotAnalysedReason | None:
+    """The coded reason a gate stops the image with: the class's `gate.reasons` code, else
+    the class's own code; the detail names the gate's model and its text."""
+    text = gate_reason(finding, spec)
+    if text is None or spec.gate is None:
+        return None
+    declared = spec.gate.reasons.get(finding.label)
+    code = declared.code if declared is not None and declared.code is not None else next(
+        c.code for c in spec.classes if c.label == finding.label)
+    return NotAnalysedReason(code.value, code.meaning, f"{model_id}: {text}", code.scheme)
 
 
 def measurement(values: NDArray[np.generic]) -> float:

@@ -48,6 +48,7 @@ class SourceImage:
     rgb: NDArray[np.uint8]
     laterality: str | None = None
     pixel_spacing: tuple[float, float] | None = None  # (row, column) mm, from the header
+    modality: str | None = None  # the instance's Modality; a model skips ones it does not take
     _fov_box: Box | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

@@ -332,6 +332,9 @@ def _add_runs(session: Session, job_id: int, result: GraphResult) -> None:
             status=run.status,
             error=run.error,
             skipped_json=json.dumps(run.skipped, sort_keys=True) if run.skipped else None,
+            not_analysed_json=json.dumps(
+                {uid: r.to_dict() for uid, r in run.not_analysed.items()}, sort_keys=True,
+            ) if run.not_analysed else None,
         ))
 
 
@@ -391,10 +394,23 @@ def job_detail(database: Database, job_id: int) -> dict[str, Any]:
                 "status": r.status,
                 "error": r.error,
                 "skipped": json.loads(r.skipped_json) if r.skipped_json else {},
+                "not_analysed": json.loads(r.not_analysed_json) if r.not_analysed_json else {},
             }
             for r in runs
         ]
+        data["not_analysed"] = not_analysed_by_image(data["runs"])
         return data
+
+
+def not_analysed_by_image(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per image, the models that did not analyse it, with the coded reason (sorted)."""
+    rows = [
+        {"sop_instance_uid": uid, "model_id": run["model_id"], "version": run["version"],
+         "scheme": reason["scheme"], "code": reason["value"], "meaning": reason["meaning"],
+         "detail": reason["detail"]}
+        for run in runs for uid, reason in run["not_analysed"].items()
+    ]
+    return sorted(rows, key=lambda r: (r["sop_instance_uid"], r["model_id"]))
 
 
 def queue_depth(database: Database) -> dict[str, int]:

@@ -44,7 +44,8 @@ def load_study(database: Database, storage_root: Path, study_uid: str) -> Loaded
     """Decode every stored instance of a study (one unreadable image does not stop the rest)."""
     with database.transaction() as session:
         rows = session.execute(
-            select(Instance.sop_instance_uid, Instance.path, Instance.laterality)
+            select(Instance.sop_instance_uid, Instance.path, Instance.laterality,
+                   Instance.modality)
             .join(Study, Study.id == Instance.study_id)
             .where(Study.study_uid == study_uid, Instance.purged_at.is_(None))  # retention
             .order_by(Instance.id)
@@ -61,15 +62,15 @@ def load_study(database: Database, storage_root: Path, study_uid: str) -> Loaded
     # Reading and decoding (zlib, JPEG codecs, numpy copies) mostly release the GIL: a few
     # threads shorten the wait before the first model can start.
     with ThreadPoolExecutor(_DECODE_THREADS, thread_name_prefix="decode") as pool:
-        decoded = list(pool.map(decode, [path for _, path, _ in rows]))
+        decoded = list(pool.map(decode, [row.path for row in rows]))
     loaded = LoadedStudy()
-    for (uid, _, laterality), item in zip(rows, decoded, strict=True):
+    for (uid, _, laterality, modality), item in zip(rows, decoded, strict=True):
         if isinstance(item, str):
             logger.warning("study %s: image %s unreadable: %s", study_uid, uid, item)
             loaded.unreadable[uid] = item
             continue
         rgb, spacing = item
-        loaded.images.append(SourceImage(uid, rgb, laterality, spacing))
+        loaded.images.append(SourceImage(uid, rgb, laterality, spacing, modality=modality))
     return loaded
 
 

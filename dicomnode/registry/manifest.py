@@ -210,11 +210,50 @@ class ClassLabel(_Strict):
     code: Code
 
 
+class GateReason(_Strict):
+    """What one ineligible class says about an image it stops: text, and optionally a code."""
+
+    text: str
+    code: Code | None = None  # unset: the class's own code
+
+    @field_validator("text")
+    @classmethod
+    def _filled(cls, value: str) -> str:
+        return _non_blank(value, "a gate reason's text")
+
+
 class Gate(_Strict):
-    """Marks images ineligible for the models that depend on this one (e.g. ungradable)."""
+    """Marks images ineligible for the models that depend on this one (e.g. ungradable).
+
+    `reason` is the text for every ineligible class; `reasons` gives one class its own text
+    and code (e.g. "not a fundus photograph" beside "ungradable image").
+    """
 
     ineligible: list[str] = Field(min_length=1)  # class labels that stop the image
     reason: str = "ineligible"
+    reasons: dict[str, GateReason] = Field(default_factory=dict)
+
+    @field_validator("reason")
+    @classmethod
+    def _reason_filled(cls, value: str) -> str:
+        return _non_blank(value, "gate.reason")
+
+    @model_validator(mode="after")
+    def _reasons_for_ineligible(self) -> Gate:
+        dupes = sorted({g for g in self.ineligible if self.ineligible.count(g) > 1})
+        if dupes:
+            raise ValueError(f"gate.ineligible lists {dupes} more than once")
+        extra = [label for label in self.reasons if label not in self.ineligible]
+        if extra:
+            raise ValueError(
+                f"gate.reasons names {extra}, not in gate.ineligible {self.ineligible}; "
+                "a reason is only for a class that stops the image"
+            )
+        return self
+
+    def text_for(self, label: str) -> str:
+        found = self.reasons.get(label)
+        return found.text if found is not None else self.reason
 
 
 class ProbabilitiesOutput(_Strict):

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from dicomnode.errors import RegistryLookupError
 from dicomnode.inference.outputs import read_index, source_mask
 from dicomnode.registry.manifest import (
     BoxOutput,
@@ -39,6 +40,7 @@ from dicomnode.results.model import (
     MaskResult,
     MeasurementResult,
     NotAnalysed,
+    NotRun,
     RegionResult,
 )
 
@@ -63,6 +65,7 @@ class _Collect:
     regions: list[RegionResult] = field(default_factory=list)
     sites: dict[str, Code] = field(default_factory=dict)
     laterality: str | None = None
+    not_run: list[NotRun] = field(default_factory=list)
 
 
 def _concept(manifest: Manifest, spec: ProbabilitiesOutput) -> Code:
@@ -111,13 +114,34 @@ def results_from_outputs(folder: Path, registry: Registry) -> JobResults:
         finally:
             if npz is not None:
                 npz.close()
+    _collect_not_run(models, registry, collected)
     for uid, c in collected.items():
         results.findings[uid] = ImageFindings(
             classifications=c.classifications, measurements=c.measurements,
             not_analysed=c.not_analysed, regions=c.regions, finding_sites=c.sites,
-            inferred_laterality=c.laterality,
+            inferred_laterality=c.laterality, not_run=c.not_run,
         )
     return results
+
+
+def _collect_not_run(models: dict[str, Any], registry: Registry,
+                     collected: dict[str, _Collect]) -> None:
+    """Each model's `not_analysed` images (index entries written before it existed have
+    none): the model, its coded reason and the detail, per image, in graph order."""
+    for model_id, entry in models.items():
+        reasons: dict[str, Any] = entry.get("not_analysed") or {}
+        if not reasons:
+            continue
+        try:
+            algorithm = AlgorithmInfo.from_manifest(
+                registry.get(model_id, entry["version"]).manifest)
+        except RegistryLookupError:  # the version left the registry: the report names it
+            algorithm = AlgorithmInfo(model_id=model_id, name=model_id,
+                                      version=str(entry["version"]))
+        for uid, reason in reasons.items():
+            code = Code(scheme=reason["scheme"], value=reason["value"],
+                        meaning=reason["meaning"])
+            collected[uid].not_run.append(NotRun(algorithm, code, str(reason.get("detail", ""))))
 
 
 def _add(
@@ -137,8 +161,11 @@ def _add(
             severity=severity))
         if (asked.scheme, asked.value) == LATERALITY_CONCEPT and c.laterality is None:
             c.laterality = side_of(answer.scheme, answer.value)
-        if spec.gate is not None and value.get("label") in spec.gate.ineligible:
-            c.not_analysed = NotAnalysed(algorithm, answer,
+        label = value.get("label")
+        if spec.gate is not None and label in spec.gate.ineligible:
+            declared = spec.gate.reasons.get(str(label))
+            reason = declared.code if declared is not None and declared.code else answer
+            c.not_analysed = NotAnalysed(algorithm, reason,
                                          tuple(sorted(skipped_by_image.get(uid, []))))
     elif isinstance(spec, MaskOutput) and npz is not None:
         segment = spec.segment

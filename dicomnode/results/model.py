@@ -101,6 +101,15 @@ class NotAnalysed:
 
 
 @dataclass(frozen=True)
+class NotRun:
+    """A model of the graph that did not analyse the image: the coded reason and its detail."""
+
+    algorithm: AlgorithmInfo
+    reason: Code  # e.g. 99DICOMNODE NA-MONOCHROME "Monochrome image"
+    detail: str = ""
+
+
+@dataclass(frozen=True)
 class ImageFindings:
     """Everything the SR says about one source image."""
 
@@ -113,3 +122,5 @@ class ImageFindings:
     # "R" / "L" as a laterality model read it from the image; used only where the header has
     # no laterality (the header always wins).
     inferred_laterality: str | None = None
+    # Every model of the job's graph that did not analyse this image, with why.
+    not_run: Sequence[NotRun] = ()

@@ -16,6 +16,9 @@ Layout (docs/results.md has the full tree and every code):
 - a study summary (TID 1500 "Qualitative Evaluations", UMLS C0034375): per output that declares
   `summary: worst`, the worst class over the analysed images (each such image referenced), and
   every image a gate stopped as "Not analysed" = its reason.
+- per image and model of the graph that did not analyse it (a gate, a requirement such as
+  colour or size, the modality, an upstream failure), a TID 1501 group naming that model with
+  "Not analysed" = the coded reason (inference/reasons.py).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from dicomnode.results.model import (
     ImageFindings,
     MeasurementResult,
     NotAnalysed,
+    NotRun,
 )
 from dicomnode.results.uids import SEGMENTATION_STORAGE
 
@@ -246,6 +250,32 @@ def _summary_container(sources: Sequence[Dataset], findings: Mapping[str, ImageF
     return container
 
 
+def _not_run_group(
+    source: Dataset, findings: ImageFindings, item: NotRun
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """A TID 1501 group saying that `item`'s model did not analyse the image, and why."""
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=generate_uid(),
+            identifier=_label(source, findings, f"{item.algorithm.model_id} not analysed"),
+        ),
+        algorithm_id=_algorithm_id(item.algorithm),
+        finding_sites=[_finding_site(findings, item.algorithm.model_id, source)],
+        source_images=[hd.sr.SourceImageForMeasurementGroup(
+            referenced_sop_class_uid=source.SOPClassUID,
+            referenced_sop_instance_uid=source.SOPInstanceUID,
+        )],
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(
+            name=NOT_ANALYSED, value=concept(item.reason))],
+    )
+
+
+def _not_run_groups(
+    source: Dataset, findings: ImageFindings
+) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    return [_not_run_group(source, findings, item) for item in findings.not_run]
+
+
 def _segment_groups(
     source: Dataset, findings: ImageFindings, seg: Dataset, algorithms: list[AlgorithmInfo]
 ) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
@@ -365,6 +395,7 @@ def build_report(
         for group in _model_groups(image, keys):
             groups.append(_image_group(source, image, group))
             algorithms.append(group.algorithm)
+        groups.extend(_not_run_groups(source, image))
         if seg is not None:
             groups.extend(_segment_groups(source, image, seg, algorithms))
         groups.extend(_region_groups(source, image))

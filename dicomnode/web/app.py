@@ -17,6 +17,7 @@ from dicomnode import __version__
 from dicomnode.web import console, stow
 from dicomnode.web.api import (
     health,
+    jobs,
     models,
     presets,
     rerun,
@@ -67,7 +68,7 @@ def create_app(state: WebState) -> FastAPI:
     app.state.web = state
     app.state.destination_echoes = health.EchoCache()
     app.middleware("http")(_security_headers)
-    for module in (models, presets, resolve, route_test, studies, rerun, results, health,
+    for module in (models, presets, resolve, route_test, studies, jobs, rerun, results, health,
                    users, schema):
         app.include_router(module.router, prefix="/api")
     app.include_router(health.metrics_router)

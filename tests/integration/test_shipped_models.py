@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CHASE = ROOT.parent / "shared" / "data" / "CHASE_DB1"
 PRESETS = ("diabetic-screening", "ophthalmology-comprehensive", "glaucoma-clinic",
            "vascular-health-check")
-SHIPPED = ("disc-metrics", "fundus-quality", "laterality", "lesion-seg", "optic-disc",
-           "vessel-metrics", "vessel-seg", "vessel-seg-classic")
+SHIPPED = ("disc-metrics", "dme-risk", "dr-grade", "fundus-quality", "laterality", "lesion-seg",
+           "optic-disc", "vessel-metrics", "vessel-seg", "vessel-seg-classic")
 SIZE = 512
 # Measured on seeds 0-5, both eyes (scripts/measure_reference_models.py): centre error < 1.2 px,
 # disc mask Dice >= 0.91. The bounds below leave a margin, and still fail a misplaced disc.
