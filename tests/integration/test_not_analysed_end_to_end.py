@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,13 +26,13 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from dicomnode.db import open_database
-from dicomnode.db.models import Delivery, DeliveryState, Job, ModelRun
+from dicomnode.db.models import Job, ModelRun
 from dicomnode.inference.decode import decode_rgb
 from dicomnode.registry import load_registry
 from dicomnode.results.codes import NOT_ANALYSED
 from dicomnode.synthetic import op_dataset, synthetic_fundus
 from dicomnode.web import auth
-from tests.support.node import NODE_AE, NodeProcess, write_config
+from tests.support.node import NODE_AE, NodeProcess, wait_until_delivered, write_config
 from tests.support.onnx_models import (
     RegistryWriter,
     classifier_manifest,
@@ -161,15 +160,7 @@ def test_monochrome_and_small_images_say_why_in_the_pacs_cli_api_and_console(
             subprocess.run([storescu, "-aet", "CAM1", "-aec", NODE_AE, "127.0.0.1",
                             str(node.port), *map(str, paths.values())],
                            check=True, capture_output=True, timeout=60)
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                with database.transaction() as session:
-                    deliveries = list(session.scalars(select(Delivery)))
-                if deliveries and all(d.state == DeliveryState.SENT for d in deliveries):
-                    break
-                time.sleep(0.3)
-            else:
-                pytest.fail(f"results not delivered; node log:\n{node.log()[-6000:]}")
+            wait_until_delivered(database, node, timeout=120, poll=0.3)
             with database.transaction() as session:
                 [job] = list(session.scalars(select(Job)))
                 job_id, job_state = job.id, job.state
@@ -294,15 +285,7 @@ def test_a_non_fundus_photograph_is_refused_with_its_own_reason(
             subprocess.run([storescu, "-aet", "CAM1", "-aec", NODE_AE, "127.0.0.1",
                             str(node.port), str(path)],
                            check=True, capture_output=True, timeout=60)
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                with database.transaction() as session:
-                    deliveries = list(session.scalars(select(Delivery)))
-                if deliveries and all(d.state == DeliveryState.SENT for d in deliveries):
-                    break
-                time.sleep(0.3)
-            else:
-                pytest.fail(f"results not delivered; node log:\n{node.log()[-6000:]}")
+            wait_until_delivered(database, node, timeout=120, poll=0.3)
             with database.transaction() as session:
                 [job] = list(session.scalars(select(Job)))
                 graph = json.loads(job.graph_json)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import subprocess
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,9 +22,9 @@ from PIL import Image
 from sqlalchemy import select
 
 from dicomnode.db.engine import Database
-from dicomnode.db.models import Delivery, DeliveryState, Job, Result
+from dicomnode.db.models import Job, Result
 from dicomnode.synthetic import op_dataset
-from tests.support.node import NODE_AE, NodeProcess, write_config
+from tests.support.node import NODE_AE, NodeProcess, wait_until_delivered, write_config
 from tests.support.orthanc import ORTHANC_AET, Orthanc
 from tests.support.peers import free_port, require_tool, unavailable
 from tests.unit.results.sources import content_items, dciodvfy, errors
@@ -109,15 +108,7 @@ def test_real_photographs_come_back_graded_with_lesion_segments(tmp_path: Path) 
             subprocess.run([storescu, "-aet", "CAM1", "-aec", NODE_AE, "127.0.0.1",
                             str(node.port), *map(str, files)],
                            check=True, capture_output=True, timeout=120)
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline:
-                with database.transaction() as session:
-                    deliveries = list(session.scalars(select(Delivery)))
-                if deliveries and all(d.state == DeliveryState.SENT for d in deliveries):
-                    break
-                time.sleep(0.5)
-            else:
-                pytest.fail(f"results not delivered; node log:\n{node.log()[-6000:]}")
+            wait_until_delivered(database, node, timeout=300, poll=0.5)
         with database.transaction() as session:
             [job] = list(session.scalars(select(Job)))
             results = [(r.kind, r.sop_instance_uid, r.path)

@@ -10,7 +10,6 @@ must reach Orthanc and pass dciodvfy.
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,12 +18,12 @@ import pytest
 from sqlalchemy import select
 
 from dicomnode.db.engine import Database
-from dicomnode.db.models import Delivery, DeliveryState, Job, ModelRun, Result
+from dicomnode.db.models import Job, ModelRun, Result
 from dicomnode.graph import Selection, resolve
 from dicomnode.registry.loader import load_registry
 from dicomnode.routing import load_presets
 from dicomnode.synthetic import demo_study
-from tests.support.node import NODE_AE, NodeProcess, write_config
+from tests.support.node import NODE_AE, NodeProcess, wait_until_delivered, write_config
 from tests.support.orthanc import ORTHANC_AET, Orthanc
 from tests.support.peers import free_port, require_tool
 from tests.unit.results.sources import content_items, dciodvfy, errors
@@ -78,15 +77,7 @@ def test_shipped_preset_runs_on_the_demo_study_and_reaches_the_pacs(
             subprocess.run([storescu, "-aet", "CAM1", "-aec", NODE_AE, "127.0.0.1",
                             str(node.port), *map(str, study)],
                            check=True, capture_output=True, timeout=120)
-            deadline = time.monotonic() + 240
-            while time.monotonic() < deadline:
-                with database.transaction() as session:
-                    deliveries = list(session.scalars(select(Delivery)))
-                if deliveries and all(d.state == DeliveryState.SENT for d in deliveries):
-                    break
-                time.sleep(0.5)
-            else:
-                pytest.fail(f"results not delivered; node log:\n{node.log()[-6000:]}")
+            wait_until_delivered(database, node, timeout=240, poll=0.5)
         with database.transaction() as session:
             [job] = list(session.scalars(select(Job)))
             runs = list(session.scalars(select(ModelRun).where(ModelRun.job_id == job.id)))

@@ -10,8 +10,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
+from sqlalchemy import select
 
+from dicomnode.db.engine import Database
+from dicomnode.db.models import Delivery, DeliveryState
 from tests.support.peers import free_port
 
 NODE_AE = "DICOMNODE"
@@ -93,3 +97,16 @@ class NodeProcess:
                 self.terminate(timeout=20)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+def wait_until_delivered(database: Database, node: NodeProcess, timeout: float,
+                         poll: float = 0.3) -> None:
+    """Wait until the node has queued results and sent every one; fail with the node's log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with database.transaction() as session:
+            deliveries = list(session.scalars(select(Delivery)))
+        if deliveries and all(d.state == DeliveryState.SENT for d in deliveries):
+            return
+        time.sleep(poll)
+    pytest.fail(f"results not delivered; node log:\n{node.log()[-6000:]}")
