@@ -115,6 +115,8 @@ def _not_analysed(sr: Dataset) -> dict[tuple[str, str], tuple[str, str, str]]:
                    if c.ValueType == "IMAGE"]
         names = [c.TextValue for c in children
                  if c.ConceptNameCodeSequence[0].CodeValue == "111001"]  # Algorithm Name
+        if not (sources and names):  # the study summary: no model of its own (see below)
+            continue
         for c in children:
             if (c.ValueType == "CODE"
                     and c.ConceptNameCodeSequence[0].CodeValue == NOT_ANALYSED.value):
@@ -316,3 +318,11 @@ def test_a_non_fundus_photograph_is_refused_with_its_own_reason(
     # Every model, the gate included (its own group), says not analysed: not a fundus photo.
     assert {name for (uid, name) in said if uid == sop} == names
     assert set(said.values()) == {("99DICOMNODE", "NA-NOT-FUNDUS", "Not a fundus photograph")}
+    # The study summary a grader reads first lists the image as not analysed, for that reason.
+    [summary] = [item for item in content_items(pydicom.dcmread(sr_path).ContentSequence)
+                 if str(item.ConceptNameCodeSequence[0].CodeValue) == "C0034375"]
+    stopped = [(str(i.ConceptCodeSequence[0].CodeValue),
+                str(i.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID))
+               for i in summary.ContentSequence
+               if str(i.ConceptNameCodeSequence[0].CodeValue) == NOT_ANALYSED.value]
+    assert stopped == [("NA-NOT-FUNDUS", sop)], stopped

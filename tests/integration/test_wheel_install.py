@@ -61,8 +61,11 @@ def _dependency_paths() -> list[str]:
     keep = []
     for entry in sys.path:
         path = Path(entry or ".").resolve()
+        # The checkout's own folders stay out; a venv inside it (CI's .ci-venv) is where the
+        # dependencies are, so its site-packages stays in.
+        in_checkout = path == ROOT or (ROOT in path.parents and "site-packages" not in path.parts)
         if (not path.is_dir() or str(path) in stdlib or (path / "dicomnode").exists()
-                or path == ROOT or ROOT in path.parents):
+                or in_checkout):
             continue
         keep.append(str(path))
     return keep

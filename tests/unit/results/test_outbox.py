@@ -57,30 +57,54 @@ def test_enqueue_is_idempotent_and_checks_destinations(database: Database,
 
 def test_attempts_back_off_then_fail_and_retry_resets(database: Database,
                                                       tmp_path: Path) -> None:
+    # The slow pace after the last fast attempt is off here (its own test is below): failed
+    # then means failed until an operator retries.
+    settings = SETTINGS.model_copy(update={"give_up_after_hours": 0})
     with database.transaction() as session:
         outbox.enqueue(session, _file(tmp_path), ["pacs"], now=T0)
     now = T0
     for attempt in (1, 2, 3):
-        [claimed] = outbox.claim_due(database, SETTINGS, "me", now=now)
+        [claimed] = outbox.claim_due(database, settings, "me", now=now)
         assert claimed.attempts == attempt
-        assert outbox.claim_due(database, SETTINGS, "other", now=now) == []  # held
-        state = outbox.mark_attempt_failed(database, SETTINGS, claimed.id, "down", now=now)
+        assert outbox.claim_due(database, settings, "other", now=now) == []  # held
+        state = outbox.mark_attempt_failed(database, settings, claimed.id, "down", now=now)
         if attempt < 3:
             assert state == DeliveryState.PENDING
-            delay = retry_delay(SETTINGS, attempt)
-            assert outbox.claim_due(database, SETTINGS, "me", now=now + delay / 2) == []
+            delay = retry_delay(settings, attempt)
+            assert outbox.claim_due(database, settings, "me", now=now + delay / 2) == []
             now = now + delay
         else:
             assert state == DeliveryState.FAILED
-    assert outbox.claim_due(database, SETTINGS, "me", now=now + timedelta(days=1)) == []
+    assert outbox.claim_due(database, settings, "me", now=now + timedelta(days=1)) == []
     [row] = outbox.list_deliveries(database, state=DeliveryState.FAILED)
     assert outbox.retry(database, [row["id"]], now=now) == [row["id"]]
-    [again] = outbox.claim_due(database, SETTINGS, "me", now=now)
+    [again] = outbox.claim_due(database, settings, "me", now=now)
     assert again.attempts == 1
     with pytest.raises(DispatchError, match="not failed"):
         outbox.retry(database, [row["id"]])
     with pytest.raises(DeliveryNotFoundError):
         outbox.retry(database, [9999])
+
+
+def test_a_failed_delivery_is_still_tried_at_the_slow_pace_until_it_gives_up(
+        database: Database, tmp_path: Path) -> None:
+    with database.transaction() as session:
+        outbox.enqueue(session, _file(tmp_path), ["pacs"], now=T0)
+    now = T0
+    for _ in range(SETTINGS.max_attempts):
+        [claimed] = outbox.claim_due(database, SETTINGS, "me", now=now)
+        state = outbox.mark_attempt_failed(database, SETTINGS, claimed.id, "down", now=now)
+        now = now + timedelta(seconds=SETTINGS.max_delay_seconds)
+    assert state == DeliveryState.FAILED
+    failed_at = now - timedelta(seconds=SETTINGS.max_delay_seconds)
+    slow = timedelta(seconds=SETTINGS.slow_retry_seconds)
+    assert outbox.claim_due(database, SETTINGS, "me", now=failed_at + slow / 2) == []
+    [again] = outbox.claim_due(database, SETTINGS, "me", now=failed_at + slow)
+    assert again.attempts == SETTINGS.max_attempts + 1
+    outbox.mark_attempt_failed(database, SETTINGS, again.id, "down", now=failed_at + slow)
+    # Past dispatch.give_up_after_hours since it was queued: failed for good (operator retry).
+    late = T0 + timedelta(hours=SETTINGS.give_up_after_hours, seconds=1)
+    assert outbox.claim_due(database, SETTINGS, "me", now=late) == []
 
 
 def test_a_claim_left_by_a_dead_node_lapses(database: Database, tmp_path: Path) -> None:
