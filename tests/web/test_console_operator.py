@@ -152,18 +152,19 @@ def test_admin_manages_users_on_the_users_page(
     page.wait_for_selector("#user-victor button.disable")
     assert token_works()
 
-    page.select_option("#user-victor select.role", "admin")
-    page.wait_for_selector("#message.ok:has-text('victor is now admin')")
-    page.wait_for_load_state("load")
-    page.click("#user-victor button.revoke")
-    page.wait_for_selector("#message.ok:has-text('revoked')")
+    # Each change reloads the page 800 ms after its answer: the next step must act on the
+    # reloaded page, not on the one about to go (a race on a loaded machine).
+    with page.expect_navigation(timeout=15000):
+        page.select_option("#user-victor select.role", "admin")
+        page.wait_for_selector("#message.ok:has-text('victor is now admin')")
+    with page.expect_navigation(timeout=15000):
+        page.click("#user-victor button.revoke")
+        page.wait_for_selector("#message.ok:has-text('revoked')")
     assert not token_works()
-    page.wait_for_load_state("load")
     # The only other administrator now is alice herself: demoting victor back works...
-    page.wait_for_selector("#user-victor select.role")
-    page.select_option("#user-victor select.role", "viewer")
-    page.wait_for_selector("#message.ok:has-text('victor is now viewer')")
-    page.wait_for_load_state("load")
+    with page.expect_navigation(timeout=15000):
+        page.select_option("#user-victor select.role", "viewer")
+        page.wait_for_selector("#message.ok:has-text('victor is now viewer')")
     # ... but alice, the only administrator left, cannot disable herself.
     page.wait_for_selector("#user-alice button.disable")
     page.click("#user-alice button.disable")
