@@ -6,6 +6,8 @@ Every change is audited with the administrator's name (web.accounts, shared with
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from fastapi import APIRouter, HTTPException
@@ -48,6 +50,15 @@ def _guard(exc: UserError) -> HTTPException:
     return HTTPException(422, str(exc))
 
 
+@contextmanager
+def _refused_as_http() -> Iterator[None]:
+    """A refused change answers with its status: 404 unknown user, 409 last admin, else 422."""
+    try:
+        yield
+    except UserError as exc:
+        raise _guard(exc) from exc
+
+
 @router.get("/users", summary="Users with role, state, API tokens and failed sign-ins")
 def list_users(state: State, _: Admin) -> dict[str, Any]:
     limits = LoginLimits.from_settings(state.settings.web)
@@ -56,37 +67,29 @@ def list_users(state: State, _: Admin) -> dict[str, Any]:
 
 @router.post("/users/{name}/password", summary="Set a password (the user's sessions end)")
 def set_password(name: str, body: PasswordBody, state: State, who: Admin) -> dict[str, Any]:
-    try:
+    with _refused_as_http():
         accounts.set_password(state.database, name, body.password, actor=who.name)
-    except UserError as exc:
-        raise _guard(exc) from exc
     return _answer(state, name)
 
 
 @router.put("/users/{name}/role", summary="Change a user's role")
 def set_role(name: str, body: RoleBody, state: State, who: Admin) -> dict[str, Any]:
-    try:
+    with _refused_as_http():
         accounts.set_role(state.database, name, body.role, actor=who.name)
-    except UserError as exc:
-        raise _guard(exc) from exc
     return _answer(state, name)
 
 
 @router.post("/users/{name}/disable", summary="Refuse a user's logins and tokens")
 def disable(name: str, state: State, who: Admin) -> dict[str, Any]:
-    try:
+    with _refused_as_http():
         accounts.set_disabled(state.database, name, True, actor=who.name)
-    except UserError as exc:
-        raise _guard(exc) from exc
     return _answer(state, name)
 
 
 @router.post("/users/{name}/enable", summary="Let a disabled user in again")
 def enable(name: str, state: State, who: Admin) -> dict[str, Any]:
-    try:
+    with _refused_as_http():
         accounts.set_disabled(state.database, name, False, actor=who.name)
-    except UserError as exc:
-        raise _guard(exc) from exc
     return _answer(state, name)
 
 
@@ -98,10 +101,8 @@ def unlock(name: str, state: State, who: Admin) -> dict[str, Any]:
 
 @router.delete("/users/{name}/tokens", summary="Revoke every API token of a user")
 def revoke_tokens(name: str, state: State, who: Admin) -> dict[str, Any]:
-    try:
+    with _refused_as_http():
         revoked = accounts.revoke_tokens(state.database, name, actor=who.name)
-    except UserError as exc:
-        raise _guard(exc) from exc
     return {"name": name, "revoked": revoked}
 
 
@@ -110,17 +111,13 @@ def revoke_token(name: str, token_id: int, state: State, who: Admin) -> dict[str
     try:
         revoked = accounts.revoke_tokens(state.database, name, actor=who.name,
                                          token_id=token_id)
-    except UserNotFound as exc:
-        raise HTTPException(404, str(exc)) from exc
-    except UserError as exc:
+    except UserError as exc:  # an unknown user, or a token that is not theirs
         raise HTTPException(404, str(exc)) from exc
     return {"name": name, "revoked": revoked}
 
 
 @router.delete("/users/{name}", summary="Remove a user with their tokens and sessions")
 def remove(name: str, state: State, who: Admin) -> dict[str, Any]:
-    try:
+    with _refused_as_http():
         accounts.remove(state.database, name, actor=who.name)
-    except UserError as exc:
-        raise _guard(exc) from exc
     return {"name": name, "removed": True}
