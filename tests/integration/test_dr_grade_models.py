@@ -15,8 +15,7 @@ from PIL import Image
 from dicomnode.graph import Selection, resolve
 from dicomnode.inference.executor import GraphExecutor, GraphResult
 from dicomnode.inference.preprocess import SourceImage
-from dicomnode.inference.sessions import SessionPool
-from dicomnode.registry import Registry, load_registry
+from dicomnode.registry import Registry
 from dicomnode.registry.manifest import ProbabilitiesOutput
 from dicomnode.synthetic import synthetic_fundus
 from tests.support.peers import unavailable
@@ -33,16 +32,6 @@ REFERABLE_TRAIN = "IDRiD_014.jpg"
 NORMAL_TRAIN = "IDRiD_138.jpg"
 # Test-split images the quality gate passes (it stops IDRiD_001, 024 and 094).
 TEST_IMAGES = ("IDRiD_002.jpg", "IDRiD_050.jpg", "IDRiD_103.jpg")
-
-
-@pytest.fixture(scope="module")
-def registry() -> Registry:
-    return load_registry(ROOT / "model_registry")
-
-
-@pytest.fixture(scope="module")
-def executor(registry: Registry) -> GraphExecutor:
-    return GraphExecutor(registry, SessionPool(["CPUExecutionProvider"]), model_threads=2)
 
 
 def _run(executor: GraphExecutor, registry: Registry, images: list[SourceImage]) -> GraphResult:

@@ -17,10 +17,10 @@ from dicomnode.graph import Selection, resolve
 from dicomnode.inference.executor import GraphExecutor, GraphResult
 from dicomnode.inference.postprocess import mask_to_source, measured_values, point_to_source
 from dicomnode.inference.preprocess import SourceImage
-from dicomnode.inference.sessions import SessionPool
-from dicomnode.registry import Registry, load_registry
+from dicomnode.registry import Registry
 from dicomnode.registry.manifest import MaskOutput, MeasurementOutput, PointOutput
 from dicomnode.synthetic import synthetic_fundus_with_truth
+from tests.support.graphs import run_graph
 from tests.support.peers import unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,24 +34,6 @@ EXUDATE_DICE_MIN = 0.6
 # Disc Dice measured 0.90 / 0.92 / 0.96 on these (test mean 0.93, metrics.json).
 DISC_IMAGES = ("IDRiD_55", "IDRiD_60", "IDRiD_70")
 DISC_DICE_MIN = 0.8
-
-
-@pytest.fixture(scope="module")
-def registry() -> Registry:
-    return load_registry(ROOT / "model_registry")
-
-
-@pytest.fixture(scope="module")
-def executor(registry: Registry) -> GraphExecutor:
-    return GraphExecutor(registry, SessionPool(["CPUExecutionProvider"]), model_threads=2)
-
-
-def _run(executor: GraphExecutor, registry: Registry, models: list[str],
-         images: list[SourceImage]) -> GraphResult:
-    graph = resolve(Selection.of(models, modality="OP"), registry)
-    result = executor.run(graph, images)
-    assert result.outcome == "done", result.problems()
-    return result
 
 
 def _idrid(name: str, code: str | None = None) -> tuple[NDArray[np.uint8], NDArray[np.bool_]]:
@@ -102,7 +84,7 @@ def test_lesion_seg_marks_almost_nothing_on_a_lesion_free_synthetic_fundus(
         executor: GraphExecutor, registry: Registry) -> None:
     rgb, truth = synthetic_fundus_with_truth(768, "R", seed=5)
     image = SourceImage("1.2.3.41", rgb)
-    result = _run(executor, registry, ["lesion-seg"], [image])
+    result = run_graph(executor, registry, ["lesion-seg"], [image])
     run = result.models["lesion-seg"]
     assert run.run_images == ["1.2.3.41"]
     for output in LESION_OUTPUTS:
@@ -121,7 +103,7 @@ def test_optic_disc_finds_the_synthetic_disc(executor: GraphExecutor, registry: 
     (centre error 6-8 px, disc radius about 25 px) with a looser outline (Dice 0.71-0.83)."""
     rgb, truth = synthetic_fundus_with_truth(512, side, seed=2)  # type: ignore[arg-type]
     image = SourceImage("1.2.3.71", rgb)
-    result = _run(executor, registry, ["optic-disc"], [image])
+    result = run_graph(executor, registry, ["optic-disc"], [image])
     run = result.models["optic-disc"]
     spec = registry.get("optic-disc").manifest.outputs[1]
     assert isinstance(spec, PointOutput)
@@ -139,7 +121,7 @@ def test_lesion_seg_finds_hard_exudates_on_real_idrid_images(
     rgb, exudates = _idrid(name, "EX")
     _, haemorrhages = _idrid(name, "HE")
     image = SourceImage("1.2.3.51", rgb)
-    result = _run(executor, registry, ["lesion-seg"], [image])
+    result = run_graph(executor, registry, ["lesion-seg"], [image])
     found = _mask(result, registry, "lesion-seg", "hard_exudates", "1.2.3.51")
     assert _dice(found, exudates) >= EXUDATE_DICE_MIN
     # the haemorrhage map overlaps the haemorrhages more than the exudates
@@ -152,7 +134,7 @@ def test_optic_disc_outlines_the_disc_on_real_idrid_images(
         executor: GraphExecutor, registry: Registry, name: str) -> None:
     rgb, disc = _idrid(name, "OD")
     image = SourceImage("1.2.3.61", rgb)
-    result = _run(executor, registry, ["optic-disc", "disc-metrics"], [image])
+    result = run_graph(executor, registry, ["optic-disc", "disc-metrics"], [image])
     found = _mask(result, registry, "optic-disc", "disc_probability", "1.2.3.61")
     assert _dice(found, disc) >= DISC_DICE_MIN
     run = result.models["optic-disc"]

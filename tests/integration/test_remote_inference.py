@@ -38,11 +38,6 @@ MODELS = ["fundus-quality", "laterality", "optic-disc", "disc-metrics"]
 
 
 @pytest.fixture(scope="module")
-def registry() -> Registry:
-    return load_registry(ROOT / "model_registry")
-
-
-@pytest.fixture(scope="module")
 def server(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with mlserver([registry.get(m) for m in MODELS], tmp_path_factory.mktemp("mlserver")) as url:
         yield url

@@ -16,17 +16,17 @@ from PIL import Image, ImageFilter
 
 from dicomnode.graph import Selection, resolve
 from dicomnode.inference.decode import decode_rgb
-from dicomnode.inference.executor import GraphExecutor, GraphResult
+from dicomnode.inference.executor import GraphExecutor
 from dicomnode.inference.outputs import write_outputs
 from dicomnode.inference.postprocess import mask_to_source, measured_values, point_to_source
 from dicomnode.inference.preprocess import SourceImage
-from dicomnode.inference.sessions import SessionPool
-from dicomnode.registry import Registry, load_registry
+from dicomnode.registry import Registry
 from dicomnode.registry.manifest import MaskOutput, MeasurementOutput, PointOutput
 from dicomnode.results.job_outputs import results_from_outputs
 from dicomnode.routing import load_presets
 from dicomnode.settings import load_settings
 from dicomnode.synthetic import demo_study, synthetic_fundus_with_truth
+from tests.support.graphs import run_graph
 from tests.support.peers import unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,24 +43,6 @@ DISC_DICE_MIN = 0.8
 # Measured on seeds 0-2, both eyes: vessel-seg Dice 0.81-0.83, vessel-seg-classic 0.78-0.80.
 VESSEL_DICE_MIN = {"vessel-seg": 0.7, "vessel-seg-classic": 0.65}
 SPACING = (0.012, 0.012)  # mm per pixel: a 512-px synthetic image over about 6 mm of retina
-
-
-@pytest.fixture(scope="module")
-def registry() -> Registry:
-    return load_registry(ROOT / "model_registry")
-
-
-@pytest.fixture(scope="module")
-def executor(registry: Registry) -> GraphExecutor:
-    return GraphExecutor(registry, SessionPool(["CPUExecutionProvider"]), model_threads=2)
-
-
-def _run(executor: GraphExecutor, registry: Registry, models: list[str],
-         images: list[SourceImage]) -> GraphResult:
-    graph = resolve(Selection.of(models, modality="OP"), registry)
-    result = executor.run(graph, images)
-    assert result.outcome == "done", result.problems()
-    return result
 
 
 def _dice(a: NDArray[np.bool_], b: NDArray[np.bool_]) -> float:
@@ -104,7 +86,7 @@ def test_disc_quality_and_laterality_on_synthetic(executor: GraphExecutor, regis
     # optic-disc 1.0.0, the hand-designed locator, is exact on this synthetic fundus (the
     # learned 2.0.0 is checked on real IDRiD discs in test_idrid_models.py); pinning it also
     # checks that disc-metrics follows a pinned optic-disc version
-    result = _run(executor, registry,
+    result = run_graph(executor, registry,
                   ["fundus-quality", "laterality", "optic-disc@1.0.0", "disc-metrics"], [image])
     uid = image.sop_instance_uid
     assert result.models["fundus-quality"].findings["quality"][uid].label == "gradable"
@@ -147,7 +129,7 @@ def test_quality_gate_stops_a_blurred_dark_image(executor: GraphExecutor,
     bad = np.array(Image.fromarray(rgb).filter(ImageFilter.GaussianBlur(6)), dtype=np.float32)
     bad_rgb = np.clip(bad * 0.2, 0, 255).astype(np.uint8)
     images = [SourceImage("1.2.3.1", rgb), SourceImage("1.2.3.2", bad_rgb)]
-    result = _run(executor, registry, ["fundus-quality", "optic-disc"], images)
+    result = run_graph(executor, registry, ["fundus-quality", "optic-disc"], images)
     findings = result.models["fundus-quality"].findings["quality"]
     assert findings["1.2.3.1"].label == "gradable"
     assert findings["1.2.3.2"].label == "ungradable"
@@ -160,7 +142,7 @@ def test_vessel_models_and_metrics_on_synthetic(executor: GraphExecutor, registr
                                                 vessel_model: str) -> None:
     rgb, truth = synthetic_fundus_with_truth(SIZE, "R", seed=2)
     image = SourceImage("1.2.3.9", rgb)
-    result = _run(executor, registry, [vessel_model, "vessel-metrics"], [image])
+    result = run_graph(executor, registry, [vessel_model, "vessel-metrics"], [image])
     seg = result.models[vessel_model]
     spec = registry.get(vessel_model).manifest.outputs[0]
     assert isinstance(spec, MaskOutput)
@@ -187,7 +169,8 @@ def test_chase_image_is_gradable_with_its_disc_inside_the_fov(executor: GraphExe
         unavailable(f"{path} not found (../shared/data)")
     rgb = np.array(Image.open(path).convert("RGB"))
     image = SourceImage("1.2.3.11", rgb)
-    result = _run(executor, registry, ["fundus-quality", "optic-disc", "disc-metrics"], [image])
+    result = run_graph(executor, registry, ["fundus-quality", "optic-disc", "disc-metrics"],
+                       [image])
     assert result.models["fundus-quality"].findings["quality"]["1.2.3.11"].label == "gradable"
     disc = result.models["optic-disc"]
     centre_spec = registry.get("optic-disc").manifest.outputs[1]
@@ -209,7 +192,7 @@ def test_laterality_on_a_real_chase_image_of_each_eye(executor: GraphExecutor,
         unavailable(f"{path} not found (../shared/data)")
     rgb = np.array(Image.open(path).convert("RGB"))
     image = SourceImage("1.2.3.21", rgb)
-    result = _run(executor, registry, ["laterality"], [image])
+    result = run_graph(executor, registry, ["laterality"], [image])
     found = result.models["laterality"].findings["laterality"]["1.2.3.21"]
     assert found.label == ("right" if name.endswith("R") else "left")
 
@@ -276,7 +259,7 @@ def test_laterality_model_fills_in_a_missing_header_laterality(
 ) -> None:
     rgb, _ = synthetic_fundus_with_truth(SIZE, side, seed=4)  # type: ignore[arg-type]
     image = SourceImage("1.2.3.31", rgb, laterality=None)
-    result = _run(executor, registry, ["laterality"], [image])
+    result = run_graph(executor, registry, ["laterality"], [image])
     write_outputs(tmp_path / "job", result, registry, {"job": 1})
     findings = results_from_outputs(tmp_path / "job", registry).findings["1.2.3.31"]
     assert findings.inferred_laterality == side
