@@ -44,7 +44,7 @@ from tests.support.onnx_models import (
 from tests.support.orthanc import ORTHANC_AET, Orthanc
 from tests.support.peers import free_port, require_tool
 from tests.unit.results.sources import content_items, dciodvfy, errors
-from tests.web.test_console_browser import CHROMIUM_FLAGS, shot, watch
+from tests.web.test_console_browser import chromium_context, shot, watch
 
 pytestmark = pytest.mark.integration
 
@@ -132,7 +132,7 @@ def test_monochrome_and_small_images_say_why_in_the_pacs_cli_api_and_console(
 ) -> None:
     require_tool("dciodvfy", "dicom3tools")
     storescu = require_tool("storescu", "dcmtk")
-    chromium = require_tool("chromium", "chromium")
+    require_tool("chromium", "chromium")  # before the node runs: the console check needs it
     _registry(tmp_path / "registry")
     (tmp_path / "presets").mkdir()
     (tmp_path / "presets" / "na.yaml").write_text(yaml.safe_dump({
@@ -208,40 +208,30 @@ def test_monochrome_and_small_images_say_why_in_the_pacs_cli_api_and_console(
                                                          ("small", "NA-TOO-SMALL"))
                             for m in ("colour-seg", "fraction")}
 
-            _console_shows_the_reasons(tmp_path, chromium, web_port, study_uid, job_id)
+            _console_shows_the_reasons(tmp_path, web_port, study_uid, job_id)
     finally:
         database.dispose()
 
 
-def _console_shows_the_reasons(tmp_path: Path, chromium: str, port: int, study_uid: str,
-                               job_id: int) -> None:
-    from playwright.sync_api import sync_playwright
-
+def _console_shows_the_reasons(tmp_path: Path, port: int, study_uid: str, job_id: int) -> None:
     base = f"http://127.0.0.1:{port}"
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=chromium, headless=True,
-            args=CHROMIUM_FLAGS, viewport={"width": 1400, "height": 1000})
-        context.set_default_timeout(15_000)
-        try:
-            page = context.new_page()
-            problems = watch(page)
-            page.goto(f"{base}/login?next=/studies/{study_uid}")
-            page.fill("#username", "alice")
-            page.fill("#password", PASSWORD)
-            page.click("#login")
-            page.wait_for_url(f"{base}/studies/{study_uid}")
-            table = page.inner_text(f"#not-analysed-{job_id}")
-            reasons = page.eval_on_selector_all(
-                f"#not-analysed-{job_id} td.reason", "els => els.map(e => e.textContent)")
-            assert sorted(reasons) == ["Image too small"] * 2 + ["Monochrome image"] * 2
-            assert "needs a colour image" in table and "is smaller than 80x80" in table
-            findings = page.inner_text("table.findings")
-            assert "Not analysed" in findings and "Monochrome image" in findings, findings
-            shot(page, "20-study-not-analysed")
-            assert problems == []
-        finally:
-            context.close()
+    with chromium_context(tmp_path / "profile") as context:
+        page = context.new_page()
+        problems = watch(page)
+        page.goto(f"{base}/login?next=/studies/{study_uid}")
+        page.fill("#username", "alice")
+        page.fill("#password", PASSWORD)
+        page.click("#login")
+        page.wait_for_url(f"{base}/studies/{study_uid}")
+        table = page.inner_text(f"#not-analysed-{job_id}")
+        reasons = page.eval_on_selector_all(
+            f"#not-analysed-{job_id} td.reason", "els => els.map(e => e.textContent)")
+        assert sorted(reasons) == ["Image too small"] * 2 + ["Monochrome image"] * 2
+        assert "needs a colour image" in table and "is smaller than 80x80" in table
+        findings = page.inner_text("table.findings")
+        assert "Not analysed" in findings and "Monochrome image" in findings, findings
+        shot(page, "20-study-not-analysed")
+        assert problems == []
 
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,24 +28,31 @@ CHROMIUM_FLAGS = [
 ]
 
 
-@pytest.fixture
-def browser_context(tmp_path: Path) -> Iterator[Any]:
+@contextmanager
+def chromium_context(profile: Path, **options: Any) -> Iterator[Any]:
+    """Debian's headless Chromium through Playwright, with a fresh profile (nothing carried
+    over between runs); `options` go to Playwright (e.g. `ignore_https_errors`)."""
     chromium = require_tool("chromium", "chromium")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
         unavailable("playwright is not installed (pip install -e '.[test]')")
     with sync_playwright() as playwright:
-        # A fresh profile per test: nothing carried over between runs.
         context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=chromium, headless=True,
-            args=CHROMIUM_FLAGS, viewport={"width": 1400, "height": 1000},
+            str(profile), executable_path=chromium, headless=True, args=CHROMIUM_FLAGS,
+            **{"viewport": {"width": 1400, "height": 1000}, **options},
         )
         context.set_default_timeout(15_000)
         try:
             yield context
         finally:
             context.close()
+
+
+@pytest.fixture
+def browser_context(tmp_path: Path) -> Iterator[Any]:
+    with chromium_context(tmp_path / "profile") as context:
+        yield context
 
 
 @pytest.fixture

@@ -16,9 +16,8 @@ from dicomnode.errors import ConfigError
 from dicomnode.web.deps import SESSION_COOKIE
 from dicomnode.web.server import WebServer
 from tests.support.certs import Authority, make_authority
-from tests.support.peers import require_tool, unavailable
 from tests.web.conftest import ADMIN_PASSWORD, Env, make_env
-from tests.web.test_console_browser import CHROMIUM_FLAGS, log_in, watch
+from tests.web.test_console_browser import chromium_context, log_in, watch
 
 pytestmark = pytest.mark.integration
 
@@ -46,22 +45,9 @@ def served_https(tmp_path: Path, authority: Authority) -> Iterator[tuple[Env, st
 
 @pytest.fixture
 def https_browser(tmp_path: Path) -> Iterator[Any]:
-    chromium = require_tool("chromium", "chromium")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        unavailable("playwright is not installed (pip install -e '.[test]')")
-    with sync_playwright() as playwright:
-        # The test CA is not in Chromium's store; the API check below verifies it instead.
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=chromium, headless=True,
-            args=CHROMIUM_FLAGS, ignore_https_errors=True,
-        )
-        context.set_default_timeout(15_000)
-        try:
-            yield context
-        finally:
-            context.close()
+    # The test CA is not in Chromium's store; the API check below verifies it instead.
+    with chromium_context(tmp_path / "profile", ignore_https_errors=True) as context:
+        yield context
 
 
 def test_console_over_https_sets_a_secure_session_cookie(
