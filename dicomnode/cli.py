@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -33,6 +34,9 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 EXIT_ERROR = 2
+# Commands that run until SIGINT/SIGTERM and wait for them with sigwait (app.serve, worker).
+LONG_RUNNING = frozenset({"serve", "worker"})
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_word(words: Sequence[str]) -> str | None:
+    return next((w for w in words if not w.startswith("-")), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if _command_word(sys.argv[1:] if argv is None else argv) in LONG_RUNNING:
+        # Loading the command modules starts native threads (numpy's BLAS pool); a thread that
+        # does not block the stop signals takes SIGTERM's default action and kills the node
+        # mid-write. So block them before anything starts a thread; sigwait then sees them.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
