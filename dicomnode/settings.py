@@ -436,6 +436,9 @@ class WebSettings(_Strict):
     # do not open an association at the PACS each time.
     health_echo_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 3.0
     health_cache_seconds: Annotated[float, Field(ge=0, le=3600)] = 30.0
+    # STOW-RS holds a request's body in memory while it splits the parts: a larger request
+    # is refused with 413 before (Content-Length) or while (streamed) it is read.
+    stow_max_request_mb: Annotated[int, Field(ge=1, le=1024 * 1024)] = 2048
 
     @property
     def cookies_secure(self) -> bool:

@@ -105,6 +105,23 @@ def _stored_meta(meta: FileMetaDataset, ids: Identifiers, calling_ae: str) -> by
     return _PREAMBLE + encode_file_meta(fresh)
 
 
+async def _body_within(request: Request, limit_mb: int) -> bytes:
+    """The request body, refused with 413 once it exceeds `web.stow_max_request_mb`."""
+    limit = limit_mb * 1024 * 1024
+    too_large = HTTPException(status.HTTP_413_CONTENT_TOO_LARGE,
+                              f"the request is larger than web.stow_max_request_mb "
+                              f"({limit_mb} MB); send fewer instances per request")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:  # chunked or lying Content-Length: stop reading now
+            raise too_large
+    return bytes(body)
+
+
 def _store_part(acceptor: Acceptor, part: Part, calling_ae: str, peer: str) -> PartResult:
     sop_class = sop_instance = None
     try:
@@ -188,7 +205,7 @@ async def store_instances(request: Request, state: State, sender: Sender) -> JSO
     if media.type != "multipart/related" or part_type != "application/dicom":
         raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
                             'send multipart/related; type="application/dicom"')
-    body = await request.body()
+    body = await _body_within(request, state.settings.web.stow_max_request_mb)
     try:
         parts = split(body, media.params.get("boundary", ""))
     except MultipartError as exc:

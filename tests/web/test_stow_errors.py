@@ -12,8 +12,9 @@ from sqlalchemy import func, select
 
 from dicomnode.db.models import Instance
 from dicomnode.web import auth
+from dicomnode.web.app import create_app
 from tests.support.dicom_files import write_op
-from tests.web.conftest import Env
+from tests.web.conftest import Env, make_env
 
 TYPE = 'multipart/related; type="application/dicom"; boundary=B'
 
@@ -74,3 +75,28 @@ def test_unsupported_syntax_and_class_fail_per_part(
     assert [int(i.FailureReason) for i in answer.FailedSOPSequence] == [0xC122, 0x0122]
     assert "ReferencedSOPSequence" not in answer
     assert _instances(env) == 0
+
+
+def test_request_over_the_size_limit_is_refused_unstored(tmp_path: Path) -> None:
+    env = make_env(tmp_path / "node", web={"port": 0, "stow_max_request_mb": 1})
+    try:
+        sender = _sender(env)
+        small = write_op(tmp_path / "small.dcm").read_bytes()
+        assert len(small) < 1024 * 1024
+        big = _body(*[small] * (2 * 1024 * 1024 // len(small) + 1))
+        with TestClient(create_app(env.state)) as client:
+            declared = client.post("/dicomweb/studies", content=big,
+                                   headers={"Content-Type": TYPE, **sender})
+            assert declared.status_code == 413
+            assert "stow_max_request_mb" in declared.json()["detail"]
+            # Chunked (no Content-Length): refused while it is read.
+            streamed = client.post("/dicomweb/studies", content=iter([big[:700_000]] * 3),
+                                   headers={"Content-Type": TYPE, **sender})
+            assert streamed.status_code == 413
+            assert _instances(env) == 0
+            # Under the limit the same parts are stored.
+            assert client.post("/dicomweb/studies", content=_body(small),
+                               headers={"Content-Type": TYPE, **sender}).status_code == 200
+            assert _instances(env) == 1
+    finally:
+        env.database.dispose()
