@@ -478,6 +478,8 @@ def main() -> int:
                         help="seed of the shuffled order (default: a new one, printed)")
     parser.add_argument("--quick", action="store_true",
                         help="4 images of 256x256, 1 repetition: checks the bench runs")
+    parser.add_argument("--only-dicomnode", action="store_true",
+                        help="leave the storescp references out (for profiling): no ratios")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where files go (default: a temporary folder, removed after)")
     # DCMTK's tools, not the same-named pynetdicom console scripts of an activated venv.
@@ -495,9 +497,10 @@ def main() -> int:
         parser.error(f"--max-pdu: 4096..{MAX_PDU} (storescp's range)")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
 
-    receivers = [*(Receiver(f"dicomnode {db}", database=db) for db in databases),
-                 Receiver("storescp"), Receiver("storescp --fork", flags=("--fork",)),
-                 Receiver("storescp --ignore", flags=("--ignore",))]
+    receivers = [Receiver(f"dicomnode {db}", database=db) for db in databases]
+    if not args.only_dicomnode:
+        receivers += [Receiver("storescp"), Receiver("storescp --fork", flags=("--fork",)),
+                      Receiver("storescp --ignore", flags=("--ignore",))]
     results = {(r.name, n): Series() for r in receivers for n in senders_list}
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=args.workdir))
     try:
@@ -520,7 +523,8 @@ def main() -> int:
                       f"{1000 * sample.cpu_seconds / sample.count:6.1f} CPU ms/image, "
                       f"peak RSS {sample.peak_rss_mb:.0f} MB", flush=True)
         print_table(results, receivers, senders_list)
-        print_ratios(results, databases, senders_list)
+        if not args.only_dicomnode:
+            print_ratios(results, databases, senders_list)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
