@@ -163,21 +163,31 @@ def fresh(images: list[NDArray[np.uint8]]) -> list[SourceImage]:
 
 
 def throughput(args: argparse.Namespace, registry: Registry) -> None:
-    sessions = SessionPool(args.providers, intra_op_threads=args.intra_op)
+    sessions = SessionPool(args.providers, intra_op_threads=args.intra_op,
+                           spin_wait=args.spin_wait)
     executor = GraphExecutor(registry, sessions, max_batch=args.batch,
                              model_threads=args.model_threads)
     pixels = base_images(args.images, args.size)
     print(f"throughput: {args.images} images of {args.size}x{args.size}, max_batch "
           f"{args.batch}, batch_bytes {executor.batch_bytes >> 20} MiB, intra_op "
-          f"{args.intra_op or 'default'}, providers requested {args.providers}")
+          f"{args.intra_op or 'default'}, spin_wait {args.spin_wait}, providers requested "
+          f"{args.providers}")
     print(f"{'model':<24} {'graph':>5} {'provider':<22} {'raw img/s':>10} "
           f"{'executor img/s':>15} {'ratio':>6}")
     warmed: set[str] = set()
     raw_cache: dict[str, float] = {}  # model@version -> raw seconds per image
+    runs: list[tuple[str, ResolvedGraph, str]] = []  # (label, graph, model whose provider)
     for entry in registry.latest_entries():
         if args.models and entry.id not in args.models:
             continue
-        graph = graph_for(registry, entry.key, entry.manifest.modalities[0])
+        runs.append((entry.key, graph_for(registry, entry.key, entry.manifest.modalities[0]),
+                     entry.id))
+    if args.together and runs:
+        # One graph of all the models: a stage with several models runs them at once.
+        together = resolve(Selection.of([label for label, _, _ in runs], modality="OP"),
+                           registry)
+        runs.append(("(all together)", together, runs[0][2]))
+    for label, graph, provider_of in runs:
         warm_up(executor, graph, fresh(pixels), warmed)
         best, result = float("inf"), None
         for _ in range(args.repeats):
@@ -187,7 +197,7 @@ def throughput(args: argparse.Namespace, registry: Registry) -> None:
             best = min(best, time.perf_counter() - start)
         assert result is not None
         if result.outcome != "done":
-            raise SystemExit(f"{entry.key}: the graph ended {result.outcome}: "
+            raise SystemExit(f"{label}: the graph ended {result.outcome}: "
                              f"{result.problems()}")
         raw = 0.0
         for model_id in graph.order:
@@ -199,8 +209,8 @@ def throughput(args: argparse.Namespace, registry: Registry) -> None:
             share = len(result.models[model_id].run_images) / len(images)
             raw += raw_cache[key] * share
         raw_rate, exec_rate = 1.0 / raw, len(images) / best
-        provider = result.models[entry.id].provider or "?"
-        print(f"{entry.key:<24} {len(graph.models):>5} {provider:<22} {raw_rate:>10.2f} "
+        provider = result.models[provider_of].provider or "?"
+        print(f"{label:<24} {len(graph.models):>5} {provider:<22} {raw_rate:>10.2f} "
               f"{exec_rate:>15.2f} {exec_rate / raw_rate:>6.2f}", flush=True)
 
 
@@ -316,10 +326,14 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--intra-op", type=int, default=0,
                         help="ONNX Runtime intra-op threads per session (0: its default)")
+    parser.add_argument("--spin-wait", action="store_true",
+                        help="let ONNX Runtime's idle threads spin (inference.spin_wait)")
     parser.add_argument("--model-threads", type=int, default=4)
     parser.add_argument("--providers", nargs="+",
                         default=["CUDAExecutionProvider", "CPUExecutionProvider"])
     parser.add_argument("--models", nargs="*", help="only these model ids (throughput)")
+    parser.add_argument("--together", action="store_true",
+                        help="also time one graph of all the models (stages run at once)")
     parser.add_argument("--memory-sizes", type=int, nargs="*", default=[2, 8, 16, 32],
                         help="study sizes for the memory runs (none: skip them)")
     parser.add_argument("--memory-size", type=int, default=2000,

@@ -119,8 +119,8 @@ class GraphExecutor:
         *,
         max_batch: int = 16,
         model_threads: int = 4,
-        batch_bytes: int = 8 << 20,
-        chunk_bytes: int = 128 << 20,
+        batch_bytes: int = 2 << 20,
+        chunk_bytes: int = 64 << 20,
         cores: int | None = None,
     ) -> None:
         self.registry = registry
@@ -160,6 +160,8 @@ class GraphExecutor:
             for model_id, result in part.items():
                 merged[model_id] = (result if model_id not in merged
                                     else _merge(merged[model_id], result))
+            # Let this chunk's pixels go before the loader decodes the next one.
+            del chunk, part
         _block_dependants(graph, merged, uids)
         return GraphResult(graph, uids, merged)
 
@@ -458,6 +460,13 @@ def _merge(first: ModelResult, second: ModelResult) -> ModelResult:
         for part in (getattr(first, name), getattr(second, name)):
             for output, per_image in part.items():
                 target.setdefault(output, {}).update(per_image)
+    if merged.status == "failed":
+        # As when the study runs in one chunk: a failed model reports no image, and each
+        # image it ran on in another chunk is "not analysed: failed" too.
+        failed = reasons.MODEL_FAILED.with_detail(f"{merged.model_id} failed: {merged.error}")
+        for uid in merged.run_images:
+            merged.not_analysed.setdefault(uid, failed)
+        merged.run_images, merged.raw, merged.findings = [], {}, {}
     return merged
 
 
