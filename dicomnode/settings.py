@@ -315,9 +315,10 @@ class InferenceSettings(_Strict):
     poll_seconds: Annotated[float, Field(gt=0)] = 2.0
     # Largest batch per model run for inputs with a dynamic batch dimension.
     max_batch: Annotated[int, Field(ge=1, le=1024)] = 16
-    # ... and at most this many bytes of model input per run: ONNX Runtime's memory grows
-    # with the batch and is kept (a 768 x 768 segmenter, 7 MB of input, takes ~300 MB).
-    batch_bytes: Annotated[int, Field(ge=1)] = 2 << 20
+    # ... and at most this much memory per run: inputs plus intermediate tensors (estimated
+    # from the ONNX graph). ONNX Runtime keeps each session's largest run (a 768 x 768
+    # segmenter: 100-730 MB per image of batch); at 256 MiB those run one image at a time.
+    batch_bytes: Annotated[int, Field(ge=1)] = 256 << 20
     # A job decodes and runs its study in chunks of about this many bytes of decoded RGB
     # pixels (a chunk's working set, with its PIL copies and tensors, is ~3x that).
     chunk_bytes: Annotated[int, Field(ge=1)] = 64 << 20

@@ -11,7 +11,8 @@
   skipped by a requirement, a gate or an upstream model, or lost to a failure.
 - Memory: `run_chunks` takes the study a chunk of images at a time (decoded lazily by the
   caller) and merges the chunks' results, so decoded pixels and tensors never exceed a chunk;
-  a dynamic batch holds at most `batch_bytes` of input, which bounds ONNX Runtime's arena.
+  a dynamic batch's run holds at most `batch_bytes` (inputs and intermediate tensors, as
+  working_memory.py estimates them), which bounds ONNX Runtime's arena.
 - Pre-processing is done once per image and input spec (models sharing a spec share the
   tensors), batched, and dropped once no later stage needs it.
 ONNX Runtime releases the GIL in `run`, so a thread per model gives real parallelism; at most
@@ -119,7 +120,7 @@ class GraphExecutor:
         *,
         max_batch: int = 16,
         model_threads: int = 4,
-        batch_bytes: int = 2 << 20,
+        batch_bytes: int = 256 << 20,
         chunk_bytes: int = 64 << 20,
         cores: int | None = None,
     ) -> None:
@@ -268,9 +269,10 @@ class GraphExecutor:
         for shape in loaded.input_shapes.values():
             if shape and isinstance(shape[0], int):
                 return shape[0], True
-        # A dynamic batch holds at most `batch_bytes` of input: ONNX Runtime's arena grows
-        # with the batch (a 768 x 768 segmenter: about 300 MB per image) and never shrinks.
-        per_image = _input_bytes(manifest, loaded)
+        # A dynamic batch's run holds at most `batch_bytes` (inputs and intermediate
+        # tensors): ONNX Runtime's arena grows to the largest run and keeps it (a 768 x 768
+        # segmenter: 100-730 MB per image of batch).
+        per_image = _input_bytes(manifest, loaded) + loaded.activation_bytes
         by_bytes = max(1, self.batch_bytes // per_image) if per_image else self.max_batch
         return max(1, min(self.max_batch, count, by_bytes)), False
 

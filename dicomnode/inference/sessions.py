@@ -21,6 +21,7 @@ import onnxruntime as ort
 
 from dicomnode.errors import InferenceError
 from dicomnode.inference.remote import RemoteClient, RemoteSession
+from dicomnode.inference.working_memory import activation_bytes_per_image
 from dicomnode.registry.registry import ModelEntry
 from dicomnode.settings import InferenceBackend, InferenceSettings
 
@@ -76,6 +77,7 @@ class LoadedModel:
     requested: tuple[str, ...]
     provider: str  # the first provider the session actually uses
     input_shapes: dict[str, tuple[int | str | None, ...]]
+    activation_bytes: int = 0  # intermediate tensors of one image's run (0: unknown)
 
     @property
     def providers(self) -> list[str]:
@@ -175,7 +177,8 @@ class SessionPool:
         shapes: dict[str, tuple[int | str | None, ...]] = {
             arg.name: tuple(_dim(d) for d in arg.shape) for arg in session.get_inputs()
         }
-        return LoadedModel(entry.key, session, tuple(providers), provider, shapes)
+        return LoadedModel(entry.key, session, tuple(providers), provider, shapes,
+                           activation_bytes_per_image(Path(path)))
 
     def loaded(self) -> list[LoadedModel]:
         with self._lock:

@@ -13,7 +13,7 @@ from dicomnode.registry import load_registry
 from tests.support.onnx_models import write_example_registry
 
 ROOT = Path(__file__).resolve().parents[2]
-ROW = re.compile(r"^(\S+@\S+)\s+\d+\s+\S+\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$")
+ROW = re.compile(r"^(\S+@\S+)\s+\d+\s+\S+\s+\d+\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$")
 
 
 def test_bench_inference_prints_a_ratio_per_model(tmp_path: Path) -> None:
