@@ -16,10 +16,12 @@ models (a few ms of inference an image) it dominates, so their ratio says how mu
 Memory: a job's peak RSS (VmHWM), whole job path (read and decode the stored DICOM files in
 chunks, run the graph, write the outputs), one fresh subprocess per study size.
 
-    python scripts/bench_inference.py                          # shipped registry, < 3 min
+    python scripts/bench_inference.py          # shipped registry: 3.5 min at load 11-17
     python scripts/bench_inference.py --models fundus-quality optic-disc
     python scripts/bench_inference.py --memory-models vessel-seg --memory-sizes 2 8 16 32
-    python scripts/bench_inference.py --fixtures --images 2 --size 128 --memory-sizes 2
+    python scripts/bench_inference.py --fixtures --images 2 --size 128 --memory-sizes 2 \
+        --memory-size 128
+    python scripts/bench_inference.py --models dr-grade dme-risk --together --intra-op 1
 """
 
 from __future__ import annotations

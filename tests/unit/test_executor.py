@@ -14,6 +14,7 @@ from dicomnode.inference.executor import GraphExecutor
 from dicomnode.inference.outputs import read_index, source_mask, write_outputs
 from dicomnode.inference.preprocess import SourceImage
 from dicomnode.inference.sessions import SessionPool
+from dicomnode.inference.working_memory import activation_bytes_per_image
 from dicomnode.registry import Registry, load_registry
 from tests.support.executor_fixtures import write_diamond
 
@@ -250,3 +251,16 @@ def test_a_model_failing_in_a_later_chunk_fails_and_blocks_its_dependants_everyw
         assert set(runs[model].not_analysed) == everyone
         assert not runs[model].raw  # what ran on the first chunk is not reported
     assert result.outcome == "failed"
+
+
+def test_a_batch_is_bounded_by_its_estimated_memory(registry: Registry) -> None:
+    entry = registry.get("seg")
+    assert entry.onnx_path is not None
+    per_image = activation_bytes_per_image(Path(entry.onnx_path))
+    assert per_image > 0  # the segmenter's intermediate tensors at batch 1
+    graph = resolve(Selection.of(["seg"], modality="OP"), registry)
+    sessions = SessionPool(["CPUExecutionProvider"])
+    tight = GraphExecutor(registry, sessions, max_batch=4, batch_bytes=per_image)
+    roomy = GraphExecutor(registry, sessions, max_batch=4, batch_bytes=1 << 30)
+    assert tight.run(graph, images(3)).models["seg"].batch_size == 1
+    assert roomy.run(graph, images(3)).models["seg"].batch_size == 3
