@@ -306,12 +306,22 @@ class InferenceSettings(_Strict):
     model_threads: Annotated[int, Field(ge=1, le=64)] = 4
     # ONNX Runtime intra-op threads per session; 0 = its default (all cores).
     intra_op_threads: Annotated[int, Field(ge=0, le=256)] = 0
+    # Let ONNX Runtime's idle intra-op threads spin for the next run (they then hold the
+    # cores the executor pre-processes on): off unless a benchmark shows it pays.
+    spin_wait: bool = False
     # A claimed job is another worker's to take once its lease lapses (worker died).
     lease_seconds: Annotated[float, Field(gt=0)] = 300.0
     # How often an idle worker looks for a job (a completed study also wakes it at once).
     poll_seconds: Annotated[float, Field(gt=0)] = 2.0
     # Largest batch per model run for inputs with a dynamic batch dimension.
     max_batch: Annotated[int, Field(ge=1, le=1024)] = 16
+    # ... and at most this much memory per run: inputs plus intermediate tensors (estimated
+    # from the ONNX graph). ONNX Runtime keeps each session's largest run (a 768 x 768
+    # segmenter: 100-730 MB per image of batch); at 256 MiB those run one image at a time.
+    batch_bytes: Annotated[int, Field(ge=1)] = 256 << 20
+    # A job decodes and runs its study in chunks of about this many bytes of decoded RGB
+    # pixels (a chunk's working set, with its PIL copies and tensors, is ~3x that).
+    chunk_bytes: Annotated[int, Field(ge=1)] = 64 << 20
     # Where job outputs go; relative paths resolve against the storage path.
     jobs_folder: str = "jobs"
     # Where session.run() happens: in this process (onnxruntime) or on `remote`; per-model

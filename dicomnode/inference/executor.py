@@ -9,15 +9,23 @@
   failed model); the rest of the graph carries on.
 - Every image a model did not analyse gets a coded reason in `not_analysed` (reasons.py):
   skipped by a requirement, a gate or an upstream model, or lost to a failure.
-ONNX Runtime releases the GIL in `run`, so a thread per model gives real parallelism.
+- Memory: `run_chunks` takes the study a chunk of images at a time (decoded lazily by the
+  caller) and merges the chunks' results, so decoded pixels and tensors never exceed a chunk;
+  a dynamic batch's run holds at most `batch_bytes` (inputs and intermediate tensors, as
+  working_memory.py estimates them), which bounds ONNX Runtime's arena.
+- Pre-processing is done once per image and input spec (models sharing a spec share the
+  tensors), batched, and dropped once no later stage needs it.
+ONNX Runtime releases the GIL in `run`, so a thread per model gives real parallelism; at most
+as many models run at once as the cores allow for their sessions' intra-op threads.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,7 +38,7 @@ from dicomnode.errors import InferenceUnavailableError
 from dicomnode.graph.model import ResolvedGraph
 from dicomnode.inference import reasons
 from dicomnode.inference.postprocess import Finding, binary_mask, classify, gate_not_analysed
-from dicomnode.inference.preprocess import Geometry, SourceImage, prepare
+from dicomnode.inference.preprocess import Geometry, SourceImage, prepare_batch
 from dicomnode.inference.reasons import NotAnalysedReason
 from dicomnode.inference.sessions import LoadedModel, SessionPool
 from dicomnode.registry.manifest import (
@@ -112,26 +120,89 @@ class GraphExecutor:
         *,
         max_batch: int = 16,
         model_threads: int = 4,
+        batch_bytes: int = 256 << 20,
+        chunk_bytes: int = 64 << 20,
+        cores: int | None = None,
     ) -> None:
         self.registry = registry
         self.sessions = sessions
         self.max_batch = max_batch
         self.model_threads = model_threads
+        self.batch_bytes = batch_bytes
+        self.chunk_bytes = chunk_bytes  # what a job's loader puts in one chunk (run_chunks)
+        self.cores = cores or os.cpu_count() or 1
+
+    def concurrent_models(self, stage_size: int) -> int:
+        """Models of a stage run at once: no more than the cores hold for their sessions'
+        intra-op threads (0 = ONNX Runtime's default, every core), so none oversubscribe."""
+        per_session = self.sessions.intra_op_threads or self.cores
+        return max(1, min(self.model_threads, stage_size, self.cores // per_session))
 
     def run(self, graph: ResolvedGraph, images: Sequence[SourceImage]) -> GraphResult:
+        """The graph over `images`, all in one chunk."""
+        return self.run_chunks(graph, [images])
+
+    def run_chunks(
+        self, graph: ResolvedGraph, chunks: Iterable[Sequence[SourceImage]]
+    ) -> GraphResult:
+        """The graph over a study given chunk by chunk; one result, as if run at once.
+
+        A model that fails in one chunk is not run again in later ones (it fails there with
+        the same error); what depends on a failed model is not run for any image.
+        """
+        merged: dict[str, ModelResult] = {}
+        uids: list[str] = []
+        for chunk in chunks:
+            if not chunk:
+                continue
+            failed = {m: r.error or "failed" for m, r in merged.items() if r.status == "failed"}
+            part = self._run_graph(graph, chunk, failed)
+            uids.extend(i.sop_instance_uid for i in chunk)
+            for model_id, result in part.items():
+                merged[model_id] = (result if model_id not in merged
+                                    else _merge(merged[model_id], result))
+            # Let this chunk's pixels go before the loader decodes the next one.
+            del chunk, part
+        _block_dependants(graph, merged, uids)
+        return GraphResult(graph, uids, merged)
+
+    def _run_graph(
+        self, graph: ResolvedGraph, images: Sequence[SourceImage], failed: dict[str, str]
+    ) -> dict[str, ModelResult]:
         results: dict[str, ModelResult] = {}
         cache = _TensorCache()
-        for stage in graph.stages:
-            workers = max(1, min(self.model_threads, len(stage)))
+        needed = self._specs_by_stage(graph)
+        for index, stage in enumerate(graph.stages):
+            workers = self.concurrent_models(len(stage))
             with ThreadPoolExecutor(workers, thread_name_prefix="model") as pool:
                 futures = {
-                    m: pool.submit(self._run_model, graph, m, images, results, cache)
+                    m: pool.submit(self._run_model, graph, m, images, results, cache,
+                                   failed.get(m))
                     for m in stage
                 }
                 # Results are published after the whole stage: no model reads a peer's.
                 stage_results = {m: f.result() for m, f in futures.items()}
             results.update(stage_results)
-        return GraphResult(graph, [i.sop_instance_uid for i in images], results)
+            later = set().union(*needed[index + 1:]) if index + 1 < len(needed) else set()
+            cache.keep(later)
+            if not later:  # no later model resizes these images: drop the PIL copies
+                for image in images:
+                    image.release()
+        return results
+
+    def _specs_by_stage(self, graph: ResolvedGraph) -> list[set[str]]:
+        """Per stage, the tensor-input specs (cache keys) its models read."""
+        keys: list[set[str]] = []
+        for stage in graph.stages:
+            found: set[str] = set()
+            for model_id in stage:
+                try:
+                    manifest = self.registry.get(model_id, graph.models[model_id]).manifest
+                except Exception:  # an unknown model fails in _run_model, with its reason
+                    continue
+                found.update(_spec_key(s) for s in manifest.tensor_inputs)
+            keys.append(found)
+        return keys
 
     # -- one model ---------------------------------------------------------------------------
 
@@ -142,8 +213,14 @@ class GraphExecutor:
         images: Sequence[SourceImage],
         done: dict[str, ModelResult],
         cache: _TensorCache,
+        failed_before: str | None = None,
     ) -> ModelResult:
         result = ModelResult(model_id, graph.models[model_id])
+        if failed_before is not None:  # it failed on an earlier chunk: it would again
+            result.status = "failed"
+            result.error = failed_before
+            _fail_all(result, images)
+            return result
         dependencies = graph.dependencies(model_id)
         broken = [d for d in dependencies if done[d].status == "failed" or
                   GraphResult._blocked(done[d])]
@@ -181,9 +258,7 @@ class GraphExecutor:
             result.error = f"{type(exc).__name__}: {_first_line(exc)}"
             result.finished_at = result.finished_at or datetime.now(UTC)
             logger.warning("model %s failed: %s", result.key, result.error)
-            failed = reasons.MODEL_FAILED.with_detail(f"{model_id} failed: {result.error}")
-            for image in images:
-                result.not_analysed.setdefault(image.sop_instance_uid, failed)
+            _fail_all(result, images)
         return result
 
     def _batch_size(self, manifest: Manifest, loaded: LoadedModel, count: int) -> tuple[int, bool]:
@@ -194,7 +269,12 @@ class GraphExecutor:
         for shape in loaded.input_shapes.values():
             if shape and isinstance(shape[0], int):
                 return shape[0], True
-        return max(1, min(self.max_batch, count)), False
+        # A dynamic batch's run holds at most `batch_bytes` (inputs and intermediate
+        # tensors): ONNX Runtime's arena grows to the largest run and keeps it (a 768 x 768
+        # segmenter: 100-730 MB per image of batch).
+        per_image = _input_bytes(manifest, loaded) + loaded.activation_bytes
+        by_bytes = max(1, self.batch_bytes // per_image) if per_image else self.max_batch
+        return max(1, min(self.max_batch, count, by_bytes)), False
 
     def _infer(
         self,
@@ -254,22 +334,26 @@ class GraphExecutor:
         result: ModelResult,
     ) -> dict[str, NDArray[Any]]:
         """The stacked inputs for a batch of images; records each image's geometry."""
-        per_input: dict[str, list[NDArray[Any]]] = {spec.name: [] for spec in manifest.inputs}
-        for image in chunk:
-            uid = image.sop_instance_uid
-            geometry: Geometry | None = None
-            for spec in manifest.inputs:
-                found: Geometry | None
-                if isinstance(spec, TensorInput):
-                    tensor, found = cache.get(image, spec)
-                else:
-                    tensor, found = _upstream(self.registry, graph, result.model_id, spec,
-                                              uid, done)
-                geometry = geometry or found
-                per_input[spec.name].append(tensor)
-            if geometry is not None:
-                result.geometry[uid] = geometry
-        return {name: np.stack(tensors) for name, tensors in per_input.items()}
+        feeds: dict[str, NDArray[Any]] = {}
+        geometries: dict[str, Geometry] = {}
+        for spec in manifest.inputs:
+            if isinstance(spec, TensorInput):
+                tensor, found = cache.batch(chunk, spec)
+                for image, geometry in zip(chunk, found, strict=True):
+                    geometries.setdefault(image.sop_instance_uid, geometry)
+                feeds[spec.name] = tensor
+                continue
+            values = []
+            for image in chunk:
+                uid = image.sop_instance_uid
+                value, upstream = _upstream(self.registry, graph, result.model_id, spec, uid,
+                                            done)
+                values.append(value)
+                if upstream is not None:
+                    geometries.setdefault(uid, upstream)
+            feeds[spec.name] = np.stack(values)
+        result.geometry.update(geometries)
+        return feeds
 
     @staticmethod
     def _evaluate(manifest: Manifest, result: ModelResult) -> None:
@@ -290,21 +374,122 @@ class GraphExecutor:
 
 
 class _TensorCache:
-    """Pre-processed tensors by (image, spec): models sharing an input spec share the work."""
+    """Pre-processed tensors by input spec and image: models sharing a spec share the work."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._items: dict[tuple[str, str], tuple[NDArray[Any], Geometry]] = {}
+        self._spec_locks: dict[str, threading.Lock] = {}
+        self._items: dict[str, dict[str, tuple[NDArray[Any], Geometry]]] = {}
 
-    def get(self, image: SourceImage, spec: TensorInput) -> tuple[NDArray[Any], Geometry]:
-        key = (image.sop_instance_uid, spec.model_dump_json(exclude={"name"}))
+    def batch(
+        self, images: Sequence[SourceImage], spec: TensorInput
+    ) -> tuple[NDArray[Any], list[Geometry]]:
+        """The stacked tensors of `images` for `spec`, prepared once per image."""
+        key = _spec_key(spec)
         with self._lock:
-            hit = self._items.get(key)
-        if hit is None:
-            hit = prepare(image, spec)
-            with self._lock:
-                self._items[key] = hit
-        return hit
+            spec_lock = self._spec_locks.setdefault(key, threading.Lock())
+            items = self._items.setdefault(key, {})
+        # Two models of a stage with the same spec: the second waits and reuses the tensors.
+        with spec_lock:
+            missing = [i for i in images if i.sop_instance_uid not in items]
+            if missing:
+                tensors, geometries = prepare_batch(missing, spec)
+                for index, image in enumerate(missing):
+                    items[image.sop_instance_uid] = (tensors[index], geometries[index])
+                if len(missing) == len(images):  # freshly made, in order: no copy
+                    return tensors, geometries
+            hits = [items[i.sop_instance_uid] for i in images]
+        return np.stack([h[0] for h in hits]), [h[1] for h in hits]
+
+    def keep(self, keys: set[str]) -> None:
+        """Forget every spec not in `keys` (no later model reads it)."""
+        with self._lock:
+            for key in [k for k in self._items if k not in keys]:
+                del self._items[key]
+
+
+def _spec_key(spec: TensorInput) -> str:
+    return spec.model_dump_json(exclude={"name"})
+
+
+def _input_bytes(manifest: Manifest, loaded: LoadedModel) -> int:
+    """Bytes of one image's inputs (the session's shape, else the manifest's size)."""
+    total = 0
+    for spec in manifest.inputs:
+        shape = loaded.input_shapes.get(spec.name, ())
+        dims: list[int | str | None] = list(shape[1:])
+        if not shape or not all(isinstance(d, int) for d in dims):
+            if not isinstance(spec, TensorInput):
+                continue
+            dims = [spec.size[0], spec.size[1], 1 if spec.colour in ("green", "grey") else 3]
+        count = int(np.prod([d for d in dims if isinstance(d, int)]))
+        total += count * np.dtype(spec.dtype).itemsize
+    return total
+
+
+def _fail_all(result: ModelResult, images: Sequence[SourceImage]) -> None:
+    failed = reasons.MODEL_FAILED.with_detail(f"{result.model_id} failed: {result.error}")
+    for image in images:
+        result.not_analysed.setdefault(image.sop_instance_uid, failed)
+
+
+def _merge(first: ModelResult, second: ModelResult) -> ModelResult:
+    """One model's results on two chunks of a study, as one result."""
+    merged = ModelResult(first.model_id, first.version)
+    statuses = {first.status, second.status}
+    if "failed" in statuses:
+        merged.status = "failed"
+        merged.error = first.error if first.status == "failed" else second.error
+    elif "ok" in statuses:
+        merged.status = "ok"
+    else:
+        merged.status = "skipped"
+        merged.error = first.error or second.error
+    merged.provider = first.provider or second.provider
+    merged.batch_size = max(first.batch_size, second.batch_size)
+    starts = [t for t in (first.started_at, second.started_at) if t is not None]
+    ends = [t for t in (first.finished_at, second.finished_at) if t is not None]
+    merged.started_at = min(starts) if starts else None
+    merged.finished_at = max(ends) if ends else None
+    durations = [d for d in (first.duration_ms, second.duration_ms) if d is not None]
+    merged.duration_ms = sum(durations) if durations else None
+    merged.run_images = [*first.run_images, *second.run_images]
+    for name in ("skipped", "geometry", "gated", "gate_reasons", "not_analysed"):
+        getattr(merged, name).update(getattr(first, name))
+        getattr(merged, name).update(getattr(second, name))
+    for name in ("raw", "findings"):
+        target = getattr(merged, name)
+        for part in (getattr(first, name), getattr(second, name)):
+            for output, per_image in part.items():
+                target.setdefault(output, {}).update(per_image)
+    if merged.status == "failed":
+        # As when the study runs in one chunk: a failed model reports no image, and each
+        # image it ran on in another chunk is "not analysed: failed" too.
+        failed = reasons.MODEL_FAILED.with_detail(f"{merged.model_id} failed: {merged.error}")
+        for uid in merged.run_images:
+            merged.not_analysed.setdefault(uid, failed)
+        merged.run_images, merged.raw, merged.findings = [], {}, {}
+    return merged
+
+
+def _block_dependants(graph: ResolvedGraph, results: dict[str, ModelResult],
+                      uids: list[str]) -> None:
+    """A model whose dependency failed (on any chunk) is not run for any image, as when the
+    study runs in one chunk."""
+    for model_id in graph.order:
+        result = results.get(model_id)
+        if result is None or result.status == "failed":
+            continue
+        broken = [d for d in graph.dependencies(model_id) if d in results and (
+            results[d].status == "failed" or GraphResult._blocked(results[d]))]
+        if not broken or GraphResult._blocked(result):
+            continue
+        error = f"not run: needs {', '.join(broken)}, which did not run"
+        blocked = ModelResult(model_id, result.version, status="skipped", error=error)
+        for uid in uids:
+            blocked.skipped[uid] = error
+            blocked.not_analysed[uid] = reasons.UPSTREAM_FAILED.with_detail(error)
+        results[model_id] = blocked
 
 
 def _ineligible(

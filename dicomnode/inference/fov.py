@@ -79,6 +79,56 @@ def find_field_of_view(rgb: NDArray[np.uint8], min_fraction: float = 0.01) -> Fi
     return FieldOfView(clipped, box)
 
 
+def field_of_view_box(rgb: NDArray[np.uint8], min_fraction: float = 0.01) -> Box:
+    """`find_field_of_view(rgb).box`, exactly, in about a third of the time.
+
+    The executor needs only the box: the 99th percentile comes from a 256-bin histogram of
+    the uint8 red channel (not a sort of its float copy), the threshold is applied as the
+    equivalent integer comparison, and no clipped mask is built.
+    """
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 RGB image of shape (H, W, 3), got {rgb.shape}")
+    red = rgb[..., 0]
+    height, width = red.shape
+    high = _percentile_99(red)
+    # find_field_of_view compares float32 red with a Python float, which NumPy does in
+    # float32; for integer red, `red > t` is `red > floor(t)`.
+    threshold = np.float32(max(12.0, 0.12 * high))
+    mask = red > np.uint8(min(255, int(np.floor(threshold))))
+    rows = _longest_run(mask.sum(axis=1) > min_fraction * width)
+    cols = None if rows is None else _longest_run(
+        mask[rows[0]:rows[1]].sum(axis=0) > min_fraction * height
+    )
+    if cols is not None:
+        rows = _longest_run(mask[:, cols[0]:cols[1]].sum(axis=1) > min_fraction * width)
+    if rows is None or cols is None:
+        return Box(0, 0, height, width)
+    return Box(rows[0], cols[0], rows[1], cols[1])
+
+
+def _percentile_99(channel: NDArray[np.uint8]) -> float:
+    """`np.percentile(channel.astype(np.float32), 99)`, exactly, without sorting.
+
+    A 4x subsample guesses a grey level safely below the percentile; the exact histogram of
+    the pixels at or above it (about 2 % of them) then gives the two ranks NumPy reads.
+    """
+    size = channel.size
+    rank = 0.99 * (size - 1)
+    below = int(np.floor(rank))
+    guess = np.cumsum(np.bincount(channel[::4, ::4].ravel(), minlength=256))
+    floor_level = int(np.searchsorted(guess, 0.97 * guess[-1], side="right"))
+    top = channel[channel >= floor_level] if floor_level > 0 else channel.ravel()
+    if size - top.size > below:  # the guess was too high (a rare, odd histogram): all of it
+        top, floor_level = channel.ravel(), 0
+    counts = np.cumsum(np.bincount(top, minlength=256)[floor_level:]) + (size - top.size)
+    low = floor_level + int(np.searchsorted(counts, below, side="right"))
+    high = floor_level + int(np.searchsorted(counts, min(below + 1, size - 1), side="right"))
+    if low == high or rank == below:
+        return float(low)
+    # Between two grey levels NumPy interpolates in float32; rare enough to ask it directly.
+    return float(np.percentile(channel.astype(np.float32), 99))
+
+
 def _longest_run(flags: NDArray[np.bool_]) -> tuple[int, int] | None:
     """Half-open (start, stop) of the longest run of True values; None when there is none."""
     if not flags.any():

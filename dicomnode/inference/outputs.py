@@ -31,9 +31,8 @@ from numpy.typing import NDArray
 from dicomnode.durable import fsync_path
 from dicomnode.inference.executor import GraphResult, ModelResult
 from dicomnode.inference.postprocess import (
-    binary_mask,
+    binary_mask_to_source,
     box_to_source,
-    mask_to_source,
     measured_values,
     point_to_source,
 )
@@ -98,14 +97,14 @@ def _model_entry(
                 per[uid] = {"value": reported[0].value, "unit": reported[0].unit.code,
                             "values": [m.to_dict() for m in reported]}
             elif isinstance(spec, MaskOutput) and uid in masks[spec.name]:
-                binary = masks[spec.name][uid]
+                packed, shape, area = masks[spec.name][uid]
                 key = f"source__{spec.name}__{k}"
-                arrays[key] = np.packbits(binary, axis=None)
+                arrays[key] = packed
                 per[uid] = {
                     "key": key,
-                    "shape": list(binary.shape),
+                    "shape": list(shape),
                     "threshold": spec.threshold,
-                    "area_pixels": int(binary.sum()),
+                    "area_pixels": area,
                     "geometry": result.geometry[uid].to_dict(),
                 }
             elif isinstance(spec, PointOutput) and geometry is not None:
@@ -124,12 +123,18 @@ def _model_entry(
     return entry
 
 
-def _masks_to_source(result: ModelResult, spec: MaskOutput) -> dict[str, NDArray[np.bool_]]:
+def _masks_to_source(
+    result: ModelResult, spec: MaskOutput
+) -> dict[str, tuple[NDArray[np.uint8], tuple[int, int], int]]:
+    """uid -> (bit-packed source-frame mask, its shape, its area): packed as each is made, so
+    the full-size masks of a study are never all in memory at once."""
     values = result.raw.get(spec.name, {})
     uids = [u for u in result.run_images if u in values and u in result.geometry]
 
-    def one(uid: str) -> NDArray[np.bool_]:
-        return binary_mask(mask_to_source(values[uid], result.geometry[uid]), spec)
+    def one(uid: str) -> tuple[NDArray[np.uint8], tuple[int, int], int]:
+        binary = binary_mask_to_source(values[uid], result.geometry[uid], spec)
+        return (np.packbits(binary, axis=None), (binary.shape[0], binary.shape[1]),
+                int(np.count_nonzero(binary)))
 
     with ThreadPoolExecutor(_POST_THREADS, thread_name_prefix="post") as pool:
         return dict(zip(uids, pool.map(one, uids), strict=True))

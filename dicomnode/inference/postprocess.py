@@ -68,6 +68,23 @@ def binary_mask(probability: NDArray[np.float32], spec: MaskOutput) -> NDArray[n
     return probability >= np.float32(spec.threshold)
 
 
+def binary_mask_to_source(values: NDArray[np.generic], geometry: Geometry,
+                          spec: MaskOutput) -> NDArray[np.bool_]:
+    """`binary_mask(mask_to_source(values, geometry), spec)` without a float source frame:
+    the crop is thresholded, then placed (outside the crop the probability is 0, below any
+    positive threshold)."""
+    if spec.threshold <= 0:
+        return binary_mask(mask_to_source(values, geometry), spec)
+    plane = np.asarray(values, dtype=np.float32)
+    while plane.ndim > 2:
+        if plane.shape[0] != 1:
+            raise ValueError(f"a mask has one channel, got shape {values.shape}")
+        plane = plane[0]
+    box = geometry.box
+    crop = binary_mask(resize_probability(plane, box.height, box.width), spec)
+    return np.asarray(place_back(crop, box, geometry.source_shape), dtype=np.bool_)
+
+
 def classify(values: NDArray[np.generic], spec: ProbabilitiesOutput) -> Finding:
     probs = np.asarray(values, dtype=np.float64).reshape(-1)
     if probs.shape[0] != len(spec.classes):

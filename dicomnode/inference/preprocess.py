@@ -8,13 +8,14 @@ and the model size so post-processing can map outputs back onto the source frame
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from dicomnode.inference.fov import Box, crop_square, find_field_of_view, square_box
+from dicomnode.inference.fov import Box, crop_square, field_of_view_box, square_box
 from dicomnode.registry.manifest import TensorInput
 
 # ITU-R BT.601 luma, what most fundus "grey" pipelines use.
@@ -50,6 +51,7 @@ class SourceImage:
     pixel_spacing: tuple[float, float] | None = None  # (row, column) mm, from the header
     modality: str | None = None  # the instance's Modality; a model skips ones it does not take
     _fov_box: Box | None = field(default=None, repr=False)
+    _pil: Image.Image | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -59,8 +61,20 @@ class SourceImage:
     def fov_square(self) -> Box:
         with self._lock:  # models of one stage ask at once; compute it once
             if self._fov_box is None:
-                self._fov_box = square_box(find_field_of_view(self.rgb).box)
+                self._fov_box = square_box(field_of_view_box(self.rgb))
             return self._fov_box
+
+    def pil(self) -> Image.Image:
+        """The pixels as one PIL image, made once and shared by every model's resize."""
+        with self._lock:
+            if self._pil is None:
+                self._pil = Image.fromarray(np.ascontiguousarray(self.rgb, dtype=np.uint8))
+            return self._pil
+
+    def release(self) -> None:
+        """Drop the PIL copy (4 bytes a pixel) once no pending model resizes this image."""
+        with self._lock:
+            self._pil = None
 
 
 def resize_rgb(image: NDArray[np.uint8], height: int, width: int) -> NDArray[np.uint8]:
@@ -106,3 +120,53 @@ def prepare(image: SourceImage, spec: TensorInput) -> tuple[NDArray[np.generic],
         out = values.astype(spec.dtype)
     return np.ascontiguousarray(out), Geometry(image.shape, box, (height, width),
                                                image.pixel_spacing)
+
+
+def _resized_crop(image: SourceImage, box: Box, height: int, width: int) -> NDArray[np.uint8]:
+    """`resize_rgb(crop_square(image.rgb, box), height, width)`, without the crop's copies.
+
+    The crop is cut from the image's shared PIL copy (PIL zero-pads a box that leaves the
+    image, as crop_square does). Resizing the region in place (`resize(box=...)`) is not
+    equal: PIL then places the filter differently at non-integer scales.
+    """
+    if (box.height, box.width) == (height, width):
+        return np.ascontiguousarray(crop_square(image.rgb, box), dtype=np.uint8)
+    shrinking = height < box.height and width < box.width
+    method = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
+    region = image.pil().crop((box.left, box.top, box.right, box.bottom))
+    return np.asarray(region.resize((width, height), method))
+
+
+def prepare_batch(
+    images: Sequence[SourceImage], spec: TensorInput
+) -> tuple[NDArray[np.generic], list[Geometry]]:
+    """The stacked tensors for `images` (batch axis first) and each one's geometry: what
+    `prepare` gives image by image, written straight into one array (tested equal)."""
+    height, width = spec.size
+    float_out = spec.dtype != "uint8" and spec.colour != "grey"
+    if not float_out:  # rarely used: the reference path, image by image
+        prepared = [prepare(image, spec) for image in images]
+        return np.stack([p[0] for p in prepared]), [p[1] for p in prepared]
+    sources = {"RGB": (0, 1, 2), "BGR": (2, 1, 0), "green": (1,)}[spec.colour]
+    channels = len(sources)
+    shape = ((len(images), channels, height, width) if spec.layout == "NCHW"
+             else (len(images), height, width, channels))
+    work = np.empty(shape, dtype=np.float32)
+    norm = spec.normalisation
+    scale = np.float32(norm.scale)
+    mean = np.broadcast_to(np.asarray(norm.mean, dtype=np.float32), (channels,))
+    std = np.broadcast_to(np.asarray(norm.std, dtype=np.float32), (channels,))
+    geometries: list[Geometry] = []
+    for index, image in enumerate(images):
+        box = image.fov_square() if spec.crop_fov else Box(0, 0, *image.shape)
+        resized = _resized_crop(image, box, height, width)
+        for channel, source in enumerate(sources):
+            plane = (work[index, channel] if spec.layout == "NCHW"
+                     else work[index, :, :, channel])
+            # The same float32 operations, in the same order, as `prepare`: equal bits.
+            np.multiply(resized[..., source], scale, out=plane, dtype=np.float32)
+            np.subtract(plane, mean[channel], out=plane)
+            np.divide(plane, std[channel], out=plane)
+        geometries.append(Geometry(image.shape, box, (height, width), image.pixel_spacing))
+    out = work if spec.dtype == "float32" else work.astype(spec.dtype)
+    return out, geometries

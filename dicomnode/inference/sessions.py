@@ -21,6 +21,7 @@ import onnxruntime as ort
 
 from dicomnode.errors import InferenceError
 from dicomnode.inference.remote import RemoteClient, RemoteSession
+from dicomnode.inference.working_memory import activation_bytes_per_image
 from dicomnode.registry.registry import ModelEntry
 from dicomnode.settings import InferenceBackend, InferenceSettings
 
@@ -76,6 +77,7 @@ class LoadedModel:
     requested: tuple[str, ...]
     provider: str  # the first provider the session actually uses
     input_shapes: dict[str, tuple[int | str | None, ...]]
+    activation_bytes: int = 0  # intermediate tensors of one image's run (0: unknown)
 
     @property
     def providers(self) -> list[str]:
@@ -90,11 +92,13 @@ class SessionPool:
         providers: Sequence[str],
         *,
         intra_op_threads: int = 0,
+        spin_wait: bool = False,
         remote: RemoteClient | None = None,
         backend_for: Callable[[str], InferenceBackend] | None = None,
     ) -> None:
         self.requested = tuple(providers) or ("CPUExecutionProvider",)
         self.intra_op_threads = intra_op_threads
+        self.spin_wait = spin_wait
         # Which models run on the remote server (model id -> backend); none without a client.
         self.remote = remote
         self.backend_for = backend_for or (lambda _model_id: "onnxruntime")
@@ -106,6 +110,7 @@ class SessionPool:
     def for_settings(cls, config: InferenceSettings) -> SessionPool:
         """The pool the settings describe, with a remote client where one is configured."""
         return cls(config.providers, intra_op_threads=config.intra_op_threads,
+                   spin_wait=config.spin_wait,
                    remote=RemoteClient(config.remote) if config.remote is not None else None,
                    backend_for=config.backend_for)
 
@@ -155,6 +160,10 @@ class SessionPool:
         options = ort.SessionOptions()
         if self.intra_op_threads:
             options.intra_op_num_threads = self.intra_op_threads
+        if not self.spin_wait:
+            # Spinning intra-op threads keep the cores busy after each run, starving the
+            # pre-processing between runs (and everything else on a small machine).
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as exc:  # ORT raises its own untyped errors; keep the cause
@@ -168,7 +177,8 @@ class SessionPool:
         shapes: dict[str, tuple[int | str | None, ...]] = {
             arg.name: tuple(_dim(d) for d in arg.shape) for arg in session.get_inputs()
         }
-        return LoadedModel(entry.key, session, tuple(providers), provider, shapes)
+        return LoadedModel(entry.key, session, tuple(providers), provider, shapes,
+                           activation_bytes_per_image(Path(path)))
 
     def loaded(self) -> list[LoadedModel]:
         with self._lock:

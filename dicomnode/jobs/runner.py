@@ -7,6 +7,7 @@ again after a crash leaves one set of outputs, not two.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,12 +37,54 @@ _DECODE_THREADS = 4
 
 @dataclass
 class LoadedStudy:
-    images: list[SourceImage] = field(default_factory=list)
+    """A study's stored instances, decoded a chunk at a time as the executor asks for them."""
+
+    study_uid: str
+    storage_root: Path
+    rows: list[tuple[str, str, str | None, str | None]]  # uid, path, laterality, modality
+    decoded: int = 0  # images decoded so far
     unreadable: dict[str, str] = field(default_factory=dict)  # uid -> reason
+
+    def chunks(self, chunk_bytes: int) -> Iterator[list[SourceImage]]:
+        """The readable images in order, in chunks of about `chunk_bytes` of decoded pixels
+        (at least one image each), so a large study never sits in memory whole."""
+        chunk: list[SourceImage] = []
+        size = 0
+        # Reading and decoding (zlib, JPEG codecs, numpy copies) mostly release the GIL: a
+        # few threads at a time shorten the wait before the first model can start.
+        with ThreadPoolExecutor(_DECODE_THREADS, thread_name_prefix="decode") as pool:
+            for start in range(0, len(self.rows), _DECODE_THREADS):
+                group = self.rows[start:start + _DECODE_THREADS]
+                for row, item in zip(group, pool.map(self._decode, group), strict=True):
+                    uid, _, laterality, modality = row
+                    if isinstance(item, str):
+                        logger.warning("study %s: image %s unreadable: %s", self.study_uid,
+                                       uid, item)
+                        self.unreadable[uid] = item
+                        continue
+                    rgb, spacing = item
+                    chunk.append(SourceImage(uid, rgb, laterality, spacing, modality=modality))
+                    self.decoded += 1
+                    size += rgb.nbytes
+                    if size >= chunk_bytes:
+                        yield chunk
+                        chunk, size = [], 0
+        if chunk:
+            yield chunk
+
+    def _decode(self, row: tuple[str, str, str | None, str | None]
+                ) -> tuple[NDArray[np.uint8], tuple[float, float] | None] | str:
+        try:
+            dataset = dcmread(self.storage_root / row[1])
+            return decode_rgb(dataset), pixel_spacing(dataset)
+        except (DecodeError, InvalidDicomError, OSError, ValueError) as exc:
+            return scrub(str(exc))
+        except Exception as exc:  # any decoder failure costs this image, not the study
+            return safe_error(exc)
 
 
 def load_study(database: Database, storage_root: Path, study_uid: str) -> LoadedStudy:
-    """Decode every stored instance of a study (one unreadable image does not stop the rest)."""
+    """A study's stored instances (one unreadable image does not stop the rest)."""
     with database.transaction() as session:
         rows = session.execute(
             select(Instance.sop_instance_uid, Instance.path, Instance.laterality,
@@ -50,28 +93,7 @@ def load_study(database: Database, storage_root: Path, study_uid: str) -> Loaded
             .where(Study.study_uid == study_uid, Instance.purged_at.is_(None))  # retention
             .order_by(Instance.id)
         ).all()
-    def decode(path: str) -> tuple[NDArray[np.uint8], tuple[float, float] | None] | str:
-        try:
-            dataset = dcmread(storage_root / path)
-            return decode_rgb(dataset), pixel_spacing(dataset)
-        except (DecodeError, InvalidDicomError, OSError, ValueError) as exc:
-            return scrub(str(exc))
-        except Exception as exc:  # any decoder failure costs this image, not the study
-            return safe_error(exc)
-
-    # Reading and decoding (zlib, JPEG codecs, numpy copies) mostly release the GIL: a few
-    # threads shorten the wait before the first model can start.
-    with ThreadPoolExecutor(_DECODE_THREADS, thread_name_prefix="decode") as pool:
-        decoded = list(pool.map(decode, [row.path for row in rows]))
-    loaded = LoadedStudy()
-    for (uid, _, laterality, modality), item in zip(rows, decoded, strict=True):
-        if isinstance(item, str):
-            logger.warning("study %s: image %s unreadable: %s", study_uid, uid, item)
-            loaded.unreadable[uid] = item
-            continue
-        rgb, spacing = item
-        loaded.images.append(SourceImage(uid, rgb, laterality, spacing, modality=modality))
-    return loaded
+    return LoadedStudy(study_uid, storage_root, [(r[0], r[1], r[2], r[3]) for r in rows])
 
 
 def previous_job(database: Database, job: ClaimedJob) -> int | None:
@@ -101,13 +123,13 @@ def run_job(
     """(result, outcome for the job row, output path) for a claimed job."""
     graph = ResolvedGraph.from_dict(job.graph)
     study = load_study(database, storage_root, job.study_uid)
-    if not study.images:
+    result = executor.run_chunks(graph, study.chunks(executor.chunk_bytes))
+    if not study.decoded:
         outcome: dict[str, Any] = {
             "outcome": "failed", "problems": {"(study)": "no readable images"},
             "unreadable": study.unreadable,
         }
         return None, outcome, None
-    result = executor.run(graph, study.images)
     folder, relative = output_folder(storage_root, jobs_folder, job.id)
     meta: dict[str, Any] = {
         "job": job.id, "study_uid": job.study_uid, "preset": job.preset,
@@ -120,7 +142,7 @@ def run_job(
         "outcome": result.outcome,
         "problems": result.problems(),
         "unreadable": study.unreadable,
-        "images": len(study.images),
+        "images": study.decoded,
         "attempt": job.attempt,
     }
     return result, outcome, relative

@@ -63,7 +63,8 @@ class ProcessingService:
         self.sessions = sessions or SessionPool.for_settings(config)
         self.executor = GraphExecutor(
             registry, self.sessions, max_batch=config.max_batch,
-            model_threads=config.model_threads,
+            model_threads=config.model_threads, batch_bytes=config.batch_bytes,
+            chunk_bytes=config.chunk_bytes,
         )
         # A given node_id is a stable identity (dicomnode.identity): jobs its workers left
         # running in a previous run are taken back at start.

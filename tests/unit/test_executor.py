@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from dicomnode.inference.executor import GraphExecutor
 from dicomnode.inference.outputs import read_index, source_mask, write_outputs
 from dicomnode.inference.preprocess import SourceImage
 from dicomnode.inference.sessions import SessionPool
+from dicomnode.inference.working_memory import activation_bytes_per_image
 from dicomnode.registry import Registry, load_registry
 from tests.support.executor_fixtures import write_diamond
 
@@ -194,3 +196,71 @@ def test_fixed_batch_is_padded_and_the_pad_dropped(tmp_path: Path) -> None:
     assert run.run_images == ["i.0", "i.1", "i.2"]
     fractions = [float(run.raw["mask"][uid].mean()) for uid in run.run_images]
     assert fractions[1] > 0.5 > fractions[0] and fractions[0] == pytest.approx(fractions[2])
+
+
+def test_a_study_in_chunks_gives_the_result_of_one_run(
+    executor: GraphExecutor, registry: Registry
+) -> None:
+    graph = resolve(Selection.of(["gated-fraction"], modality="OP"), registry)
+    good = [SourceImage(f"good.{i}", disc_image(green=200)) for i in range(3)]
+    bad = [SourceImage(f"bad.{i}", disc_image(green=0)) for i in range(2)]
+    whole = executor.run(graph, [good[0], bad[0], good[1], bad[1], good[2]])
+    chunked = executor.run_chunks(graph, [[good[0], bad[0]], [], [good[1], bad[1], good[2]]])
+    assert chunked.images == whole.images
+    assert chunked.outcome == whole.outcome == "done"
+    for model, mine in chunked.models.items():
+        theirs = whole.models[model]
+        assert (mine.status, mine.run_images, mine.skipped, mine.gated) == (
+            theirs.status, theirs.run_images, theirs.skipped, theirs.gated), model
+        assert set(mine.not_analysed) == set(theirs.not_analysed)
+        assert mine.geometry == theirs.geometry
+        for name, values in theirs.raw.items():
+            for uid, value in values.items():
+                np.testing.assert_allclose(mine.raw[name][uid], value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_failing_in_a_later_chunk_fails_and_blocks_its_dependants_everywhere(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    executor = GraphExecutor(registry, SessionPool(["CPUExecutionProvider"]), max_batch=4)
+    graph = resolve(Selection.of(["total"], modality="OP"), registry)
+    real = executor._infer
+    calls: list[int] = []
+
+    def only_seg(*args: Any) -> None:  # _infer(graph, manifest, loaded, eligible, ...)
+        manifest, eligible = args[1], args[3]
+        if manifest.id == "seg" and any(i.sop_instance_uid.endswith(".9") for i in eligible):
+            calls.append(1)
+            raise RuntimeError("the segmenter broke on this chunk")
+        real(*args)
+
+    monkeypatch.setattr(executor, "_infer", only_seg)
+    first = images(2, square=(30, 50, 16))
+    second = [SourceImage("1.2.3.9", disc_image(square=(30, 50, 16)))]
+    third = [SourceImage("1.2.3.10", disc_image(square=(30, 50, 16)))]
+    result = executor.run_chunks(graph, [first, second, third])
+    runs = result.models
+    assert calls == [1]  # not tried again on the third chunk
+    assert runs["seg"].status == "failed"
+    assert "broke on this chunk" in (runs["seg"].error or "")
+    everyone = {i.sop_instance_uid for i in [*first, *second, *third]}
+    assert set(runs["seg"].not_analysed) == everyone
+    for model, needs in (("slow-b", "seg"), ("slow-c", "seg"), ("total", "slow-b")):
+        assert runs[model].status == "skipped", model
+        assert f"needs {needs}" in (runs[model].error or "")
+        assert set(runs[model].not_analysed) == everyone
+        assert not runs[model].raw  # what ran on the first chunk is not reported
+    assert result.outcome == "failed"
+
+
+def test_a_batch_is_bounded_by_its_estimated_memory(registry: Registry) -> None:
+    entry = registry.get("seg")
+    assert entry.onnx_path is not None
+    per_image = activation_bytes_per_image(Path(entry.onnx_path))
+    assert per_image > 0  # the segmenter's intermediate tensors at batch 1
+    graph = resolve(Selection.of(["seg"], modality="OP"), registry)
+    sessions = SessionPool(["CPUExecutionProvider"])
+    tight = GraphExecutor(registry, sessions, max_batch=4, batch_bytes=per_image)
+    roomy = GraphExecutor(registry, sessions, max_batch=4, batch_bytes=1 << 30)
+    assert tight.run(graph, images(3)).models["seg"].batch_size == 1
+    assert roomy.run(graph, images(3)).models["seg"].batch_size == 3
