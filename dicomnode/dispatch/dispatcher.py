@@ -19,14 +19,18 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
+from dicomnode.db import wakeups
 from dicomnode.db.engine import Database
-from dicomnode.db.models import Delivery
+from dicomnode.db.models import Delivery, as_utc, utcnow
 from dicomnode.dispatch import dicomweb, outbox
 from dicomnode.dispatch.check import check_destination, describe
 from dicomnode.dispatch.sender import send_batch
 from dicomnode.settings import DestinationSettings, Settings
 
 logger = logging.getLogger(__name__)
+
+# Never spin: a row due now that a pass did not claim (another node has it) waits this long.
+_MIN_WAIT_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,8 @@ class Dispatcher:
             if resumed:
                 logger.info("taking back %d delivery(ies) this node left sending", resumed)
         self.check_settings_changes()
+        # Deliveries committed by anyone (results pipeline, operator, another node) wake it.
+        self.database.wakeups.subscribe(wakeups.OUTBOX, self._wake)
         self._thread = threading.Thread(target=self._loop, name="dicomnode-dispatch",
                                         daemon=True)
         self._thread.start()
@@ -132,6 +138,7 @@ class Dispatcher:
             return
         self._stop.set()
         self._wake.set()
+        self.database.wakeups.unsubscribe(wakeups.OUTBOX, self._wake)
         thread.join(timeout if timeout is not None else
                     self.settings.dispatch.network_timeout_seconds * 2)
         self._thread = None
@@ -185,7 +192,18 @@ class Dispatcher:
             # A full batch may mean more is due: go again at once.
             if result.claimed and result.claimed >= self.settings.dispatch.batch_size:
                 continue
-            self._wake.wait(poll)
+            self._wake.wait(self._until_due(poll))
+
+    def _until_due(self, poll: float) -> float:
+        """Seconds to wait: the poll, or less when a retry falls due sooner."""
+        try:
+            due = outbox.next_due(self.database)
+        except Exception:  # the pass itself reports database trouble
+            return poll
+        if due is None:
+            return poll
+        wait = (as_utc(due) - utcnow()).total_seconds()
+        return min(poll, max(wait, _MIN_WAIT_SECONDS))
 
 
 def _resolve(path: str, storage_root: Path) -> Path:
