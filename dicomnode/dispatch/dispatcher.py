@@ -84,32 +84,35 @@ class Dispatcher:
             by_destination: dict[str, list[outbox.Claimed]] = defaultdict(list)
             for item in claimed:
                 by_destination[item.destination].append(item)
-            sent = retrying = failed = 0
+            counts = {"sent": 0, "retrying": 0, "failed": 0}
+
+            def record(key: int, ok: bool, error: str | None) -> None:
+                if ok:
+                    outbox.mark_sent(self.database, key)
+                    counts["sent"] += 1
+                    return
+                state = outbox.mark_attempt_failed(
+                    self.database, dispatch, key, error or "unknown error")
+                counts["failed" if state == "failed" else "retrying"] += 1
+
             for name, items in by_destination.items():
                 destination = self.settings.destinations.get(name)
-                results: list[tuple[int, bool, str | None]]
                 storage = self.settings.storage.path
                 pairs = [(i.id, _resolve(i.path, storage)) for i in items]
                 if destination is None:
                     why = f"destination {name!r} is not in the settings"
-                    results = [(i.id, False, why) for i in items]
+                    for item in items:
+                        record(item.id, False, why)
                 elif isinstance(destination, DestinationSettings):
-                    results = [(o.key, o.ok, o.error) for o in send_batch(
-                        destination, pairs, calling_ae=self.calling_ae, settings=dispatch)]
+                    # Each object is recorded sent as soon as the PACS answers its C-STORE,
+                    # not after the batch: a crash later in the batch resends less.
+                    send_batch(destination, pairs, calling_ae=self.calling_ae,
+                               settings=dispatch,
+                               on_outcome=lambda o: record(o.key, o.ok, o.error))
                 else:  # DICOMweb: STOW-RS
-                    results = [(o.key, o.ok, o.error)
-                               for o in dicomweb.send_batch(name, destination, pairs)]
-                for key, ok, error in results:
-                    if ok:
-                        outbox.mark_sent(self.database, key)
-                        sent += 1
-                    else:
-                        state = outbox.mark_attempt_failed(
-                            self.database, dispatch, key, error or "unknown error")
-                        if state == "failed":
-                            failed += 1
-                        else:
-                            retrying += 1
+                    for o in dicomweb.send_batch(name, destination, pairs):
+                        record(o.key, o.ok, o.error)
+            sent, retrying, failed = counts["sent"], counts["retrying"], counts["failed"]
             if claimed:
                 logger.info("dispatch pass: %d claimed, %d sent, %d to retry, %d failed",
                             len(claimed), sent, retrying, failed)
