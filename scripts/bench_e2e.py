@@ -294,6 +294,11 @@ def report(args: argparse.Namespace, singles: dict[str, Split], batch: Batch | N
             rss = batch.rss_mb
             print(f"  node RSS over the batch ({len(rss)} samples): first {rss[0]:.0f} MB, "
                   f"last {rss[-1]:.0f} MB, max {max(rss):.0f} MB")
+            # Flat or growing: the largest value seen in each quarter of the batch.
+            quarters = [max(rss[len(rss) * q // 4:len(rss) * (q + 1) // 4] or rss)
+                        for q in range(4)]
+            print("  node RSS, max per quarter of the batch: "
+                  + ", ".join(f"{v:.0f} MB" for v in quarters))
     return met
 
 

@@ -70,15 +70,15 @@ def test_findings_text_names_the_gate() -> None:
 
 def test_blending_only_the_tinted_pixels_gives_the_whole_image_blend_bit_for_bit() -> None:
     """blend_masks works on the tinted pixels only; the pixels must equal blending every pixel
-    in float32 (as it did before), overlaps included."""
+    in float32 (as it did before), overlapping masks included."""
     from dicomnode.results.overlay import blend_masks
 
     source, vessels, disc = source_image("op", size=128)
     rgb = decode_rgb(source)
     rng = np.random.default_rng(5)
     masks = masks_for(vessels, disc)
-    # A third, random mask overlapping both, as 0/255 values rather than booleans.
-    extra = (rng.random(vessels.shape) < 0.3).astype(np.uint8) * 255
+    # A third, random mask overlapping both.
+    extra = rng.random(vessels.shape) < 0.3
     masks = [*masks, dataclasses.replace(masks[0], mask=extra)]
     whole = rgb.astype(np.float32)
     for index, mask in enumerate(masks):
