@@ -64,6 +64,8 @@ class Node:
         # Certificates and keys first: a bad file stops the start with the key that names it.
         check_destinations(settings)
         self.database = open_database(settings.database.url)
+        # Other nodes' (and the CLI's) committed work wakes this node's stages (PostgreSQL).
+        self.database.wakeups.listen()
         # Temporary files a killed predecessor left half-written: in the background, as
         # the storage tree may be large.
         threading.Thread(target=_sweep_temporaries, args=(settings.storage.path,),
@@ -79,13 +81,13 @@ class Node:
         self.dispatcher = Dispatcher(settings, self.database,
                                      owner=None if resume_as is None else f"{resume_as}:send")
         self.dispatcher.start()
+        # Each stage is woken when the row that makes its work commits (dicomnode.db.wakeups)
+        # and also polls its table, so a missed wake only delays work by one poll.
         self.results = ResultsPipeline(
             settings, self.database, catalog.registry, catalog.presets,
             on_queued=self.dispatcher.wake, max_attempts=settings.results.max_attempts,
             retry_seconds=settings.results.retry_seconds)
         self.results.start()
-        # Wake the encoder as soon as a job's end is committed; it also polls the jobs
-        # table, so a missed wake only delays encoding by one poll, never loses it.
         processing = ProcessingService(
             settings, self.database, catalog.registry, catalog.presets,
             on_job_finished=[self.results.wake], node_id=resume_as,

@@ -388,6 +388,10 @@ class ResultsSettings(_Strict):
     max_attempts: Annotated[int, Field(ge=1, le=1000)] = 3
     # Wait between a failed attempt and the next one.
     retry_seconds: Annotated[float, Field(gt=0)] = 60.0
+    # Jobs encoded at once (threads). Two on the reference 2-core machine: one study's SR,
+    # SEGs and overlays are built while the next study's are, both beside inference; the
+    # jobs of one study are still encoded one after another, in order.
+    encoders: Annotated[int, Field(ge=1, le=32)] = 2
 
 
 class RetentionSettings(_Strict):

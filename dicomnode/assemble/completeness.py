@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session
 
-from dicomnode.db import audit
+from dicomnode.db import audit, wakeups
 from dicomnode.db.engine import Database
 from dicomnode.db.models import Instance, Study, StudyState, as_utc, utcnow
 from dicomnode.errors import StudyNotFoundError
@@ -135,6 +135,9 @@ def force_complete(database: Database, study_uid: str, *, actor: str | None = No
             raise StudyNotFoundError(f"no study with Study Instance UID {study_uid}")
         if not _complete(session, study.id, FORCED, utcnow(), announce=announce):
             return False
+        # Unannounced, a running node's job workers plan it (a notification reaches them on
+        # PostgreSQL at once; otherwise at their next poll).
+        wakeups.mark(session, wakeups.JOBS)
         audit.record(session, "study-complete", actor=actor, study_uid=study_uid, detail=FORCED)
         return True
 

@@ -178,6 +178,7 @@ def run_worker(args: argparse.Namespace) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     settings = settings_from(args, service=True)
     database = open_database(settings.database.url)
+    database.wakeups.listen()  # jobs queued by the serving node wake this one (PostgreSQL)
     holder = CatalogHolder(settings)
     catalog = holder.catalog
     if settings.inference.workers < 1:

@@ -11,6 +11,8 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicomnode.db.wakeups import Wakeups
+
 logger = logging.getLogger(__name__)
 
 
@@ -55,6 +57,8 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # Stages subscribe to the work other stages commit (dicomnode.db.wakeups).
+        self.wakeups = Wakeups(self.engine, self.sessions)
 
     @property
     def is_sqlite(self) -> bool:
@@ -67,4 +71,5 @@ class Database:
             yield session
 
     def dispose(self) -> None:
+        self.wakeups.close()
         self.engine.dispose()

@@ -19,14 +19,18 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
+from dicomnode.db import wakeups
 from dicomnode.db.engine import Database
-from dicomnode.db.models import Delivery
+from dicomnode.db.models import Delivery, as_utc, utcnow
 from dicomnode.dispatch import dicomweb, outbox
 from dicomnode.dispatch.check import check_destination, describe
 from dicomnode.dispatch.sender import send_batch
 from dicomnode.settings import DestinationSettings, Settings
 
 logger = logging.getLogger(__name__)
+
+# Never spin: a row due now that a pass did not claim (another node has it) waits this long.
+_MIN_WAIT_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -80,32 +84,35 @@ class Dispatcher:
             by_destination: dict[str, list[outbox.Claimed]] = defaultdict(list)
             for item in claimed:
                 by_destination[item.destination].append(item)
-            sent = retrying = failed = 0
+            counts = {"sent": 0, "retrying": 0, "failed": 0}
+
+            def record(key: int, ok: bool, error: str | None) -> None:
+                if ok:
+                    outbox.mark_sent(self.database, key)
+                    counts["sent"] += 1
+                    return
+                state = outbox.mark_attempt_failed(
+                    self.database, dispatch, key, error or "unknown error")
+                counts["failed" if state == "failed" else "retrying"] += 1
+
             for name, items in by_destination.items():
                 destination = self.settings.destinations.get(name)
-                results: list[tuple[int, bool, str | None]]
                 storage = self.settings.storage.path
                 pairs = [(i.id, _resolve(i.path, storage)) for i in items]
                 if destination is None:
                     why = f"destination {name!r} is not in the settings"
-                    results = [(i.id, False, why) for i in items]
+                    for item in items:
+                        record(item.id, False, why)
                 elif isinstance(destination, DestinationSettings):
-                    results = [(o.key, o.ok, o.error) for o in send_batch(
-                        destination, pairs, calling_ae=self.calling_ae, settings=dispatch)]
+                    # Each object is recorded sent as soon as the PACS answers its C-STORE,
+                    # not after the batch: a crash later in the batch resends less.
+                    send_batch(destination, pairs, calling_ae=self.calling_ae,
+                               settings=dispatch,
+                               on_outcome=lambda o: record(o.key, o.ok, o.error))
                 else:  # DICOMweb: STOW-RS
-                    results = [(o.key, o.ok, o.error)
-                               for o in dicomweb.send_batch(name, destination, pairs)]
-                for key, ok, error in results:
-                    if ok:
-                        outbox.mark_sent(self.database, key)
-                        sent += 1
-                    else:
-                        state = outbox.mark_attempt_failed(
-                            self.database, dispatch, key, error or "unknown error")
-                        if state == "failed":
-                            failed += 1
-                        else:
-                            retrying += 1
+                    for o in dicomweb.send_batch(name, destination, pairs):
+                        record(o.key, o.ok, o.error)
+            sent, retrying, failed = counts["sent"], counts["retrying"], counts["failed"]
             if claimed:
                 logger.info("dispatch pass: %d claimed, %d sent, %d to retry, %d failed",
                             len(claimed), sent, retrying, failed)
@@ -120,6 +127,8 @@ class Dispatcher:
             if resumed:
                 logger.info("taking back %d delivery(ies) this node left sending", resumed)
         self.check_settings_changes()
+        # Deliveries committed by anyone (results pipeline, operator, another node) wake it.
+        self.database.wakeups.subscribe(wakeups.OUTBOX, self._wake)
         self._thread = threading.Thread(target=self._loop, name="dicomnode-dispatch",
                                         daemon=True)
         self._thread.start()
@@ -132,6 +141,7 @@ class Dispatcher:
             return
         self._stop.set()
         self._wake.set()
+        self.database.wakeups.unsubscribe(wakeups.OUTBOX, self._wake)
         thread.join(timeout if timeout is not None else
                     self.settings.dispatch.network_timeout_seconds * 2)
         self._thread = None
@@ -185,7 +195,18 @@ class Dispatcher:
             # A full batch may mean more is due: go again at once.
             if result.claimed and result.claimed >= self.settings.dispatch.batch_size:
                 continue
-            self._wake.wait(poll)
+            self._wake.wait(self._until_due(poll))
+
+    def _until_due(self, poll: float) -> float:
+        """Seconds to wait: the poll, or less when a retry falls due sooner."""
+        try:
+            due = outbox.next_due(self.database)
+        except Exception:  # the pass itself reports database trouble
+            return poll
+        if due is None:
+            return poll
+        wait = (as_utc(due) - utcnow()).total_seconds()
+        return min(poll, max(wait, _MIN_WAIT_SECONDS))
 
 
 def _resolve(path: str, storage_root: Path) -> Path:

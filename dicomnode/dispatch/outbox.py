@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from sqlalchemy import false, or_, select, update
+from sqlalchemy import false, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from dicomnode.db import audit
+from dicomnode.db import audit, wakeups
 from dicomnode.db.engine import Database
 from dicomnode.db.models import AuditEvent, Delivery, DeliveryState, utcnow
 from dicomnode.dispatch.backoff import retry_delay
@@ -85,6 +85,7 @@ def enqueue(
         )
         session.add(row)
         rows.append(row)
+        wakeups.mark(session, wakeups.OUTBOX)
     session.flush()
     return rows
 
@@ -129,6 +130,16 @@ def claim_due(
     return claimed
 
 
+def next_due(database: Database) -> datetime | None:
+    """When the earliest pending or sending delivery is next due (a retry's backoff, a
+    claim's lapse), or None when there is none."""
+    with database.transaction() as session:
+        when: datetime | None = session.scalar(
+            select(func.min(Delivery.next_attempt_at)).where(
+                Delivery.state.in_((DeliveryState.PENDING, DeliveryState.SENDING))))
+    return when
+
+
 def _slow_retry_due(settings: DispatchSettings, when: datetime) -> Any:
     """Failed rows still inside the give-up period are tried again at the slow pace."""
     if settings.give_up_after_hours <= 0:
@@ -152,6 +163,7 @@ def due_now(database: Database, destination: str, *, reason: str) -> int:
         )
         count = int(getattr(result, "rowcount", 0) or 0)
         if count:
+            wakeups.mark(session, wakeups.OUTBOX)
             audit.record(session, "deliveries-due", actor="dispatch",
                          detail=f"{count} delivery(ies) to {destination} due now: {reason}")
     return count
@@ -259,6 +271,8 @@ def retry(
             row.attempts = 0
             row.next_attempt_at = when
             row.updated_at = when
+        if rows:
+            wakeups.mark(session, wakeups.OUTBOX)
         return [row.id for row in rows]
 
 

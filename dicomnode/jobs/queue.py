@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
-from dicomnode.db import audit
+from dicomnode.db import audit, wakeups
 from dicomnode.db.engine import Database
 from dicomnode.db.models import Job, JobState, ModelRun, Study, StudyState, utcnow
 from dicomnode.errors import JobNotFoundError
@@ -106,6 +106,7 @@ def enqueue(database: Database, plan: Plan, reason: str) -> int | None:
         )
         session.add(job)
         session.flush()
+        wakeups.mark(session, wakeups.JOBS)
         models = ", ".join(f"{m}@{v}" for m, v in plan.graph.models.items())
         audit.record(session, "job-queued", actor="processing", study_uid=plan.study_uid,
                      detail=f"job {job.id} ({reason}): preset {plan.preset}; {models}; "
@@ -268,7 +269,10 @@ def release(database: Database, job: ClaimedJob) -> bool:
                     attempts=Job.attempts - 1),
             execution_options={"synchronize_session": False},
         )
-        return _updated(result)
+        released = _updated(result)
+        if released:
+            wakeups.mark(session, wakeups.JOBS)
+        return released
 
 
 def _study_state(outcome: str) -> str:
@@ -298,6 +302,8 @@ def finish(
             return False
         if result is not None:
             _add_runs(session, job.id, result)
+        if output_path is not None and state in (JobState.DONE, JobState.PARTIAL):
+            wakeups.mark(session, wakeups.RESULTS)  # the encoder's work
         session.execute(
             update(Study).where(Study.study_uid == job.study_uid,
                                 Study.state == StudyState.PROCESSING)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sqlalchemy import select, update
 
-from dicomnode.db import audit
+from dicomnode.db import audit, wakeups
 from dicomnode.db.engine import Database
 from dicomnode.db.models import Job, JobState, Study, StudyState, utcnow
 from dicomnode.errors import DicomNodeError, StudyNotFoundError
@@ -116,6 +116,7 @@ def rerun_study(
                   state=JobState.QUEUED, reason=RERUN, attempts=0, created_at=now)
         session.add(job)
         session.flush()
+        wakeups.mark(session, wakeups.JOBS)
         models = ", ".join(f"{m}@{v}" for m, v in graph.models.items())
         audit.record(session, "study-rerun", actor=actor, study_uid=study_uid,
                      detail=f"job {job.id}: {asked}; {models}")

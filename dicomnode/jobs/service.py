@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError
 
-from dicomnode.db import audit
+from dicomnode.db import audit, wakeups
 from dicomnode.db.engine import Database
 from dicomnode.db.transient import Retries, is_transient, retrying
 from dicomnode.errors import DatabaseError, InferenceUnavailableError, StudyNotFoundError
@@ -96,6 +96,9 @@ class ProcessingService:
 
     def start(self) -> None:
         self._stop.clear()
+        # A job or a study to plan committed by anyone (this process, or another node's
+        # notification) wakes an idle worker; the poll is the fallback.
+        self.database.wakeups.subscribe(wakeups.JOBS, self._wake)
         if self.resume:
             resumed = queue.resume_own(self.database, f"{self.node_id}:")
             if resumed:
@@ -115,6 +118,7 @@ class ProcessingService:
         """Stop taking jobs; a job in progress finishes (or its lease lapses, another runs it)."""
         self._stop.set()
         self._wake.set()
+        self.database.wakeups.unsubscribe(wakeups.JOBS, self._wake)
         for thread in self._threads:
             thread.join(timeout)
         self._threads.clear()

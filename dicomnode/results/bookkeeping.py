@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, or_, select
 from sqlalchemy.orm import Session
 
-from dicomnode.db import audit
+from dicomnode.db import audit, wakeups
 from dicomnode.db.engine import Database
 from dicomnode.db.models import Job, JobState, ResultSet, ResultSetState, as_utc, utcnow
 from dicomnode.errors import DicomNodeError, JobNotFoundError
@@ -138,6 +138,8 @@ def retry(
             row.started_at = when  # "updated": when it was queued again
             row.finished_at = None
         ids = [row.job_id for row in rows]
+        if ids:
+            wakeups.mark(session, wakeups.RESULTS)
     if ids:
         logger.info("results of job(s) %s queued for encoding again by %s",
                     ", ".join(map(str, ids)), actor)

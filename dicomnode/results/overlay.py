@@ -36,12 +36,20 @@ ALPHA = 0.45  # mask opacity: the fundus stays visible under it
 
 def blend_masks(rgb: NDArray[np.uint8], masks: Sequence[MaskResult]) -> NDArray[np.uint8]:
     """The image with each mask tinted in its palette colour at ALPHA opacity."""
-    out = rgb.astype(np.float32)
-    for index, mask in enumerate(masks):
+    out = rgb.copy()
+    if not masks:
+        return out
+    wheres = [mask.mask.astype(bool) for mask in masks]
+    tinted = np.logical_or.reduce(wheres)
+    # Only the tinted pixels go through float32 (the same arithmetic, in the same order, as
+    # blending the whole image): the rest would round back to themselves.
+    blend = rgb[tinted].astype(np.float32)
+    for index, where in enumerate(wheres):
         colour = np.array(PALETTE[index % len(PALETTE)], dtype=np.float32)
-        where = mask.mask.astype(bool)
-        out[where] = out[where] * (1 - ALPHA) + colour * ALPHA
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+        inside = where[tinted]
+        blend[inside] = blend[inside] * (1 - ALPHA) + colour * ALPHA
+    out[tinted] = np.clip(np.rint(blend), 0, 255).astype(np.uint8)
+    return out
 
 
 Colour = tuple[int, int, int]

@@ -7,6 +7,11 @@ destination of the preset) are committed with an audit row. The work list is the
 (finished jobs without an encoded result set), so a crash at any point loses nothing and a job
 is never encoded into the outbox twice; a notification (`wake`) only makes it sooner.
 
+Several jobs are encoded at once (`results.encoders` threads), each on its own: a job is
+encoded by one thread at a time, and the jobs of one study one after another in job order
+(a re-run's objects reuse and reference its predecessor's). The loop is woken when a job's
+end is committed (dicomnode.db.wakeups) and when an encoder frees up; it also polls.
+
 An encoding failure never stops the node: the result set is recorded `failed` with the reason
 and an audit row, and tried again after `results.retry_seconds`, at most
 `results.max_attempts` times; after that an operator's retry (`dicomnode results retry`, the
@@ -15,11 +20,13 @@ API or the console; all bookkeeping.retry) queues it again.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import threading
 import uuid
 from collections.abc import Callable
+from concurrent import futures
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -28,7 +35,7 @@ from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 
-from dicomnode.db import audit
+from dicomnode.db import audit, wakeups
 from dicomnode.db.engine import Database
 from dicomnode.db.models import (
     Instance,
@@ -96,6 +103,7 @@ class ResultsPipeline:
         poll_seconds: float | None = None,
         max_attempts: int | None = None,
         retry_seconds: float | None = None,
+        encoders: int | None = None,
     ) -> None:
         self.settings = settings
         self.database = database
@@ -110,9 +118,15 @@ class ResultsPipeline:
                              else max_attempts)
         self.retry_seconds = (settings.results.retry_seconds if retry_seconds is None
                               else retry_seconds)
+        self.encoders = settings.results.encoders if encoders is None else encoders
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._pool: futures.ThreadPoolExecutor | None = None
+        # Jobs being encoded now (job id -> study), guarded by _lock.
+        self._lock = threading.Lock()
+        self._in_flight: dict[int, str] = {}
+        self._running: set[futures.Future[EncodeOutcome]] = set()
 
     def use_catalog(self, catalog: Catalog) -> None:
         """Encode from now on with a reloaded catalog (a CatalogHolder listener)."""
@@ -129,19 +143,28 @@ class ResultsPipeline:
         if self._thread is not None:
             return
         self._stop.clear()
+        self._pool = futures.ThreadPoolExecutor(self.encoders, thread_name_prefix="encode")
+        self.database.wakeups.subscribe(wakeups.RESULTS, self._wake)
         self._thread = threading.Thread(target=self._loop, name="dicomnode-results",
                                         daemon=True)
         self._thread.start()
-        logger.info("results pipeline started")
+        logger.info("results pipeline started (%d encoder(s))", self.encoders)
 
     def stop(self, timeout: float = 60.0) -> None:
-        """Stop after the job being encoded (a half-encoded job is simply encoded again)."""
+        """Stop after the jobs being encoded (a half-encoded job is simply encoded again)."""
         thread = self._thread
         if thread is None:
             return
         self._stop.set()
         self._wake.set()
+        self.database.wakeups.unsubscribe(wakeups.RESULTS, self._wake)
         thread.join(timeout)
+        with self._lock:
+            running = set(self._running)
+        futures.wait(running, timeout)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = None
         self._thread = None
         logger.info("results pipeline stopped")
 
@@ -153,11 +176,57 @@ class ResultsPipeline:
         while not self._stop.is_set():
             self._wake.clear()
             try:
-                self.run_once()
+                self._hand_out()
             except Exception:  # e.g. the database is briefly unreachable: the work waits
                 logger.exception("results pass failed; trying again in %.1f s",
                                  self.poll_seconds)
             self._wake.wait(self.poll_seconds)
+
+    def _hand_out(self) -> None:
+        """Give free encoders the oldest pending jobs, at most one job per study at a time.
+
+        Only as many as there are free encoders are taken: the rest stay on the work list (the
+        database), so a stop never leaves a backlog queued in memory.
+        """
+        pool = self._pool
+        if pool is None:
+            return
+        with self._lock:
+            free = self.encoders - len(self._in_flight)
+            busy_studies = set(self._in_flight.values())
+        if free <= 0:
+            return  # an encoder finishing wakes the loop
+        for job_id, study_uid in self._pending_with_study():
+            if free <= 0 or self._stop.is_set():
+                return
+            if study_uid in busy_studies:
+                continue  # an earlier job of this study first (in flight or just handed out)
+            busy_studies.add(study_uid)
+            with self._lock:
+                if job_id in self._in_flight:
+                    continue
+                self._in_flight[job_id] = study_uid
+                future = pool.submit(self.encode_job, job_id)
+                self._running.add(future)
+            future.add_done_callback(functools.partial(self._done, job_id))
+            free -= 1
+
+    def _done(self, job_id: int, future: futures.Future[EncodeOutcome]) -> None:
+        with self._lock:
+            self._in_flight.pop(job_id, None)
+            self._running.discard(future)
+        self._wake.set()  # an encoder is free, and the study's next job may be waiting
+
+    def _pending_with_study(self) -> list[tuple[int, str]]:
+        """The work list (oldest first) with each job's study."""
+        with self.database.transaction() as session:
+            ids = work_list(session, max_attempts=self.max_attempts,
+                            retry_seconds=self.retry_seconds)
+            if not ids:
+                return []
+            studies = dict(session.execute(
+                select(Job.id, Job.study_uid).where(Job.id.in_(ids))).all())
+        return [(job_id, str(studies[job_id])) for job_id in ids if job_id in studies]
 
     # -- work --------------------------------------------------------------------------------
 

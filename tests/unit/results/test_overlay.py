@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +66,25 @@ def test_masks_are_tinted_and_the_rest_is_the_fundus(tmp_path: Path) -> None:
 def test_findings_text_names_the_gate() -> None:
     lines = finding_lines([], ungradable())
     assert "NOT ANALYSED: Ungradable" in lines
+
+
+def test_blending_only_the_tinted_pixels_gives_the_whole_image_blend_bit_for_bit() -> None:
+    """blend_masks works on the tinted pixels only; the pixels must equal blending every pixel
+    in float32 (as it did before), overlapping masks included."""
+    from dicomnode.results.overlay import blend_masks
+
+    source, vessels, disc = source_image("op", size=128)
+    rgb = decode_rgb(source)
+    rng = np.random.default_rng(5)
+    masks = masks_for(vessels, disc)
+    # A third, random mask overlapping both.
+    extra = rng.random(vessels.shape) < 0.3
+    masks = [*masks, dataclasses.replace(masks[0], mask=extra)]
+    whole = rgb.astype(np.float32)
+    for index, mask in enumerate(masks):
+        colour = np.array(PALETTE[index % len(PALETTE)], dtype=np.float32)
+        where = mask.mask.astype(bool)
+        whole[where] = whole[where] * (1 - ALPHA) + colour * ALPHA
+    expected = np.clip(np.rint(whole), 0, 255).astype(np.uint8)
+    assert np.array_equal(blend_masks(rgb, masks), expected)
+    assert np.array_equal(blend_masks(rgb, []), rgb)
