@@ -106,8 +106,14 @@ def ensure_dir(path: Path, *, durable: bool) -> None:
     A folder first seen already there has its entry synced once too: another thread or
     process may have created it a moment ago and not synced it yet.
     """
+    _settle(path, _make_dirs(path), durable=durable)
+
+
+def _make_dirs(path: Path) -> list[Path]:
+    """Create `path` and missing parents; return the folders whose entries need syncing
+    (the parents of those created, deepest first; none for a folder known durable)."""
     if _known_folder(path):
-        return
+        return []
     missing: list[Path] = []
     probe = path
     while not probe.is_dir():
@@ -117,11 +123,20 @@ def ensure_dir(path: Path, *, durable: bool) -> None:
         # Another writer may make it first; syncing its entry again costs little.
         with contextlib.suppress(FileExistsError):
             folder.mkdir()
-        if durable:
-            sync_dir(folder.parent)
-    if durable and not missing:
-        sync_dir(path.parent)
-    _remember(path)
+    return [folder.parent for folder in missing] if missing else [path.parent]
+
+
+def _settle(path: Path, parents: list[Path], *, durable: bool) -> None:
+    if durable:
+        for parent in parents:
+            sync_dir(parent)
+    _remember(path)  # only now: a writer that finds it known skips these syncs
+
+
+# The new folders' parents are synced after the file's own folder: on a journaling
+# filesystem that first fsync commits the mkdirs and the rename together and the later ones
+# find little left to do, where syncing each parent as its folder is made commits one
+# journal transaction each. Every one still happens before the caller is answered.
 
 
 def write_atomic(target: Path, chunks: Iterable[bytes | memoryview], *, durable: bool) -> int:
@@ -130,14 +145,14 @@ def write_atomic(target: Path, chunks: Iterable[bytes | memoryview], *, durable:
     Readers never see a partial file: they see the old file or the complete new one. The
     temporary name starts with a dot and ends in `.tmp`, so folder scanners skip it.
     """
-    ensure_dir(target.parent, durable=durable)
+    parents = _make_dirs(target.parent)
     # Unique per thread and process so concurrent writers of the same name never collide.
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{os.urandom(6).hex()}.tmp")
     try:
         handle = open(tmp, "wb")  # noqa: SIM115 (closed below)
     except FileNotFoundError:
         forget_folder(target.parent)  # removed since we last wrote there
-        ensure_dir(target.parent, durable=durable)
+        parents = _make_dirs(target.parent)
         handle = open(tmp, "wb")  # noqa: SIM115
     size = 0
     try:
@@ -154,6 +169,7 @@ def write_atomic(target: Path, chunks: Iterable[bytes | memoryview], *, durable:
         raise
     if durable:
         sync_dir(target.parent)
+    _settle(target.parent, parents, durable=durable)
     return size
 
 
@@ -163,17 +179,18 @@ def move_atomic(source: Path, target: Path, *, durable: bool) -> int:
     errno EXDEV when `source` is on another filesystem (then copy with `write_atomic`)."""
     if durable:
         fsync_path(source)
-    ensure_dir(target.parent, durable=durable)
+    parents = _make_dirs(target.parent)
     try:
         os.replace(source, target)
     except FileNotFoundError:
         if not source.exists():
             raise
         forget_folder(target.parent)  # the folder was removed since we last wrote there
-        ensure_dir(target.parent, durable=durable)
+        parents = _make_dirs(target.parent)
         os.replace(source, target)
     if durable:
         sync_dir(target.parent)
+    _settle(target.parent, parents, durable=durable)
     return target.stat().st_size
 
 

@@ -66,8 +66,9 @@ def test_folders_are_synced_into_their_parents_once(
     synced = _count_fsyncs(monkeypatch)
     study = tmp_path / "study"
     storage.write_atomic(study / "series" / "a.dcm", [b"a"], durable=True)
-    # New study and series folders (their parents), then the file's entry.
-    assert synced == [tmp_path, study, study / "series"]
+    # The file's entry, then the new series and study folders' (in their parents): after
+    # the rename, so the first fsync commits all of it at once.
+    assert synced == [study / "series", study, tmp_path]
     synced.clear()
     storage.write_atomic(study / "series" / "b.dcm", [b"b"], durable=True)
     assert synced == [study / "series"]
@@ -76,7 +77,7 @@ def test_folders_are_synced_into_their_parents_once(
     (study / "other").mkdir()
     storage.write_atomic(study / "other" / "c.dcm", [b"c"], durable=True)
     storage.write_atomic(study / "other" / "d.dcm", [b"d"], durable=True)
-    assert synced == [study, study / "other", study / "other"]
+    assert synced == [study / "other", study, study / "other"]
 
 
 def test_a_remembered_folder_removed_meanwhile_is_made_again(tmp_path: Path) -> None:
