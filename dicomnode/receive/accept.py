@@ -23,6 +23,7 @@ from dicomnode.receive import ingest, statuses, storage
 from dicomnode.receive.identifiers import Identifiers, Refused, read_identifiers
 from dicomnode.receive.keyed_locks import KeyedLocks
 from dicomnode.receive.sop_classes import is_encapsulated, is_implicit_vr
+from dicomnode.receive.streamed import Received
 from dicomnode.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,9 @@ class Offer:
     sop_instance_uid: str
     calling_ae: str
     peer: str
+    # The same data set already on disk, streamed there as it arrived: moved into place
+    # rather than written again.
+    streamed: Received | None = None
 
 
 @dataclass(frozen=True)
@@ -116,9 +120,14 @@ class Acceptor:
                        study_uid=ids.study_uid, sop_instance_uid=ids.sop_instance_uid,
                        status=statuses.SUCCESS, detail="SOP Instance already held")
             return None
+        durable = self.settings.storage.fsync
         try:
-            size = storage.write_atomic(target, (file_meta(ids), offer.data),
-                                        durable=self.settings.storage.fsync)
+            if offer.streamed is not None:
+                size = storage.place_received(offer.streamed, target, file_meta(ids),
+                                              durable=durable)
+            else:
+                size = storage.write_atomic(target, (file_meta(ids), offer.data),
+                                            durable=durable)
         except OSError as exc:
             if exc.errno in _NO_SPACE:
                 raise Refused(statuses.OUT_OF_RESOURCES, f"disk full: {exc}") from exc

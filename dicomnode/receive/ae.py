@@ -10,7 +10,7 @@ from typing import Any
 from pynetdicom import AE
 
 from dicomnode.db.engine import Database
-from dicomnode.receive import admission
+from dicomnode.receive import admission, streamed
 from dicomnode.receive.handlers import ReceiveHandlers, ReceiveListener
 from dicomnode.receive.sop_classes import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION
 from dicomnode.receive.tls import start_tls_server
@@ -49,6 +49,7 @@ class Receiver:
         self._ae: Any = None
         self._server: Any = None  # the plain listener (node.port), if any
         self._tls_server: Any = None  # the TLS listener (node.tls), if any
+        self._incoming: Any = None  # where data sets are streamed to (receive/streamed.py)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -68,6 +69,7 @@ class Receiver:
 
     def start(self) -> tuple[str, int]:
         self.settings.storage.path.mkdir(parents=True, exist_ok=True)
+        self._incoming = streamed.enable(self.settings.storage.path)
         self._ae = build_ae(self.settings)
         self.handlers.admission.start()
         node = self.settings.node
@@ -121,3 +123,6 @@ class Receiver:
             logger.error("%d store(s) still running at shutdown",
                          self.handlers.in_flight.count)
         self._server = self._tls_server = None
+        if self._incoming is not None:
+            streamed.disable(self._incoming)
+            self._incoming = None

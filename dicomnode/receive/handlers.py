@@ -1,7 +1,8 @@
 """pynetdicom event handlers: thin and guarded.
 
-C-STORE: validate identifiers, write the file atomically and durably, commit the row, and
-only then answer success. Any unexpected exception becomes a failure status plus an audit
+C-STORE: validate identifiers, write the file atomically and durably (or move the file the
+data set was streamed to into place: receive/streamed.py), commit the row, and only then
+answer success. Any unexpected exception becomes a failure status plus an audit
 row; the server thread keeps serving. No inference, no slow work on the association thread:
 completion is evaluated on the scheduler's threads via the `ReceiveListener`.
 Ordinary logs carry AE titles, addresses and counts, never patient data.
@@ -19,8 +20,8 @@ from pynetdicom import evt
 from pynetdicom.dsutils import encode_file_meta
 
 from dicomnode.db.engine import Database
-from dicomnode.receive import ingest, statuses
-from dicomnode.receive.accept import Acceptor, Offer, ReceiveListener
+from dicomnode.receive import ingest, statuses, streamed
+from dicomnode.receive.accept import Accepted, Acceptor, Offer, ReceiveListener
 from dicomnode.receive.admission import Admission
 from dicomnode.receive.identifiers import Refused
 from dicomnode.receive.policy import CallerPolicy
@@ -219,15 +220,13 @@ class ReceiveHandlers:
             return log
 
     def _store(self, event: Any, log: _AssociationLog) -> int:
-        request = event.request
-        with request.DataSet.getbuffer() as data:
-            accepted = self.acceptor.accept(
-                Offer(data=data, transfer_syntax=str(event.context.transfer_syntax),
-                      sop_class_uid=str(request.AffectedSOPClassUID),
-                      sop_instance_uid=str(request.AffectedSOPInstanceUID),
-                      calling_ae=log.calling_ae, peer=log.peer),
-                file_meta=lambda _ids: _PREAMBLE + encode_file_meta(event.file_meta),
-            )
+        path = _streamed_path(event)
+        if path is None:
+            with event.request.DataSet.getbuffer() as data:
+                accepted = self._accept(event, log, data, None)
+        else:
+            with streamed.open_received(path) as received:
+                accepted = self._accept(event, log, received.data, received)
         if accepted.outcome is ingest.Outcome.DUPLICATE:
             log.duplicates += 1
         elif accepted.outcome is ingest.Outcome.LATE:
@@ -237,8 +236,28 @@ class ReceiveHandlers:
             log.studies.add(accepted.ids.study_uid)
         return statuses.SUCCESS
 
+    def _accept(self, event: Any, log: _AssociationLog, data: memoryview,
+                received: streamed.Received | None) -> Accepted:
+        request = event.request
+        return self.acceptor.accept(
+            Offer(data=data, transfer_syntax=str(event.context.transfer_syntax),
+                  sop_class_uid=str(request.AffectedSOPClassUID),
+                  sop_instance_uid=str(request.AffectedSOPInstanceUID),
+                  calling_ae=log.calling_ae, peer=log.peer, streamed=received),
+            file_meta=lambda _ids: _PREAMBLE + encode_file_meta(event.file_meta),
+        )
+
     def _audit(self, kind: str, **fields: Any) -> None:
         self.acceptor.audit(kind, **fields)
+
+
+def _streamed_path(event: Any) -> Path | None:
+    """Where pynetdicom streamed the data set (receive/streamed.py); None: it is in memory."""
+    try:
+        path = event.dataset_path
+    except AttributeError:  # not streaming (a handler driven directly, as in tests)
+        return None
+    return Path(path) if path is not None else None
 
 
 def _command_uid(event: Any) -> str | None:

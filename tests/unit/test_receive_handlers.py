@@ -200,3 +200,88 @@ def test_control_characters_in_an_identifier_are_no_processing_failure(
     with database.transaction() as session:
         [patient_id] = session.scalars(select(Study.patient_id)).all()
     assert patient_id is None or patient_id.isprintable()
+
+
+# -- data sets streamed to disk (pynetdicom's STORE_RECV_CHUNKED_DATASET) ----------------
+
+
+def _streamed_event(path: Path, storage: Path, *, version: str | None = None) -> Any:
+    """An event whose data set pynetdicom streamed to a file in `storage`/.incoming, as it
+    writes one: preamble, its File Meta Information, the data set as sent."""
+    from pydicom.filewriter import write_file_meta_info
+
+    event = _event(path)
+    meta = create_file_meta(sop_class_uid=event.request.AffectedSOPClassUID,
+                            sop_instance_uid=event.request.AffectedSOPInstanceUID,
+                            transfer_syntax=ExplicitVRLittleEndian)
+    if version is not None:
+        meta.ImplementationVersionName = version
+    incoming = storage / ".incoming"
+    incoming.mkdir(exist_ok=True)
+    received = incoming / f".in-{path.stem}.tmp"
+    with received.open("wb") as handle:
+        handle.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(handle, meta)  # type: ignore[arg-type]
+        handle.write(event.request.DataSet.getvalue())
+    event.request.DataSet = BytesIO()  # streamed: nothing in memory
+    event.dataset_path = received
+    return event
+
+
+def _node_meta(event: Any) -> bytes:
+    from pynetdicom.dsutils import encode_file_meta
+
+    return b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+
+
+def test_a_streamed_data_set_is_renamed_into_place(database: Database, tmp_path: Path) -> None:
+    sent = write_op(tmp_path / "in.dcm")
+    handlers = _handlers(database, tmp_path, min_free_mb=0)
+    event = _streamed_event(sent, tmp_path / "storage")
+    inode = event.dataset_path.stat().st_ino
+    assert handlers.on_store(event) == statuses.SUCCESS
+    with database.transaction() as session:
+        row = session.scalars(select(Instance)).one()
+    stored = tmp_path / "storage" / row.path
+    assert stored.stat().st_ino == inode  # the same file, not a copy
+    assert not event.dataset_path.exists()
+    assert stored.read_bytes() == _node_meta(event) + dataset_bytes(sent)
+    assert row.size_bytes == stored.stat().st_size
+    assert _kinds(database) == [("arrived", 0)]
+
+
+def test_a_streamed_data_set_with_other_file_meta_is_stored_with_the_nodes(
+        database: Database, tmp_path: Path) -> None:
+    sent = write_op(tmp_path / "in.dcm")
+    handlers = _handlers(database, tmp_path, min_free_mb=0)
+    event = _streamed_event(sent, tmp_path / "storage", version="OTHER_1.0")
+    assert handlers.on_store(event) == statuses.SUCCESS
+    with database.transaction() as session:
+        rel = session.scalar(select(Instance.path))
+    assert rel is not None
+    assert (tmp_path / "storage" / rel).read_bytes() == _node_meta(event) + dataset_bytes(sent)
+    assert event.dataset_path.exists()  # copied; pynetdicom deletes its file itself
+
+
+def test_a_streamed_data_set_is_checked_as_one_in_memory(
+        database: Database, tmp_path: Path) -> None:
+    storage = tmp_path / "storage"
+    handlers = _handlers(database, tmp_path, min_free_mb=0, max_instance_mb=1)
+    big = _streamed_event(write_op(tmp_path / "big.dcm", size=700), storage)
+    assert handlers.on_store(big) == statuses.OUT_OF_RESOURCES
+    truncated = _streamed_event(write_op(tmp_path / "cut.dcm"), storage)
+    with truncated.dataset_path.open("r+b") as handle:
+        handle.truncate(handle.seek(0, 2) - 10)
+    assert handlers.on_store(truncated) == statuses.UNPARSEABLE
+    first = write_op(tmp_path / "a.dcm")
+    assert handlers.on_store(_streamed_event(first, storage)) == statuses.SUCCESS
+    elsewhere = _variant(first, tmp_path / "b.dcm", StudyInstanceUID="1.2.3.4.5.6")
+    assert handlers.on_store(_streamed_event(elsewhere, storage)) == \
+        statuses.DUPLICATE_SOP_INSTANCE
+    assert handlers.on_store(_streamed_event(first, storage)) == statuses.SUCCESS  # again
+    assert [kind for kind, _status in _kinds(database)] == \
+        ["refused", "refused", "arrived", "refused", "duplicate"]
+    import pydicom
+
+    study = str(pydicom.dcmread(first, stop_before_pixels=True).StudyInstanceUID)
+    assert sorted(p.name for p in storage.iterdir()) == [".incoming", study]

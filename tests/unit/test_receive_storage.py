@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,3 +44,83 @@ def test_watermark(tmp_path: Path) -> None:
 
 def test_relative_path_is_study_series_instance() -> None:
     assert storage.relative_path("1.2", "1.3", "1.4") == Path("1.2/1.3/1.4.dcm")
+
+
+def _count_fsyncs(monkeypatch: pytest.MonkeyPatch, delay: float = 0.0) -> list[Path]:
+    from dicomnode import durable
+
+    synced: list[Path] = []
+    real = durable.fsync_path
+
+    def counting(path: Path) -> None:
+        synced.append(path)
+        time.sleep(delay)
+        real(path)
+
+    monkeypatch.setattr(durable, "fsync_path", counting)
+    return synced
+
+
+def test_folders_are_synced_into_their_parents_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced = _count_fsyncs(monkeypatch)
+    study = tmp_path / "study"
+    storage.write_atomic(study / "series" / "a.dcm", [b"a"], durable=True)
+    # The file's entry, then the new series and study folders' (in their parents): after
+    # the rename, so the first fsync commits all of it at once.
+    assert synced == [study / "series", study, tmp_path]
+    synced.clear()
+    storage.write_atomic(study / "series" / "b.dcm", [b"b"], durable=True)
+    assert synced == [study / "series"]
+    synced.clear()
+    # A folder this process did not make (another node, an earlier run): its entry once.
+    (study / "other").mkdir()
+    storage.write_atomic(study / "other" / "c.dcm", [b"c"], durable=True)
+    storage.write_atomic(study / "other" / "d.dcm", [b"d"], durable=True)
+    assert synced == [study / "other", study, study / "other"]
+
+
+def test_a_remembered_folder_removed_meanwhile_is_made_again(tmp_path: Path) -> None:
+    import shutil
+
+    target = tmp_path / "study" / "series" / "a.dcm"
+    storage.write_atomic(target, [b"a"], durable=True)
+    shutil.rmtree(tmp_path / "study")  # retention purged the study
+    assert storage.write_atomic(target, [b"again"], durable=True) == 5
+    assert target.read_bytes() == b"again"
+
+
+def test_concurrent_writers_into_one_folder_share_its_fsync(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicomnode import durable
+
+    folder = tmp_path / "series"
+    folder.mkdir()
+    synced = _count_fsyncs(monkeypatch, delay=0.2)
+    started: list[float] = []
+    real = durable.fsync_path
+
+    def stamped(path: Path) -> None:
+        started.append(time.monotonic())
+        real(path)
+
+    monkeypatch.setattr(durable, "fsync_path", stamped)
+    barrier = threading.Barrier(8)
+    asked: dict[int, float] = {}
+    done: dict[int, float] = {}
+
+    def writer(index: int) -> None:
+        barrier.wait()
+        asked[index] = time.monotonic()
+        durable.sync_dir(folder)
+        done[index] = time.monotonic()
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert 1 <= len(synced) < 8  # shared: at most one running and one to follow
+    # Each writer returned only after an fsync that started after it asked had finished.
+    for index in range(8):
+        assert any(asked[index] <= start <= done[index] for start in started)
