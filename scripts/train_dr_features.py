@@ -673,7 +673,7 @@ def export(args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------- measure
 
-GATED = ("IDRiD_001.jpg", "IDRiD_024.jpg", "IDRiD_094.jpg")  # fundus-quality stops these
+GATED = ("IDRiD_023.jpg",)  # fundus-quality 2.0.0 (latest) stops this one (dicomnode evaluate)
 
 
 def load_heads(model: str) -> dict[str, Head]:
@@ -788,7 +788,8 @@ def evaluation_metrics(model: str) -> list[dict[str, Any]]:
             "notes": f"dicomnode evaluate {model}@1.1.0 --output {output} --json "
                      f"(threshold {ev.get('threshold')}, chosen by cross-validation on the train "
                      f"split; {len(ev.get('skipped', {}))} images stopped by fundus-quality); "
-                     "AUC CI: bootstrap over images; see CARD.md",
+                     "AUC CI: bootstrap over images; for a two-class output `kappa` is the "
+                     "two-class kappa (the grade kappa is in CARD.md); see CARD.md",
         })
     return out
 
@@ -825,6 +826,20 @@ def manifests(args: argparse.Namespace) -> None:
             "scripts/train_dr_features.py (fixed seed). Test split (103) for figures only; 3 of "
             "its photographs (IDRiD_088, 089, 091) were lesion-seg training images (see CARD.md)")
         old["metrics"] = evaluation_metrics(model)
+        other = WORK / "other_camera.json"
+        if other.exists():
+            seen = json.loads(other.read_text())
+            called = seen[model]["fraction_called_referable"]
+            old["metrics"].append({
+                "dataset": f"CHASE_DB1 all {seen['images']} images (another camera; children, "
+                           "no DR expected)",
+                "split": "external",
+                "date": time.strftime("%Y-%m-%d", time.gmtime(other.stat().st_mtime)),
+                "figures": {"fraction_called_referable": called,
+                            "specificity": round(1 - called, 4)},
+                "notes": "specificity assuming no referable disease in this population; "
+                         "scripts/train_dr_features.py other-camera (the committed graph)",
+            })
         header = (f"# manifest: model_registry/{model}/1.1.0/manifest.yaml (built by "
                   "scripts/train_dr_features.py manifests; figures from dicomnode evaluate)\n")
         text = yaml.safe_dump(old, sort_keys=False, width=100, allow_unicode=False)

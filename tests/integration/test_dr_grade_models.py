@@ -71,6 +71,8 @@ def test_registry_accepts_both_models(registry: Registry) -> None:
     assert not [m for m in registry.left_out if m.id in MODELS], registry.left_out
     for model_id in MODELS:
         entry = registry.get(model_id)
+        assert entry.manifest.version == "1.1.0"  # the latest; 1.0.0 stays selectable
+        assert registry.get(model_id, "1.0.0").manifest.version == "1.0.0"
         assert entry.manifest.requires == ["fundus-quality"]
         assert entry.card_path is not None and entry.card_path.is_file()
         assert entry.onnx_path is not None
