@@ -30,7 +30,13 @@ Steps (the caches live in /tmp/dicomnode-dr-features, outside the repository):
   .venv/bin/python scripts/train_dr_features.py cache     # lesion-seg on 516 images (slow)
   .venv/bin/python scripts/train_dr_features.py cv        # 5-fold CV on train; 1.0.0 compared
   .venv/bin/python scripts/train_dr_features.py export    # fit on all train, compose ONNX,
-                                                          # thresholds, manifests
+                                                          # thresholds, metrics.json
+  .venv/bin/python scripts/train_dr_features.py measure   # the test split, once (cached maps)
+  .venv/bin/python scripts/train_dr_features.py other-camera   # CHASE_DB1
+  .venv/bin/dicomnode evaluate dr-grade@1.1.0 --output referable_dr --json \
+      --dataset /tmp/idrid-csv/test_referable_dr.csv \
+      > /tmp/dicomnode-dr-features/eval_dr-grade_referable_dr.json   (and dme-risk's)
+  .venv/bin/python scripts/train_dr_features.py manifests # manifests from those results
 
 torch and onnx are needed by this script only, never by the dicomnode package.
 """
@@ -826,6 +832,12 @@ def manifests(args: argparse.Namespace) -> None:
             "scripts/train_dr_features.py (fixed seed). Test split (103) for figures only; 3 of "
             "its photographs (IDRiD_088, 089, 091) were lesion-seg training images (see CARD.md)")
         old["metrics"] = evaluation_metrics(model)
+        record = json.loads((out / "metrics.json").read_text())
+        for key, name in (("test", "test_figures.json"), ("other_camera", "other_camera.json")):
+            if (WORK / name).exists():
+                found = json.loads((WORK / name).read_text())
+                record[key] = found.get(model, found) if key == "test" else found
+        (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
         other = WORK / "other_camera.json"
         if other.exists():
             seen = json.loads(other.read_text())
