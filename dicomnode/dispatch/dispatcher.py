@@ -81,31 +81,37 @@ class Dispatcher:
             for item in claimed:
                 by_destination[item.destination].append(item)
             sent = retrying = failed = 0
+
+            def record(key: int, ok: bool, error: str | None) -> None:
+                nonlocal sent, retrying, failed
+                if ok:
+                    outbox.mark_sent(self.database, key)
+                    sent += 1
+                    return
+                state = outbox.mark_attempt_failed(self.database, dispatch, key,
+                                                   error or "unknown error")
+                if state == "failed":
+                    failed += 1
+                else:
+                    retrying += 1
+
             for name, items in by_destination.items():
                 destination = self.settings.destinations.get(name)
-                results: list[tuple[int, bool, str | None]]
                 storage = self.settings.storage.path
                 pairs = [(i.id, _resolve(i.path, storage)) for i in items]
                 if destination is None:
                     why = f"destination {name!r} is not in the settings"
-                    results = [(i.id, False, why) for i in items]
+                    for item in items:
+                        record(item.id, False, why)
                 elif isinstance(destination, DestinationSettings):
-                    results = [(o.key, o.ok, o.error) for o in send_batch(
-                        destination, pairs, calling_ae=self.calling_ae, settings=dispatch)]
+                    # Each object is recorded as its answer comes (not after the batch): a
+                    # node killed mid-batch sends again only the one it was waiting for.
+                    send_batch(destination, pairs, calling_ae=self.calling_ae,
+                               settings=dispatch,
+                               on_outcome=lambda o: record(o.key, o.ok, o.error))
                 else:  # DICOMweb: STOW-RS
-                    results = [(o.key, o.ok, o.error)
-                               for o in dicomweb.send_batch(name, destination, pairs)]
-                for key, ok, error in results:
-                    if ok:
-                        outbox.mark_sent(self.database, key)
-                        sent += 1
-                    else:
-                        state = outbox.mark_attempt_failed(
-                            self.database, dispatch, key, error or "unknown error")
-                        if state == "failed":
-                            failed += 1
-                        else:
-                            retrying += 1
+                    for o in dicomweb.send_batch(name, destination, pairs):
+                        record(o.key, o.ok, o.error)
             if claimed:
                 logger.info("dispatch pass: %d claimed, %d sent, %d to retry, %d failed",
                             len(claimed), sent, retrying, failed)

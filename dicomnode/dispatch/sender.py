@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,16 +93,28 @@ def send_batch(
     *,
     calling_ae: str,
     settings: DispatchSettings,
+    on_outcome: Callable[[StoreOutcome], None] | None = None,
 ) -> list[StoreOutcome]:
-    """C-STORE `items` ((key, path) pairs) over one association; one outcome per item."""
+    """C-STORE `items` ((key, path) pairs) over one association; one outcome per item.
+
+    `on_outcome` gets each outcome as soon as it is known, before the next object is sent:
+    the caller records an object as sent while the rest of the batch is still going, so a
+    crash mid-batch re-sends only what was not yet answered.
+    """
     where = _where(destination)
     datasets: list[tuple[int, pydicom.Dataset]] = []
     outcomes: list[StoreOutcome] = []
+
+    def add(outcome: StoreOutcome) -> None:
+        outcomes.append(outcome)
+        if on_outcome is not None:
+            on_outcome(outcome)
+
     for key, path in items:
         try:
             datasets.append((key, pydicom.dcmread(path)))
         except (OSError, pydicom.errors.InvalidDicomError) as exc:
-            outcomes.append(StoreOutcome(key, False, f"cannot read {path}: {exc}"))
+            add(StoreOutcome(key, False, f"cannot read {path}: {exc}"))
     if not datasets:
         return outcomes
     ae = _ae(calling_ae, settings)
@@ -111,24 +123,26 @@ def send_batch(
     assoc, rejected = _associate(ae, destination, max_pdu=0)
     if not assoc.is_established:
         reason = _describe_failure(assoc, where, rejected)
-        return outcomes + [StoreOutcome(key, False, reason) for key, _ in datasets]
+        for key, _ in datasets:
+            add(StoreOutcome(key, False, reason))
+        return outcomes
     try:
         for key, ds in datasets:
             if not assoc.is_established:
-                outcomes.append(StoreOutcome(key, False, f"association to {where} was lost"))
+                add(StoreOutcome(key, False, f"association to {where} was lost"))
                 continue
             try:
                 status = assoc.send_c_store(ds)
             except (ValueError, RuntimeError) as exc:  # no accepted context, encoding
-                outcomes.append(StoreOutcome(key, False, f"{where}: {exc}"))
+                add(StoreOutcome(key, False, f"{where}: {exc}"))
                 continue
             code = int(status.Status) if status is not None and "Status" in status else None
             if code in _SUCCESS_OR_WARNING:
-                outcomes.append(StoreOutcome(key, True))
+                add(StoreOutcome(key, True))
             elif code is None:
-                outcomes.append(StoreOutcome(key, False, f"no C-STORE response from {where}"))
+                add(StoreOutcome(key, False, f"no C-STORE response from {where}"))
             else:
-                outcomes.append(StoreOutcome(key, False, f"{where} answered status 0x{code:04X}"))
+                add(StoreOutcome(key, False, f"{where} answered status 0x{code:04X}"))
     finally:
         if assoc.is_established:
             assoc.release()
