@@ -40,6 +40,8 @@ class _AssociationLog:
     calling_ae: str
     peer: str
     studies: set[str] = field(default_factory=set)
+    # The study of the latest instance it sent: the one it is sending now.
+    current: str | None = None
     stored: int = 0
     late: int = 0
     duplicates: int = 0
@@ -173,9 +175,12 @@ class ReceiveHandlers:
         self.acceptor.sender_finished(log.studies)
 
     def is_receiving(self, study_uid: str) -> bool:
-        """Whether an open association has stored an instance of this study."""
+        """Whether an open association is sending this study now (its latest instance was
+        of this study). One that moved on to another study, as a router forwarding many
+        studies over one long association does, no longer holds this one back from its quiet
+        period; otherwise no study would complete until that association ends."""
         with self._lock:
-            return any(study_uid in log.studies for log in self._associations.values())
+            return any(log.current == study_uid for log in self._associations.values())
 
     def on_echo(self, _event: Any) -> int:
         return statuses.SUCCESS
@@ -228,6 +233,7 @@ class ReceiveHandlers:
                       calling_ae=log.calling_ae, peer=log.peer),
                 file_meta=lambda _ids: _PREAMBLE + encode_file_meta(event.file_meta),
             )
+        log.current = accepted.ids.study_uid
         if accepted.outcome is ingest.Outcome.DUPLICATE:
             log.duplicates += 1
         elif accepted.outcome is ingest.Outcome.LATE:
