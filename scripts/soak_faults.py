@@ -74,6 +74,7 @@ FUZZ_NAME = "Soakfuzz^Patient"
 GOOD_NAME = "Soakgood^Patient"
 FINAL = {"done", "partial", "failed", "not-routed"}
 # Audit kinds that say why a study was not (fully) processed.
+NO_ASSOCIATION = "no association in 20 tries"
 REASON_KINDS = ("job-failed", "not-processed", "not-routed", "results-failed", "job-partial")
 
 
@@ -217,7 +218,7 @@ class Sender:
             mutant.status = int(status.Status) if status is not None and "Status" in status \
                 else None
             return
-        mutant.error = "no association in 20 tries"
+        mutant.error = NO_ASSOCIATION
 
     def close(self) -> None:
         if self.assoc is not None and self.assoc.is_established:
@@ -434,8 +435,12 @@ def report(args: argparse.Namespace, tally: Tally, database: Database, node: Nod
     statuses: Counter[str] = Counter()
     for m in tally.mutants:
         if m.status is None:
-            outcome["no answer (association aborted)"] += 1
             statuses[m.error or "none"] += 1
+            if m.error == NO_ASSOCIATION:  # the node would not take it at all
+                outcome["NOT SENT: NO ASSOCIATION"] += 1
+                problems.append(f"mutant {m.index}: {NO_ASSOCIATION}")
+            else:
+                outcome["no answer (association aborted)"] += 1
             continue
         statuses[f"0x{m.status:04X}"] += 1
         if m.status != 0x0000 and m.status not in (0xB000, 0xB006, 0xB007):
