@@ -105,7 +105,13 @@ class Acceptor:
                           ) -> ingest.IngestResult | None:
         """Write the file and commit its row; None when the instance is already held here."""
         target = self.root / relative
-        held = ingest.held_path(self.database, ids.sop_instance_uid)
+        # A brief database hiccup is retried here; the sender is waiting, so only briefly.
+        database = self.settings.database
+        held = retrying(
+            lambda: ingest.held_path(self.database, ids.sop_instance_uid),
+            what="looking up an instance", attempts=min(database.transient_retries, 3),
+            first_delay=min(database.retry_seconds, 0.5),
+        )
         if held is not None and held != relative.as_posix():
             raise Refused(statuses.DUPLICATE_SOP_INSTANCE,
                           "SOP Instance UID already held under another study or series "
@@ -128,8 +134,6 @@ class Acceptor:
             size_bytes=size, calling_ae=offer.calling_ae,
             called_ae=self.settings.node.ae_title, peer=offer.peer,
         )
-        # A brief database hiccup is retried here; the sender is waiting, so only briefly.
-        database = self.settings.database
         try:
             return retrying(
                 lambda: ingest.record_arrival(

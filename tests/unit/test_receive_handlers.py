@@ -200,3 +200,29 @@ def test_control_characters_in_an_identifier_are_no_processing_failure(
     with database.transaction() as session:
         [patient_id] = session.scalars(select(Study.patient_id)).all()
     assert patient_id is None or patient_id.isprintable()
+
+
+def test_a_dropped_connection_while_looking_the_instance_up_is_retried(
+    database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The soak with a flapping PostgreSQL: a connection killed during the first lookup of a
+    C-STORE answered 0x0110; a transient error there is retried like the insert is."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    real = ingest.held_path
+    calls: list[int] = []
+
+    def flaky(db: Database, uid: str) -> str | None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("SELECT", {}, sqlite3.OperationalError("database is locked"))
+        return real(db, uid)
+
+    monkeypatch.setattr(ingest, "held_path", flaky)
+    handlers = _handlers(database, tmp_path, min_free_mb=0)
+    assert handlers.on_store(_event(write_op(tmp_path / "in.dcm"))) == statuses.SUCCESS
+    assert len(calls) == 2
+    with database.transaction() as session:
+        assert session.scalar(select(Instance.path)) is not None
