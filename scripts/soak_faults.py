@@ -50,13 +50,22 @@ import pydicom
 import yaml
 from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
-from sqlalchemy import select
+from sqlalchemy import func, or_, select
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the fixture models and peers live in tests/support
 
 from dicomnode.db.engine import Database  # noqa: E402
-from dicomnode.db.models import AuditEvent, Delivery, DeliveryState, Instance, Study  # noqa: E402
+from dicomnode.db.models import (  # noqa: E402
+    AuditEvent,
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    ResultSet,
+    ResultSetState,
+    Study,
+)
 from tests.support.databases import POSTGRES_ADMIN_URL  # noqa: E402
 from tests.support.dicom_files import dataset_bytes, write_op, write_study  # noqa: E402
 from tests.support.mutate import random_mutant  # noqa: E402
@@ -264,10 +273,19 @@ def send_good(storescu: str, port: int, work: Path, index: int, tally: Tally) ->
 
 
 def settled(database: Database) -> tuple[bool, Counter[str], Counter[str]]:
+    """Every study final, every finished job's results encoded or failed (a study is `done`
+    before its results are made), every delivery sent or failed."""
     with database.transaction() as session:
         studies = Counter(session.scalars(select(Study.state)).all())
         deliveries = Counter(session.scalars(select(Delivery.state)).all())
-    done = (all(s in FINAL for s in studies)
+        unencoded = session.scalar(
+            select(func.count()).select_from(Job)
+            .outerjoin(ResultSet, ResultSet.job_id == Job.id)
+            .where(Job.state.in_(("done", "partial")), Job.output_path.is_not(None),
+                   or_(ResultSet.id.is_(None), ResultSet.state == ResultSetState.PENDING)))
+    if unencoded:
+        studies[f"(finished jobs not yet encoded: {unencoded})"] = 0
+    done = (not unencoded and all(s in FINAL for s in studies)
             and all(d in (DeliveryState.SENT, DeliveryState.FAILED) for d in deliveries))
     return done, studies, deliveries
 
