@@ -159,9 +159,16 @@ class Acceptor:
                 logger.exception("study assembler failed at the end of an association")
 
     def audit(self, kind: str, **fields: Any) -> None:
-        """Write an audit row in its own transaction; never let auditing break serving."""
-        try:
+        """Write an audit row in its own transaction, retried briefly over a dropped
+        connection (a refusal must not lose its record); never let auditing break serving."""
+        def write() -> None:
             with self.database.transaction() as session:
                 audit.record(session, kind, **fields)
+
+        database = self.settings.database
+        try:
+            retrying(write, what=f"writing a {kind!r} audit row",
+                     attempts=min(database.transient_retries, 3),
+                     first_delay=min(database.retry_seconds, 0.5))
         except Exception:
             logger.exception("could not write a %r audit row", kind)

@@ -226,3 +226,29 @@ def test_a_dropped_connection_while_looking_the_instance_up_is_retried(
     assert len(calls) == 2
     with database.transaction() as session:
         assert session.scalar(select(Instance.path)) is not None
+
+
+def test_a_refusal_keeps_its_audit_row_over_a_dropped_connection(
+    database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The soak: 14 of 1,868 refusals had no audit row, their write met a cut connection."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    from dicomnode.db import audit
+
+    real = audit.record
+    calls: list[str] = []
+
+    def flaky(session: Any, kind: str, **fields: Any) -> Any:
+        calls.append(kind)
+        if len(calls) == 1:
+            raise OperationalError("INSERT", {}, sqlite3.OperationalError("database is locked"))
+        return real(session, kind, **fields)
+
+    monkeypatch.setattr(audit, "record", flaky)
+    handlers = _handlers(database, tmp_path, min_free_mb=0)
+    handlers.acceptor.audit("refused", status=0xC210, detail="test")
+    assert calls == ["refused", "refused"]
+    assert _kinds(database) == [("refused", 0xC210)]
