@@ -15,7 +15,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Literal
 
-from dicomnode.redact import RedactingFormatter
+from dicomnode.redact import RedactingFormatter, scrubbed_record
 
 LogFormat = Literal["text", "json"]
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -29,6 +29,7 @@ class JsonFormatter(RedactingFormatter):
     (scrubbed: tracebacks quote exception messages, which may carry data set values)."""
 
     def format(self, record: logging.LogRecord) -> str:
+        record = scrubbed_record(record)
         entry: dict[str, object] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(
                 timespec="milliseconds"),
@@ -67,5 +68,8 @@ def configure_logging(configured: str = "INFO", fmt: LogFormat = "text", *,
     handler.setFormatter(JsonFormatter() if fmt == "json" else RedactingFormatter(TEXT_FORMAT))
     root.addHandler(handler)
     root.setLevel(level)
+    # Python warnings (pydicom's value checks quote the value) go through the handler, and
+    # so through its scrubbing, instead of straight to stderr.
+    logging.captureWarnings(True)
     for name in THIRD_PARTY:
         logging.getLogger(name).setLevel(max(logging.WARNING, level))

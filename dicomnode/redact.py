@@ -9,6 +9,7 @@ exception's type, the tags and the shape of the message and replaces every quote
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import traceback
@@ -32,11 +33,26 @@ def safe_error(exc: BaseException) -> str:
     return f"{name}: {message}" if message else name
 
 
-class RedactingFormatter(logging.Formatter):
-    """Formats tracebacks with scrubbed exception messages (the frames themselves are code).
+def scrubbed_record(record: logging.LogRecord) -> logging.LogRecord:
+    """`record` itself if it is the node's own (its text is AE titles, UIDs, counts); for a
+    library's record (pydicom's "Invalid value for VR IS: '<the value>'", a Python warning
+    quoting the same) a copy whose message has every quoted literal replaced."""
+    if record.name == "dicomnode" or record.name.startswith("dicomnode."):
+        return record
+    clean = copy.copy(record)
+    clean.msg, clean.args = scrub(record.getMessage()), None
+    return clean
 
-    Log messages are the node's own text (AE titles, UIDs, counts) and are left alone.
+
+class RedactingFormatter(logging.Formatter):
+    """Formats tracebacks with scrubbed exception messages (the frames themselves are code),
+    and libraries' messages scrubbed (`scrubbed_record`).
+
+    The node's own log messages (AE titles, UIDs, counts) are left alone.
     """
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(scrubbed_record(record))
 
     def formatException(
         self,

@@ -29,3 +29,4 @@ def _restore_logging() -> Iterator[None]:
         if handler not in handlers:
             root.removeHandler(handler)
     root.setLevel(level)
+    logging.captureWarnings(False)  # configure_logging routes Python warnings into logging

@@ -13,15 +13,17 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy.orm import Session
 
 from dicomnode.db import wakeups
 from dicomnode.db.engine import Database
 from dicomnode.db.models import Delivery, as_utc, utcnow
+from dicomnode.db.transient import retrying
 from dicomnode.dispatch import dicomweb, outbox
 from dicomnode.dispatch.check import check_destination, describe
 from dicomnode.dispatch.sender import send_batch
@@ -31,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 # Never spin: a row due now that a pass did not claim (another node has it) waits this long.
 _MIN_WAIT_SECONDS = 0.05
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -80,20 +84,27 @@ class Dispatcher:
         """Claim due rows, send them per destination over one association, record outcomes."""
         with self._pass_lock:
             dispatch = self.settings.dispatch
-            claimed = outbox.claim_due(self.database, dispatch, self.owner)
+            claimed = self._recording("claiming due deliveries", lambda: outbox.claim_due(
+                self.database, dispatch, self.owner))
             by_destination: dict[str, list[outbox.Claimed]] = defaultdict(list)
             for item in claimed:
                 by_destination[item.destination].append(item)
-            counts = {"sent": 0, "retrying": 0, "failed": 0}
+            sent = retrying = failed = 0
 
             def record(key: int, ok: bool, error: str | None) -> None:
+                nonlocal sent, retrying, failed
                 if ok:
-                    outbox.mark_sent(self.database, key)
-                    counts["sent"] += 1
+                    self._recording(f"delivery {key} sent",
+                                    lambda: outbox.mark_sent(self.database, key))
+                    sent += 1
                     return
-                state = outbox.mark_attempt_failed(
-                    self.database, dispatch, key, error or "unknown error")
-                counts["failed" if state == "failed" else "retrying"] += 1
+                state = self._recording(f"delivery {key} failed", lambda: (
+                    outbox.mark_attempt_failed(self.database, dispatch, key,
+                                               error or "unknown error")))
+                if state == "failed":
+                    failed += 1
+                else:
+                    retrying += 1
 
             for name, items in by_destination.items():
                 destination = self.settings.destinations.get(name)
@@ -112,11 +123,25 @@ class Dispatcher:
                 else:  # DICOMweb: STOW-RS
                     for o in dicomweb.send_batch(name, destination, pairs):
                         record(o.key, o.ok, o.error)
-            sent, retrying, failed = counts["sent"], counts["retrying"], counts["failed"]
             if claimed:
                 logger.info("dispatch pass: %d claimed, %d sent, %d to retry, %d failed",
                             len(claimed), sent, retrying, failed)
             return PassResult(len(claimed), sent, retrying, failed)
+
+    def _recording(self, what: str, operation: Callable[[], T]) -> T:
+        """An outbox change, retried on a transient database error (a dropped connection):
+        an object the PACS has taken must not wait out the lease and be sent again."""
+        db = self.settings.database
+        return retrying(operation, what=f"dispatch: {what}", attempts=db.transient_retries,
+                        first_delay=db.retry_seconds)
+
+    def _release_claims(self) -> None:
+        """After a failed pass, the rows it claimed and did not finish are due at once, not
+        after dispatch.lease_seconds."""
+        try:
+            outbox.resume_own(self.database, self.owner)
+        except Exception:  # the database is still away: the lease takes over
+            logger.exception("could not release the deliveries of a failed pass")
 
     def start(self) -> None:
         if self._thread is not None:
@@ -191,6 +216,7 @@ class Dispatcher:
                 result = self.run_once()
             except Exception:  # a database hiccup must not end the loop; the rows wait
                 logger.exception("dispatch pass failed; trying again in %.1f s", poll)
+                self._release_claims()
                 result = PassResult(0, 0, 0, 0)
             # A full batch may mean more is due: go again at once.
             if result.claimed and result.claimed >= self.settings.dispatch.batch_size:

@@ -109,7 +109,13 @@ class Acceptor:
                           ) -> ingest.IngestResult | None:
         """Write the file and commit its row; None when the instance is already held here."""
         target = self.root / relative
-        held = ingest.held_path(self.database, ids.sop_instance_uid)
+        # A brief database hiccup is retried here; the sender is waiting, so only briefly.
+        database = self.settings.database
+        held = retrying(
+            lambda: ingest.held_path(self.database, ids.sop_instance_uid),
+            what="looking up an instance", attempts=min(database.transient_retries, 3),
+            first_delay=min(database.retry_seconds, 0.5),
+        )
         if held is not None and held != relative.as_posix():
             raise Refused(statuses.DUPLICATE_SOP_INSTANCE,
                           "SOP Instance UID already held under another study or series "
@@ -137,8 +143,6 @@ class Acceptor:
             size_bytes=size, calling_ae=offer.calling_ae,
             called_ae=self.settings.node.ae_title, peer=offer.peer,
         )
-        # A brief database hiccup is retried here; the sender is waiting, so only briefly.
-        database = self.settings.database
         try:
             return retrying(
                 lambda: ingest.record_arrival(
@@ -164,9 +168,16 @@ class Acceptor:
                 logger.exception("study assembler failed at the end of an association")
 
     def audit(self, kind: str, **fields: Any) -> None:
-        """Write an audit row in its own transaction; never let auditing break serving."""
-        try:
+        """Write an audit row in its own transaction, retried briefly over a dropped
+        connection (a refusal must not lose its record); never let auditing break serving."""
+        def write() -> None:
             with self.database.transaction() as session:
                 audit.record(session, kind, **fields)
+
+        database = self.settings.database
+        try:
+            retrying(write, what=f"writing a {kind!r} audit row",
+                     attempts=min(database.transient_retries, 3),
+                     first_delay=min(database.retry_seconds, 0.5))
         except Exception:
             logger.exception("could not write a %r audit row", kind)

@@ -155,12 +155,23 @@ class Admission:
 
 
 def _close(assoc: Any) -> None:
-    """Shut the connection's socket: a reader blocked in recv() returns at once, and
-    pynetdicom ends the association as 'connection closed'."""
-    sock = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
-    if sock is None:
-        return
-    # Shut down, not close: pynetdicom's reactor closes it once it sees the end, and a
-    # closed descriptor under its select() would raise in that thread instead.
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
+    """Shut the connection's socket (a reader blocked in recv() returns at once), and end
+    the association thread waiting for the request.
+
+    That thread waits on its DUL's queue for the A-ASSOCIATE-RQ, up to the ACSE timeout; a
+    connection that ends before a request puts nothing there (pynetdicom's state machine
+    goes back to idle silently), so the thread would wait out the timeout, and it counts
+    against pynetdicom's own association limit meanwhile: enough closed silent connections
+    and every camera got "local limit exceeded". A None in the queue is what a timeout
+    returns; the thread then ends at once.
+    """
+    dul = getattr(assoc, "dul", None)
+    sock = getattr(getattr(dul, "socket", None), "socket", None)
+    if sock is not None:
+        # Shut down, not close: pynetdicom's reactor closes it once it sees the end, and a
+        # closed descriptor under its select() would raise in that thread instead.
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+    queue = getattr(dul, "to_user_queue", None)
+    if queue is not None and not getattr(assoc, "is_established", False):
+        queue.put(None)

@@ -27,7 +27,10 @@ def build_ae(settings: Settings) -> Any:
                                + admission.OVERFLOW + node.max_associations_per_host)
     ae.maximum_pdu_size = node.max_pdu
     ae.network_timeout = node.network_timeout_seconds
-    ae.acse_timeout = node.network_timeout_seconds
+    # Also how long an accepted connection waits for its A-ASSOCIATE-RQ (the admission's
+    # bound, receive/admission.py), and for A-RELEASE answers.
+    ae.acse_timeout = min(node.network_timeout_seconds,
+                          node.association_request_timeout_seconds)
     ae.dimse_timeout = node.network_timeout_seconds
     # The handlers check called and calling AE titles themselves, to audit each rejection.
     ae.require_called_aet = False

@@ -41,6 +41,8 @@ class _AssociationLog:
     calling_ae: str
     peer: str
     studies: set[str] = field(default_factory=set)
+    # The study of the latest instance it sent: the one it is sending now.
+    current: str | None = None
     stored: int = 0
     late: int = 0
     duplicates: int = 0
@@ -174,9 +176,12 @@ class ReceiveHandlers:
         self.acceptor.sender_finished(log.studies)
 
     def is_receiving(self, study_uid: str) -> bool:
-        """Whether an open association has stored an instance of this study."""
+        """Whether an open association is sending this study now (its latest instance was
+        of this study). One that moved on to another study, as a router forwarding many
+        studies over one long association does, no longer holds this one back from its quiet
+        period; otherwise no study would complete until that association ends."""
         with self._lock:
-            return any(study_uid in log.studies for log in self._associations.values())
+            return any(log.current == study_uid for log in self._associations.values())
 
     def on_echo(self, _event: Any) -> int:
         return statuses.SUCCESS
@@ -227,6 +232,7 @@ class ReceiveHandlers:
         else:
             with streamed.open_received(path) as received:
                 accepted = self._accept(event, log, received.data, received)
+        log.current = accepted.ids.study_uid
         if accepted.outcome is ingest.Outcome.DUPLICATE:
             log.duplicates += 1
         elif accepted.outcome is ingest.Outcome.LATE:

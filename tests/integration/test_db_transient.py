@@ -1,6 +1,7 @@
 """A brief database error does not fail a study: PostgreSQL kills the job worker's connection
-mid-job (pg_terminate_backend), the node retries and the job ends `done`. Permanent errors
-are not retried."""
+mid-job (pg_terminate_backend), the node retries and the job ends `done`; killed while the
+dispatcher records a delivery, the delivery is recorded sent (not left `sending` to be sent
+again after its lease). Permanent errors are not retried."""
 
 from __future__ import annotations
 
@@ -13,14 +14,19 @@ from sqlalchemy import event, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from dicomnode.db import open_database
-from dicomnode.db.models import AuditEvent
+from dicomnode.db.models import AuditEvent, Delivery, DeliveryState
 from dicomnode.db.transient import is_transient, retrying
+from dicomnode.dispatch import outbox
+from dicomnode.dispatch.dispatcher import Dispatcher
 from dicomnode.jobs import ProcessingService, queue
 from dicomnode.registry import load_registry
 from dicomnode.routing import load_presets
 from dicomnode.settings import Settings
 from tests.support.databases import POSTGRES_ADMIN_URL, postgres_database
+from tests.support.dicom_files import write_op
 from tests.support.executor_fixtures import add_study, write_diamond, write_preset
+from tests.support.peers import free_port
+from tests.support.storescp import STORESCP_AET, StoreScp
 
 pytestmark = pytest.mark.integration
 
@@ -76,6 +82,56 @@ def test_a_connection_killed_mid_job_is_retried_and_the_job_completes(tmp_path: 
         finally:
             admin.close()
             database.dispose()
+
+
+@pytest.mark.postgres
+def test_a_connection_killed_while_a_delivery_is_recorded_sent_is_retried(
+    tmp_path: Path
+) -> None:
+    import psycopg
+
+    pacs = StoreScp(tmp_path / "pacs", free_port()).start()
+    storage = tmp_path / "storage"
+    result = write_op(storage / "results" / "sr.dcm")
+    admin = psycopg.connect(POSTGRES_ADMIN_URL.replace("postgresql+psycopg://", "postgresql://"),
+                            autocommit=True)
+    try:
+        with postgres_database() as url:
+            settings = Settings.model_validate({
+                "storage": {"path": storage}, "database": {"url": url, "retry_seconds": 0.1},
+                "destinations": {"pacs": {"ae_title": STORESCP_AET, "host": "127.0.0.1",
+                                          "port": pacs.port}},
+            })
+            database = open_database(url)
+            try:
+                with database.transaction() as session:
+                    outbox.enqueue(session, result, ["pacs"], known_destinations=["pacs"])
+                killed: list[int] = []
+
+                def kill_this_backend(conn: Any, _cursor: Any, statement: str,
+                                      parameters: Any, *_: Any) -> None:
+                    # The UPDATE that records the answered C-STORE: its connection dies.
+                    if not killed and statement.startswith("UPDATE deliveries") \
+                            and DeliveryState.SENT in str(parameters):
+                        pid = conn.connection.dbapi_connection.info.backend_pid
+                        admin.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])
+                        killed.append(pid)
+
+                event.listen(database.engine, "before_cursor_execute", kill_this_backend)
+                try:
+                    passed = Dispatcher(settings, database).run_once()
+                finally:
+                    event.remove(database.engine, "before_cursor_execute", kill_this_backend)
+                assert killed, "the kill never fired"
+                with database.transaction() as session:
+                    state = session.scalars(select(Delivery.state)).one()
+            finally:
+                database.dispose()
+    finally:
+        admin.close()
+        pacs.stop()
+    assert passed.sent == 1 and state == DeliveryState.SENT
+    assert list(pacs.receptions().values()) == [1]
 
 
 def test_only_transient_errors_are_retried() -> None:

@@ -115,3 +115,21 @@ def test_established_associations_are_limited_and_never_displaced(node: NodeProc
         for assoc in held:
             assoc.release()
     assert _echo(node.port).returncode == 0
+
+
+def test_connections_the_node_closed_do_not_fill_its_association_limit(
+    node: NodeProcess
+) -> None:
+    """Forty silent connections, each beyond the per-host limit displacing the oldest: the
+    closed ones must stop counting at once (pynetdicom's own limit here is 19), or the
+    camera is rejected with "local limit exceeded"."""
+    churn: list[socket.socket] = []
+    try:
+        for _ in range(40):
+            churn += _silent(node.port, 1)
+        time.sleep(0.5)
+        result = _echo(node.port)
+    finally:
+        for sock in churn:
+            sock.close()
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -28,7 +28,7 @@ from dicomnode.db.engine import Database
 from dicomnode.db.models import AuditEvent, Delivery, DeliveryState, Study
 from dicomnode.receive import statuses
 from tests.support.dicom_files import dataset_bytes, write_op, write_study
-from tests.support.mutate import element, top_level
+from tests.support.mutate import random_mutant
 from tests.support.node import NODE_AE, NodeProcess, write_config
 from tests.support.onnx_models import (
     RegistryWriter,
@@ -44,39 +44,7 @@ MUTANTS = 40
 SEED = 14
 FUZZ_NAME = "Fuzzed^Patient"
 GOOD_NAME = "Wellsent^Patient"
-_VRS = ["US", "SS", "UL", "SL", "FL", "FD", "AT", "OB", "OW", "SQ", "UN", "CS", "DS", "IS",
-        "PN", "LO", "UI", "DA", "UT", "XX"]
 _FINAL = {"done", "partial", "failed", "not-routed"}
-
-
-def _mutant(template: bytes, rng: random.Random) -> bytes:
-    """One malformed variant of an encoded data set: a wrong VR, a length that does not fit,
-    odd value bytes, a junk element, or a flipped byte in the header."""
-    spans = [s for s in top_level(template) if s.tag != 0x7FE00010]
-    span = rng.choice(spans)
-    # Hit the Patient's Name often: its bytes are what must never reach a log.
-    if rng.random() < 0.3:
-        span = next(s for s in spans if s.tag == 0x00100010)
-    value = template[span.value_start:span.end]
-    kind = rng.randrange(5)
-    if kind == 0:  # the same value under another VR
-        new = element(span.tag, rng.choice(_VRS), value)
-    elif kind == 1:  # one byte more or less
-        new = element(span.tag, span.vr.decode(), value + b"\x07" if rng.random() < 0.5
-                      else value[:-1])
-    elif kind == 2:  # a numeric element whose length does not fit its VR
-        new = element(0x00280106, "US", b"\x01\x02\x03") if span.tag > 0x00280106 \
-            else element(span.tag, "US", value[:3] or b"\x01")
-    elif kind == 3:  # random bytes as the value
-        new = element(span.tag, span.vr.decode(), rng.randbytes(rng.randrange(1, 40)))
-    else:  # a flipped byte in the element header (tag, VR or length)
-        header = bytearray(template[span.start:span.value_start])
-        header[rng.randrange(len(header))] ^= 1 << rng.randrange(8)
-        new = bytes(header) + value
-    if kind == 2 and span.tag > 0x00280106:  # insert before the chosen element instead
-        after = next(s for s in spans if s.tag > 0x00280106)
-        return template[:after.start] + new + template[after.start:]
-    return template[:span.start] + new + template[span.end:]
 
 
 def _registry_and_preset(tmp_path: Path) -> tuple[Path, Path]:
@@ -169,7 +137,7 @@ def test_mutated_instances_never_stall_the_good_study(
                     raw = (tmp_path / "clean.dcm").read_bytes()
                     body = dataset_bytes(tmp_path / "clean.dcm")
                     path = tmp_path / f"mutant-{index:02d}.dcm"
-                    path.write_bytes(raw[:len(raw) - len(body)] + _mutant(body, rng))
+                    path.write_bytes(raw[:len(raw) - len(body)] + random_mutant(body, rng))
                     answers[path.name] = sender.send(path)
             finally:
                 sender.close()

@@ -98,3 +98,43 @@ def test_one_eye_completes_when_its_association_ends_after_the_quiet_period(
         database.dispose()
     assert mid == "receiving"
     assert state != "receiving" and waited < 2.5
+
+
+def test_a_long_association_that_moved_on_does_not_hold_back_earlier_studies(
+    tmp_path: Path
+) -> None:
+    """A router forwarding study after study over one association: a study it is no longer
+    sending completes after its quiet period; the one it is sending still waits."""
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    config = write_config(tmp_path, url,
+                          completeness={"quiet_seconds": QUIET, "sweep_seconds": 0.3})
+    first, first_files = write_study(tmp_path / "first", lateralities="R")
+    second, second_files = write_study(tmp_path / "second", lateralities="R")
+    datasets = [pydicom.dcmread(first_files[0]), pydicom.dcmread(second_files[0])]
+    database = Database(url)
+
+    def states() -> dict[str, str]:
+        with database.transaction() as session:
+            return dict(session.execute(select(Study.study_uid, Study.state)).all())
+
+    try:
+        with NodeProcess(config) as node:
+            ae = AE(ae_title="ROUTER")
+            ae.add_requested_context(datasets[0].SOPClassUID,
+                                     datasets[0].file_meta.TransferSyntaxUID)
+            assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
+            assert assoc.is_established
+            try:
+                for ds in datasets:
+                    assert assoc.send_c_store(ds).Status == 0x0000
+                deadline = time.monotonic() + QUIET * 8
+                while time.monotonic() < deadline and states().get(first) == "receiving":
+                    time.sleep(0.1)
+                mid = states()
+            finally:
+                assoc.release()
+            log = node.log()
+    finally:
+        database.dispose()
+    assert mid[first] != "receiving", f"held back by an association that moved on:\n{log}"
+    assert mid[second] == "receiving"

@@ -2,11 +2,13 @@
 
 pydicom refuses to write most malformed elements, and a camera's bugs are byte-level: a value
 whose length does not fit its VR, a wrong VR on a known tag. These helpers find the top-level
-elements of the encoded bytes and replace or insert whole elements.
+elements of the encoded bytes and replace or insert whole elements; `random_mutant` makes one
+seeded malformed variant (the fuzz test and scripts/soak_faults.py).
 """
 
 from __future__ import annotations
 
+import random
 import struct
 from dataclasses import dataclass
 
@@ -62,3 +64,37 @@ def put(data: bytes, tag: int, vr: str, value: bytes) -> bytes:
         if span.tag > tag:
             return data[:span.start] + new + data[span.start:]
     return data + new
+
+
+_VRS = ["US", "SS", "UL", "SL", "FL", "FD", "AT", "OB", "OW", "SQ", "UN", "CS", "DS", "IS",
+        "PN", "LO", "UI", "DA", "UT", "XX"]
+
+
+def random_mutant(template: bytes, rng: random.Random) -> bytes:
+    """One malformed variant of an encoded data set: a wrong VR, a length that does not fit,
+    odd value bytes, a junk element, or a flipped byte in the header."""
+    spans = [s for s in top_level(template) if s.tag != 0x7FE00010]
+    span = rng.choice(spans)
+    # Hit the Patient's Name often: its bytes are what must never reach a log.
+    if rng.random() < 0.3:
+        span = next(s for s in spans if s.tag == 0x00100010)
+    value = template[span.value_start:span.end]
+    kind = rng.randrange(5)
+    if kind == 0:  # the same value under another VR
+        new = element(span.tag, rng.choice(_VRS), value)
+    elif kind == 1:  # one byte more or less
+        new = element(span.tag, span.vr.decode(), value + b"\x07" if rng.random() < 0.5
+                      else value[:-1])
+    elif kind == 2:  # a numeric element whose length does not fit its VR
+        new = element(0x00280106, "US", b"\x01\x02\x03") if span.tag > 0x00280106 \
+            else element(span.tag, "US", value[:3] or b"\x01")
+    elif kind == 3:  # random bytes as the value
+        new = element(span.tag, span.vr.decode(), rng.randbytes(rng.randrange(1, 40)))
+    else:  # a flipped byte in the element header (tag, VR or length)
+        header = bytearray(template[span.start:span.value_start])
+        header[rng.randrange(len(header))] ^= 1 << rng.randrange(8)
+        new = bytes(header) + value
+    if kind == 2 and span.tag > 0x00280106:  # insert before the chosen element instead
+        after = next(s for s in spans if s.tag > 0x00280106)
+        return template[:after.start] + new + template[after.start:]
+    return template[:span.start] + new + template[span.end:]

@@ -85,3 +85,25 @@ def test_highdicom_info_lines_are_held_back_at_info(capsys: pytest.CaptureFixtur
     err = capsys.readouterr().err
     assert "INFO dicomnode.results.seg: built SEG" in err  # our own line stays
     assert "highdicom" not in err
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_library_messages_and_warnings_lose_data_set_values(
+    fmt: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """pydicom quotes an invalid value in its warning (a Patient's Name sent under VR UI):
+    neither its log record nor the Python warning reaches the log with the value."""
+    import warnings
+
+    from pydicom import config
+    from pydicom.valuerep import validate_value
+
+    configure_logging("INFO", fmt, service=True)  # type: ignore[arg-type]
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        validate_value("UI", "Leaky^Patient0001", config.WARN)  # logs and warns
+    logging.getLogger("dicomnode.receive").info("own text 'kept'")
+    err = capsys.readouterr().err
+    assert "Leaky" not in err
+    assert "Invalid value for VR UI" in err  # the message itself stays, without the value
+    assert "kept" in err

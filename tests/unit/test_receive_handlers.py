@@ -285,3 +285,55 @@ def test_a_streamed_data_set_is_checked_as_one_in_memory(
 
     study = str(pydicom.dcmread(first, stop_before_pixels=True).StudyInstanceUID)
     assert sorted(p.name for p in storage.iterdir()) == [".incoming", study]
+
+
+def test_a_dropped_connection_while_looking_the_instance_up_is_retried(
+    database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The soak with a flapping PostgreSQL: a connection killed during the first lookup of a
+    C-STORE answered 0x0110; a transient error there is retried like the insert is."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    real = ingest.held_path
+    calls: list[int] = []
+
+    def flaky(db: Database, uid: str) -> str | None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("SELECT", {}, sqlite3.OperationalError("database is locked"))
+        return real(db, uid)
+
+    monkeypatch.setattr(ingest, "held_path", flaky)
+    handlers = _handlers(database, tmp_path, min_free_mb=0)
+    assert handlers.on_store(_event(write_op(tmp_path / "in.dcm"))) == statuses.SUCCESS
+    assert len(calls) == 2
+    with database.transaction() as session:
+        assert session.scalar(select(Instance.path)) is not None
+
+
+def test_a_refusal_keeps_its_audit_row_over_a_dropped_connection(
+    database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The soak: 14 of 1,868 refusals had no audit row, their write met a cut connection."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    from dicomnode.db import audit
+
+    real = audit.record
+    calls: list[str] = []
+
+    def flaky(session: Any, kind: str, **fields: Any) -> Any:
+        calls.append(kind)
+        if len(calls) == 1:
+            raise OperationalError("INSERT", {}, sqlite3.OperationalError("database is locked"))
+        return real(session, kind, **fields)
+
+    monkeypatch.setattr(audit, "record", flaky)
+    handlers = _handlers(database, tmp_path, min_free_mb=0)
+    handlers.acceptor.audit("refused", status=0xC210, detail="test")
+    assert calls == ["refused", "refused"]
+    assert _kinds(database) == [("refused", 0xC210)]
