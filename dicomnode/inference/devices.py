@@ -15,9 +15,7 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any, Literal
 
-import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper
 
 from dicomnode.inference.sessions import prepare_process
 
@@ -40,6 +38,8 @@ class ProviderStatus:
 
 def _identity_model() -> bytes:
     """A one-node ONNX model (float Identity), built in memory: nothing to ship."""
+    from onnx import TensorProto, helper  # lazily: onnx costs ~1 s of every node start
+
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
@@ -72,6 +72,8 @@ def probe_devices() -> tuple[ProviderStatus, ...]:
     """Every provider the package has, probed once per process (a CUDA context is not free)."""
     available = list(ort.get_available_providers())
     prepare_process(any(p != CPU for p in available))
+    import onnx
+
     onnx.checker.check_model(onnx.load_from_string(_identity_model()))
     statuses = []
     for provider in available:

@@ -21,15 +21,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
-import onnx
 from numpy.typing import NDArray
 
 from dicomnode.errors import InferenceError, InferenceUnavailableError
 from dicomnode.settings import RemoteInferenceSettings
+
+if TYPE_CHECKING:
+    import onnx
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +211,8 @@ class RemoteSession:
 
 def _signature(path: Path) -> tuple[list[TensorArg], list[TensorArg]]:
     """Inputs (less initialisers) and outputs of an ONNX file, in the file's order."""
+    import onnx  # here, not at module level: onnx (ml_dtypes) costs ~1 s of every node start
+
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError and others; keep the cause

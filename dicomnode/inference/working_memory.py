@@ -13,14 +13,15 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import onnx
-from onnx import shape_inference
 
 logger = logging.getLogger(__name__)
 
 
 def activation_bytes_per_image(path: Path) -> int:
     """Bytes of the intermediate tensors of one image's run; 0 when it cannot be told."""
+    import onnx  # here, not at module level: onnx (ml_dtypes) costs ~1 s of every node start
+    from onnx import shape_inference
+
     try:
         model = onnx.load(str(path))
         for graph_input in model.graph.input:
