@@ -3,9 +3,22 @@
 
 Trains with PyTorch on CPU (fixed seeds, deterministic algorithms) on CHASE_DB1 images
 01L-10R, picks the decision threshold on those 20 training images, exports ONNX (opset 17,
-dynamic batch) to model_registry/vessel-seg/1.0.0/model.onnx and measures the exported
+dynamic batch) to model_registry/vessel-seg/<recipe>/model.onnx and measures the exported
 graph on 11L-14R exactly the way the node runs it. Prints the test figures as JSON and
 writes them, with S and the threshold, to metrics.json next to the model.
+
+Two recipes (`--recipe`):
+  1.0.0  the shipped model (the default): the original augmentation, 3000 steps from
+         scratch, threshold on the 20 unmodified training images.
+  1.1.0  a candidate, NOT shipped (it missed its targets; figures in vessel-seg 1.0.0's
+         CARD.md, so `--out` is required and must not be the registry): fine-tunes the
+         committed 1.0.0 for 800 steps with what other cameras do to an image added to the
+         augmentation: lower sensor resolution (down to 0.35-1x and back, half the time),
+         JPEG re-compression at quality 25-95 (half the time, at the reduced resolution when
+         both apply), defocus blur, wider exposure/colour/contrast jitter and more noise.
+         Its threshold maximises the mean Dice over several simulated devices built from
+         the *training* images only (see THRESHOLD_DEVICES); the test images are never
+         looked at before the figures are taken.
 
 Pre-processing contract (shared with the node's executor, see dicomnode/inference/fov.py):
   node:  find_field_of_view -> square_box -> crop_square -> resize_image(S) -> RGB/255 NCHW
@@ -16,11 +29,13 @@ Pre-processing contract (shared with the node's executor, see dicomnode/inferenc
 torch is needed by this script only, never by the dicomnode package.
 
 Usage: .venv/bin/python scripts/train_vessel_seg.py [--data ../shared/data/CHASE_DB1]
+           [--recipe 1.1.0 --out DIR] [--checkpoint PATH] [--budget-minutes M]
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -57,7 +72,8 @@ from dicomnode.inference.fov import (  # noqa: E402
 TRAIN_IDS = [f"{n:02d}{side}" for n in range(1, 11) for side in "LR"]
 TEST_IDS = [f"{n:02d}{side}" for n in range(11, 15) for side in "LR"]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "CHASE_DB1"
-DEFAULT_OUT = REPO / "model_registry" / "vessel-seg" / "1.0.0"
+REGISTRY = REPO / "model_registry" / "vessel-seg"
+RECIPES = ("1.0.0", "1.1.0")
 SEED = 20261123
 
 
@@ -122,9 +138,73 @@ def choose_threshold(scores: NDArray[np.float32], labels: NDArray[np.bool_]) -> 
     return float(grid[int(np.nanargmax(dices))])
 
 
+def _jpeg_bytes(rgb: NDArray[np.uint8], quality: int) -> NDArray[np.uint8]:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    return np.array(Image.open(buffer).convert("RGB"), dtype=np.uint8)
+
+
+def _device(rgb: NDArray[np.uint8], truth: NDArray[np.bool_], scale: float = 1.0,
+            quality: int | None = None, gamma: float = 1.0,
+            gains: tuple[float, float, float] = (1.0, 1.0, 1.0),
+            ) -> tuple[NDArray[np.uint8], NDArray[np.bool_]]:
+    """A simulated camera applied to one training image at its native resolution."""
+    out = rgb.astype(np.float32) / 255.0
+    out = np.clip(out * np.asarray(gains, dtype=np.float32), 0, 1) ** gamma
+    image = np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)
+    if scale != 1.0:
+        height, width = truth.shape
+        size = (round(width * scale), round(height * scale))
+        image = np.array(Image.fromarray(image).resize(size, Image.Resampling.BOX))
+        truth = np.asarray(Image.fromarray(truth.astype(np.uint8) * 255).resize(
+            size, Image.Resampling.NEAREST)) > 0
+    if quality is not None:
+        image = _jpeg_bytes(image, quality)
+    return image, truth
+
+
+# Simulated devices for the 1.1.0 threshold, built from the training images only. They are
+# deliberately *not* the settings of scripts/measure_vessel_robustness.py (0.5x, JPEG 50,
+# gamma 1.5, warm cast R1.15/B0.7), so that those stay a check rather than a target.
+THRESHOLD_DEVICES: dict[str, dict[str, Any]] = {
+    "unmodified": {},
+    "scale_0.6x": {"scale": 0.6},
+    "scale_0.6x_jpeg_q75": {"scale": 0.6, "quality": 75},
+    "jpeg_q40": {"quality": 40},
+    "jpeg_q70": {"quality": 70},
+    "gamma_1.4_cool": {"gamma": 1.4, "gains": (0.9, 1.0, 1.1)},
+    "gamma_0.7_warm": {"gamma": 0.7, "gains": (1.1, 1.0, 0.8)},
+}
+
+
+def choose_threshold_devices(session: Any, cases: Sequence[Case], size: int) -> tuple[
+    float, dict[str, float]
+]:
+    """Threshold in 0.01..0.99 maximising the mean over THRESHOLD_DEVICES of each device's
+    pooled Dice (node pre/post-processing, each device's own resolution and field of view);
+    returns it with each device's Dice at it."""
+    grid = np.round(np.arange(0.01, 1.0, 0.01), 2)
+    table: dict[str, NDArray[np.float64]] = {}
+    for name, params in THRESHOLD_DEVICES.items():
+        scores, labels = [], []
+        for case in cases:
+            rgb, truth = _device(case.rgb, case.truth, **params)
+            prob, fov = predict_full(session, rgb, size)
+            scores.append(prob[fov])
+            labels.append(truth[fov])
+        counts = counts_at_thresholds(np.concatenate(scores), np.concatenate(labels), grid)
+        table[name] = np.asarray([segmentation_figures(c)["dice"] for c in counts])
+        print(f"threshold device {name}: best {grid[int(np.nanargmax(table[name]))]:.2f}",
+              flush=True)
+    mean = np.mean(np.stack(list(table.values())), axis=0)
+    best = int(np.nanargmax(mean))
+    return float(grid[best]), {k: round(float(v[best]), 4) for k, v in table.items()}
+
+
 def evaluate(
     model_path: Path, cases: Sequence[Case], train_cases: Sequence[Case], size: int,
-    threshold: float | None = None,
+    threshold: float | None = None, devices: bool = False,
 ) -> dict[str, Any]:
     """Threshold on `train_cases` (unless given), figures on `cases`, node pre/post-processing.
 
@@ -139,6 +219,9 @@ def evaluate(
     session = ort.InferenceSession(
         str(model_path), options, providers=["CPUExecutionProvider"]
     )
+    device_dice: dict[str, float] | None = None
+    if threshold is None and devices:
+        threshold, device_dice = choose_threshold_devices(session, train_cases, size)
     if threshold is None:
         scores, labels = [], []
         for case in train_cases:
@@ -168,6 +251,11 @@ def evaluate(
     result["input_size"] = size
     result["test_images"] = [c.name for c in cases]
     result["threshold_images"] = [c.name for c in train_cases]
+    if device_dice is not None:
+        result["threshold_devices"] = {
+            "rule": "maximises the mean over the devices of each device's pooled Dice",
+            "devices": THRESHOLD_DEVICES, "train_dice_at_threshold": device_dice,
+        }
     return result
 
 
@@ -268,6 +356,41 @@ def build_modules(size: int) -> tuple[Any, Any]:
     return Preprocess(size), UNet()
 
 
+BLOCKS = ("e1", "e2", "e3", "mid", "d3", "d2", "d1")
+
+
+def load_onnx_weights(net: Any, path: Path) -> None:
+    """Start `net` from an exported vessel-seg ONNX (recipe 1.1.0 fine-tunes 1.0.0).
+
+    The exporter folded each BatchNorm into the convolution before it; those convolutions are
+    unnamed (`onnx::Conv_*`) and appear in the graph in the U-Net's block order. Each comes
+    back as the conv's weight, and its bias as a BatchNorm with zero mean, unit variance and
+    unit scale, so that `net` in eval mode computes exactly what the file does; training then
+    keeps the BatchNorm statistics frozen (see train())."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    folded = [n for n in model.graph.node
+              if n.op_type == "Conv" and n.input[1].startswith("onnx::Conv_")]
+    convs = [(getattr(net, b)[k], getattr(net, b)[k + 1]) for b in BLOCKS for k in (0, 3)]
+    if len(folded) != len(convs):
+        raise ValueError(f"{path}: {len(folded)} folded convolutions, expected {len(convs)}")
+    with torch.no_grad():
+        for node, (conv, norm) in zip(folded, convs, strict=True):
+            conv.weight.copy_(torch.from_numpy(weights[node.input[1]].copy()))
+            norm.weight.fill_(1.0)
+            norm.bias.copy_(torch.from_numpy(weights[node.input[2]].copy()))
+            norm.running_mean.zero_()
+            norm.running_var.fill_(1.0 - norm.eps)
+        for name, param in net.named_parameters():
+            key = f"net.{name}"
+            if key in weights:
+                param.copy_(torch.from_numpy(weights[key].copy()))
+
+
 def exported_module(pre: Any, net: Any) -> Any:
     from torch import nn
 
@@ -282,7 +405,7 @@ def exported_module(pre: Any, net: Any) -> Any:
     return VesselSeg().eval()
 
 
-def export_onnx(module: Any, size: int, path: Path) -> None:
+def export_onnx(module: Any, size: int, path: Path, version: str) -> None:
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -297,7 +420,7 @@ def export_onnx(module: Any, size: int, path: Path) -> None:
 
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
-    model.doc_string = "vessel-seg 1.0.0: RGB [0,1] NCHW -> vessel probability (N,1,S,S)"
+    model.doc_string = f"vessel-seg {version}: RGB [0,1] NCHW -> vessel probability (N,1,S,S)"
     onnx.save(model, str(path))
 
 
@@ -350,10 +473,83 @@ def augment(
     return x, target
 
 
+def augment_cameras(
+    rgb: Any, target: Any, gen: Any
+) -> tuple[Any, Any]:
+    """Recipe 1.1.0: the 1.0.0 geometry, wider photometric jitter, and what other cameras and
+    archives do to a picture: defocus blur, sensor noise, a lower-resolution sensor (down to
+    0.35-1x, area-averaged, and back up bilinearly as the node's resize does) and JPEG
+    re-compression at quality 25-95 (at the reduced resolution when both apply)."""
+    import torch
+    from torch.nn import functional as F
+
+    n, _, s, _ = rgb.shape
+
+    def uni(lo: float, hi: float, *shape: int) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(*shape, generator=gen)
+
+    angle = uni(-math.pi, math.pi, n)
+    scale = torch.exp(uni(math.log(0.8), math.log(1.25), n))
+    flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = cos * flip, -sin
+    theta[:, 1, 0], theta[:, 1, 1] = sin * flip, cos
+    theta[:, :, 2] = uni(-0.05, 0.05, n, 2)
+    grid = F.affine_grid(theta, [n, 1, s, s], align_corners=False)
+    rgb = F.grid_sample(rgb, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    target = F.grid_sample(target, grid, mode="bilinear", padding_mode="zeros",
+                           align_corners=False)
+    # Photometric jitter inside the fundus; the dark surround stays dark.
+    inside = (rgb.amax(dim=1, keepdim=True) > 0).to(rgb.dtype)
+    gain = uni(0.8, 1.2, n, 3, 1, 1)
+    brightness = uni(0.5, 1.5, n, 1, 1, 1)
+    gamma = torch.exp(uni(math.log(0.5), math.log(1.8), n, 1, 1, 1))
+    contrast = uni(0.6, 1.4, n, 1, 1, 1)
+    mean = rgb.mean(dim=(1, 2, 3), keepdim=True)
+    x = ((rgb - mean) * contrast + mean).clamp(0, 1)
+    x = ((x * gain * brightness).clamp(0, 1) ** gamma) * inside
+    out = []
+    for i in range(n):
+        img = x[i:i + 1]
+        if float(torch.rand(1, generator=gen)) < 0.25:  # defocus
+            sigma = float(uni(0.4, 1.5, 1))
+            half = math.ceil(3 * sigma)
+            t = torch.arange(-half, half + 1, dtype=torch.float32)
+            g = torch.exp(-0.5 * (t / sigma) ** 2)
+            g = g / g.sum()
+            img = F.conv2d(F.pad(img, (half, half, 0, 0), mode="replicate"),
+                           g.view(1, 1, 1, -1).repeat(3, 1, 1, 1), groups=3)
+            img = F.conv2d(F.pad(img, (0, 0, half, half), mode="replicate"),
+                           g.view(1, 1, -1, 1).repeat(3, 1, 1, 1), groups=3)
+        sigma_noise = float(uni(0.0, 0.03, 1))
+        img = (img + sigma_noise * torch.randn(img.shape, generator=gen)).clamp(0, 1)
+        low = float(torch.rand(1, generator=gen)) < 0.5
+        factor = float(torch.exp(uni(math.log(0.35), 0.0, 1)))
+        jpeg = float(torch.rand(1, generator=gen)) < 0.5
+        quality = int(torch.randint(25, 96, (1,), generator=gen))
+        if low:
+            side = max(16, round(s * factor))
+            img = F.interpolate(img, size=(side, side), mode="area")
+        if jpeg:
+            pixels = (img[0].permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8)
+            back = _jpeg_bytes(pixels.numpy(), quality)
+            img = torch.from_numpy(back.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+        if low:
+            img = F.interpolate(img, size=(s, s), mode="bilinear", align_corners=False)
+        out.append(img)
+    return torch.cat(out), target
+
+
 def train(
     cases: Sequence[Case], size: int, steps: int, batch: int, patch: int, lr: float,
-    log_every: int,
-) -> tuple[Any, Any]:
+    log_every: int, recipe: str = "1.0.0", checkpoint: Path | None = None,
+    budget_minutes: float | None = None, init: Path | None = None,
+) -> tuple[Any, Any, int]:
+    """Returns (pre, net, steps run). With `checkpoint`, saves the full training state every
+    CHECKPOINT_EVERY steps and resumes from it if it exists (identically: the state is saved
+    where a new round of augmented images begins). With `budget_minutes`, stops at the first
+    round boundary past that wall-clock time (the figures then say so)."""
     import torch
     from torch.nn import functional as F
 
@@ -361,6 +557,8 @@ def train(
     gen = torch.Generator().manual_seed(SEED)
     pre, net = build_modules(size)
     pre.eval()
+    if init is not None:
+        load_onnx_weights(net, init)
 
     inputs, targets = [], []
     for case in cases:
@@ -378,14 +576,37 @@ def train(
     pool_y: torch.Tensor | None = None
     pool_m: torch.Tensor | None = None
     per_round = 16  # batches drawn from one round of augmented whole images
+    augmenter = augment if recipe == "1.0.0" else augment_cameras
+    first = 0
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        net.load_state_dict(state["net"])
+        optimiser.load_state_dict(state["optimiser"])
+        schedule.load_state_dict(state["schedule"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        first = int(state["step"])
+        print(f"resumed from {checkpoint} at step {first}", flush=True)
     start = time.time()
     running = 0.0
     net.train()
-    for step in range(steps):
+    if init is not None:  # fine-tuning: BatchNorm statistics stay those of the start model
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.eval()
+    step = first
+    for step in range(first, steps):
         if step % per_round == 0:
+            elapsed_min = (time.time() - start) / 60
+            if checkpoint is not None and step > first and step % CHECKPOINT_EVERY == 0:
+                _save(checkpoint, net, optimiser, schedule, gen, step)
+            if budget_minutes is not None and step > first and elapsed_min > budget_minutes:
+                print(f"wall-clock budget {budget_minutes} min reached: stopping at step "
+                      f"{step} of {steps}", flush=True)
+                break
             with torch.no_grad():
                 pick = torch.randperm(len(cases), generator=gen)[:10]
-                rgb, target = augment(images[pick].clone(), truths[pick].clone(), gen)
+                rgb, target = augmenter(images[pick].clone(), truths[pick].clone(), gen)
                 feats = pre(rgb)
             pool_x, pool_y, pool_m = feats, target, feats[:, 2]
         assert pool_x is not None and pool_y is not None and pool_m is not None
@@ -422,24 +643,63 @@ def train(
                 flush=True,
             )
             running = 0.0
+    else:
+        step = steps
+    if checkpoint is not None:
+        _save(checkpoint, net, optimiser, schedule, gen, step)
     net.eval()
-    return pre, net
+    return pre, net, step
+
+
+CHECKPOINT_EVERY = 160  # steps; a multiple of the 16-step augmentation round
+
+
+def _save(path: Path, net: Any, optimiser: Any, schedule: Any, gen: Any, step: int) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"net": net.state_dict(), "optimiser": optimiser.state_dict(),
+             "schedule": schedule.state_dict(), "generator": gen.get_state(),
+             "torch_rng": torch.get_rng_state(), "step": step}
+    torch.save(state, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)  # atomic: a kill never leaves half a checkpoint
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="CHASE_DB1 folder")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="model folder")
+    parser.add_argument("--recipe", choices=RECIPES, default=RECIPES[0],
+                        help="augmentation and threshold recipe (default: the shipped 1.0.0)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="model folder (default for 1.0.0: model_registry/vessel-seg/1.0.0;"
+                             " required for 1.1.0)")
     parser.add_argument("--size", type=int, default=768, help="network input side S")
-    parser.add_argument("--steps", type=int, default=3000, help="optimiser steps")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimiser steps (default 3000 for 1.0.0, 1200 for 1.1.0)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--patch", type=int, default=96)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=None,
+                        help="peak learning rate (default 3e-3 for 1.0.0, 1e-3 for 1.1.0)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="training state file: saved as it trains, resumed if present")
+    parser.add_argument("--budget-minutes", type=float, default=None,
+                        help="stop training at the first round past this wall-clock time")
     parser.add_argument("--evaluate-only", action="store_true",
                         help="measure the existing model.onnx instead of training")
     args = parser.parse_args(argv)
+    fine_tune = args.recipe != "1.0.0"
+    if fine_tune and (args.out is None or args.out.resolve().is_relative_to(REGISTRY.resolve())):
+        # In the registry it would become the latest vessel-seg, which presets pick.
+        parser.error("--recipe 1.1.0 is a candidate that was not shipped: give an --out "
+                     "folder outside model_registry/vessel-seg")
+    out: Path = args.out or REGISTRY / args.recipe
+    # 1.1.0 starts from the committed 1.0.0 weights: the machine it was made on was too
+    # loaded for another 3000 steps from scratch.
+    init = REGISTRY / "1.0.0" / "model.onnx" if fine_tune else None
+    steps = args.steps or (1200 if fine_tune else 3000)
+    lr = args.lr or (1e-3 if fine_tune else 3e-3)
 
     import torch
 
@@ -451,32 +711,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     train_cases = [load_case(args.data, n) for n in TRAIN_IDS]
     test_cases = [load_case(args.data, n) for n in TEST_IDS]
-    model_path = args.out / "model.onnx"
+    model_path = out / "model.onnx"
     training: dict[str, Any] = {}
     if not args.evaluate_only:
-        pre, net = train(train_cases, args.size, args.steps, args.batch, args.patch, args.lr,
-                         args.log_every)
+        pre, net, ran = train(train_cases, args.size, steps, args.batch, args.patch,
+                              lr, args.log_every, args.recipe, args.checkpoint,
+                              args.budget_minutes, init)
         train_minutes = (time.time() - started) / 60
-        export_onnx(exported_module(pre, net), args.size, model_path)
+        export_onnx(exported_module(pre, net), args.size, model_path, args.recipe)
         training = {
-            "steps": args.steps, "batch": args.batch, "patch": args.patch, "lr": args.lr,
-            "seed": SEED, "threads": args.threads, "train_wall_minutes": round(train_minutes, 1),
-            "torch": torch.__version__,
+            "recipe": args.recipe, "steps": steps, "steps_run": ran, "batch": args.batch,
+            "patch": args.patch, "lr": lr, "seed": SEED, "threads": args.threads,
+            "train_wall_minutes": round(train_minutes, 1), "torch": torch.__version__,
         }
+        if fine_tune:
+            training["initialised_from"] = "model_registry/vessel-seg/1.0.0/model.onnx"
+        else:  # keep 1.0.0's metrics.json as it was written
+            del training["recipe"], training["steps_run"]
         print(f"exported {model_path} ({model_path.stat().st_size / 1e6:.2f} MB) after "
               f"{train_minutes:.1f} min", flush=True)
-    result = evaluate(model_path, test_cases, train_cases, args.size)
+    result = evaluate(model_path, test_cases, train_cases, args.size,
+                      devices=args.recipe != "1.0.0")
     result["model"] = "vessel-seg"
-    result["version"] = "1.0.0"
-    result["dataset"] = "CHASE_DB1 (1stHO), test 11L-14R; threshold chosen on 01L-10R"
+    result["version"] = args.recipe
+    if args.recipe == "1.0.0":
+        result["dataset"] = "CHASE_DB1 (1stHO), test 11L-14R; threshold chosen on 01L-10R"
+    else:
+        result["dataset"] = ("CHASE_DB1 (1stHO), test 11L-14R; threshold chosen on 01L-10R "
+                             "and simulated devices made from them")
     result["pooling"] = ("dice/iou/sensitivity/specificity/accuracy/auc pooled over all FOV "
                          "pixels of the 8 test images at 999x960; per_image_mean averages them")
     if training:
         result["training"] = training
-    elif (args.out / "metrics.json").exists():
-        result["training"] = json.loads((args.out / "metrics.json").read_text()).get("training")
+    elif (out / "metrics.json").exists():
+        result["training"] = json.loads((out / "metrics.json").read_text()).get("training")
     result["total_wall_minutes"] = round((time.time() - started) / 60, 1)
-    (args.out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     summary = {k: result[k] for k in
                ["dice", "iou", "sensitivity", "specificity", "accuracy", "auc", "threshold",
                 "input_size", "per_image_mean"]}
