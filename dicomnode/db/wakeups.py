@@ -114,8 +114,8 @@ class Wakeups:
     def _listen_once(self) -> None:
         # A connection of its own, outside the pool: it stays in LISTEN for the node's life.
         raw = self._engine.raw_connection()
+        connection: Any = raw.driver_connection  # before detach(), which clears it
         raw.detach()
-        connection: Any = raw.driver_connection
         try:
             connection.autocommit = True
             connection.execute(f"LISTEN {CHANNEL}")
