@@ -60,19 +60,9 @@ def find_field_of_view(rgb: NDArray[np.uint8], min_fraction: float = 0.01) -> Fi
     threshold = max(12.0, 0.12 * high)
     mask = red > threshold
     height, width = mask.shape
-    # Cameras burn text (date, eye, logo) into the dark surround. Taking the longest run of
-    # qualifying rows, then of columns within those rows, then of rows within those columns
-    # keeps such annotations (separated from the circle by a dark gap) out of the box.
-    rows = _longest_run(mask.sum(axis=1) > min_fraction * width)
-    cols = None if rows is None else _longest_run(
-        mask[rows[0]:rows[1]].sum(axis=0) > min_fraction * height
-    )
-    if cols is not None:
-        rows = _longest_run(mask[:, cols[0]:cols[1]].sum(axis=1) > min_fraction * width)
-    if rows is None or cols is None:
-        full = np.ones_like(mask)
-        return FieldOfView(full, Box(0, 0, height, width))
-    box = Box(rows[0], cols[0], rows[1], cols[1])
+    box = _bounding_box(mask, min_fraction)
+    if box is None:
+        return FieldOfView(np.ones_like(mask), Box(0, 0, height, width))
     # Noise outside the box is not part of the field of view.
     clipped = np.zeros_like(mask)
     clipped[box.top:box.bottom, box.left:box.right] = mask[box.top:box.bottom, box.left:box.right]
@@ -95,6 +85,17 @@ def field_of_view_box(rgb: NDArray[np.uint8], min_fraction: float = 0.01) -> Box
     # float32; for integer red, `red > t` is `red > floor(t)`.
     threshold = np.float32(max(12.0, 0.12 * high))
     mask = red > np.uint8(min(255, int(np.floor(threshold))))
+    return _bounding_box(mask, min_fraction) or Box(0, 0, height, width)
+
+
+def _bounding_box(mask: NDArray[np.bool_], min_fraction: float) -> Box | None:
+    """The field of view's box in a thresholded mask; None when no run qualifies.
+
+    Cameras burn text (date, eye, logo) into the dark surround. Taking the longest run of
+    qualifying rows, then of columns within those rows, then of rows within those columns
+    keeps such annotations (separated from the circle by a dark gap) out of the box.
+    """
+    height, width = mask.shape
     rows = _longest_run(mask.sum(axis=1) > min_fraction * width)
     cols = None if rows is None else _longest_run(
         mask[rows[0]:rows[1]].sum(axis=0) > min_fraction * height
@@ -102,7 +103,7 @@ def field_of_view_box(rgb: NDArray[np.uint8], min_fraction: float = 0.01) -> Box
     if cols is not None:
         rows = _longest_run(mask[:, cols[0]:cols[1]].sum(axis=1) > min_fraction * width)
     if rows is None or cols is None:
-        return Box(0, 0, height, width)
+        return None
     return Box(rows[0], cols[0], rows[1], cols[1])
 
 

@@ -51,13 +51,19 @@ class Finding:
         }
 
 
-def mask_to_source(values: NDArray[np.generic], geometry: Geometry) -> NDArray[np.float32]:
-    """A model-space mask ([1, h, w] or [h, w]) as a probability map over the source frame."""
+def _mask_plane(values: NDArray[np.generic]) -> NDArray[np.float32]:
+    """A model-space mask, [1, h, w] or [h, w] (any leading 1s), as its [h, w] plane."""
     plane = np.asarray(values, dtype=np.float32)
     while plane.ndim > 2:
         if plane.shape[0] != 1:
             raise ValueError(f"a mask has one channel, got shape {values.shape}")
         plane = plane[0]
+    return plane
+
+
+def mask_to_source(values: NDArray[np.generic], geometry: Geometry) -> NDArray[np.float32]:
+    """A model-space mask ([1, h, w] or [h, w]) as a probability map over the source frame."""
+    plane = _mask_plane(values)
     box = geometry.box
     crop = resize_probability(plane, box.height, box.width)
     placed = place_back(crop, box, geometry.source_shape)
@@ -75,11 +81,7 @@ def binary_mask_to_source(values: NDArray[np.generic], geometry: Geometry,
     positive threshold)."""
     if spec.threshold <= 0:
         return binary_mask(mask_to_source(values, geometry), spec)
-    plane = np.asarray(values, dtype=np.float32)
-    while plane.ndim > 2:
-        if plane.shape[0] != 1:
-            raise ValueError(f"a mask has one channel, got shape {values.shape}")
-        plane = plane[0]
+    plane = _mask_plane(values)
     box = geometry.box
     crop = binary_mask(resize_probability(plane, box.height, box.width), spec)
     return np.asarray(place_back(crop, box, geometry.source_shape), dtype=np.bool_)
