@@ -427,11 +427,9 @@ def export_onnx(module: Any, size: int, path: Path, version: str) -> None:
 # --------------------------------------------------------------------------- training
 
 
-def augment(
-    rgb: Any, target: Any, gen: Any
-) -> tuple[Any, Any]:
-    """Random rotation, flip, scale, colour/brightness/contrast/gamma jitter, resolution loss
-    and noise applied to a batch of whole S x S inputs (N,3,S,S) and targets (N,1,S,S)."""
+def _random_geometry(rgb: Any, target: Any, gen: Any) -> tuple[Any, Any]:
+    """Random rotation, flip, scale and shift of inputs (N,3,S,S) and targets (N,1,S,S): the
+    geometry both recipes share, with the same random draws in the same order."""
     import torch
     from torch.nn import functional as F
 
@@ -452,6 +450,23 @@ def augment(
     rgb = F.grid_sample(rgb, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     target = F.grid_sample(target, grid, mode="bilinear", padding_mode="zeros",
                            align_corners=False)
+    return rgb, target
+
+
+def augment(
+    rgb: Any, target: Any, gen: Any
+) -> tuple[Any, Any]:
+    """Random rotation, flip, scale, colour/brightness/contrast/gamma jitter, resolution loss
+    and noise applied to a batch of whole S x S inputs (N,3,S,S) and targets (N,1,S,S)."""
+    import torch
+    from torch.nn import functional as F
+
+    n, _, s, _ = rgb.shape
+
+    def uni(lo: float, hi: float, *shape: int) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(*shape, generator=gen)
+
+    rgb, target = _random_geometry(rgb, target, gen)
     # Resolution loss (a lower-resolution camera), sometimes.
     for i in range(n):
         if float(torch.rand(1, generator=gen)) < 0.3:
@@ -488,18 +503,7 @@ def augment_cameras(
     def uni(lo: float, hi: float, *shape: int) -> torch.Tensor:
         return lo + (hi - lo) * torch.rand(*shape, generator=gen)
 
-    angle = uni(-math.pi, math.pi, n)
-    scale = torch.exp(uni(math.log(0.8), math.log(1.25), n))
-    flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 1] = cos * flip, -sin
-    theta[:, 1, 0], theta[:, 1, 1] = sin * flip, cos
-    theta[:, :, 2] = uni(-0.05, 0.05, n, 2)
-    grid = F.affine_grid(theta, [n, 1, s, s], align_corners=False)
-    rgb = F.grid_sample(rgb, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    target = F.grid_sample(target, grid, mode="bilinear", padding_mode="zeros",
-                           align_corners=False)
+    rgb, target = _random_geometry(rgb, target, gen)
     # Photometric jitter inside the fundus; the dark surround stays dark.
     inside = (rgb.amax(dim=1, keepdim=True) > 0).to(rgb.dtype)
     gain = uni(0.8, 1.2, n, 3, 1, 1)
