@@ -128,4 +128,8 @@ class Receiver:
         self._server = self._tls_server = None
         if self._incoming is not None:
             streamed.disable(self._incoming)
+            cut = streamed.discard_unfinished(self._incoming)
+            if cut:
+                logger.info("%d transfer(s) cut off by the shutdown discarded (never "
+                            "acknowledged)", cut)
             self._incoming = None

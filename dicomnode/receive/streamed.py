@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import mmap
+import os
 import struct
 import tempfile
 import threading
@@ -63,6 +64,26 @@ def disable(folder: Path) -> None:
         _folders.remove(folder)
 
 
+def discard_unfinished(folder: Path) -> int:
+    """Delete this process's streamed files still in `folder`; return how many.
+
+    Called once the receiver has stopped and its stores have finished: a store renames its
+    file away before it answers, so what is left is a transfer cut off by the shutdown, never
+    acknowledged. Only this process's files (its pid is in their names): other nodes may
+    share the storage folder and be receiving into it now.
+    """
+    removed = 0
+    for path in folder.glob(f"{_prefix()}*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def _prefix() -> str:
+    return f".in-{os.getpid()}-"
+
+
 def _incoming_file(*, delete: bool = False, mode: str = "wb", suffix: str = "") -> IO[bytes]:
     """`NamedTemporaryFile` as pynetdicom 2.x/3.x calls it, in the latest receiver's folder."""
     del suffix  # ours instead: named like write_atomic's temporaries, for the sweep
@@ -71,11 +92,11 @@ def _incoming_file(*, delete: bool = False, mode: str = "wb", suffix: str = "") 
     for folder in folders:
         try:
             return tempfile.NamedTemporaryFile(mode, delete=delete, dir=folder,
-                                               prefix=".in-", suffix=".tmp")
+                                               prefix=_prefix(), suffix=".tmp")
         except FileNotFoundError:  # that storage folder went away (a test's, a remount)
             continue
     # Never fail a receive over where the temporary file lives: the handler copies then.
-    return tempfile.NamedTemporaryFile(mode, delete=delete, prefix=".in-", suffix=".tmp")
+    return tempfile.NamedTemporaryFile(mode, delete=delete, prefix=_prefix(), suffix=".tmp")
 
 
 @dataclass(frozen=True)

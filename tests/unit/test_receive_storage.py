@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dicomnode.receive import storage
+from dicomnode.receive import storage, streamed
 
 
 def test_write_atomic_creates_folders_and_writes_all_chunks(tmp_path: Path) -> None:
@@ -124,3 +124,18 @@ def test_concurrent_writers_into_one_folder_share_its_fsync(
     # Each writer returned only after an fsync that started after it asked had finished.
     for index in range(8):
         assert any(asked[index] <= start <= done[index] for start in started)
+
+
+def test_a_stopped_receiver_discards_only_its_own_cut_off_transfers(tmp_path: Path) -> None:
+    folder = streamed.enable(tmp_path)
+    try:
+        with streamed._incoming_file() as cut_off:  # a transfer the shutdown interrupted
+            cut_off.write(b"partial")
+        other_node = folder / ".in-999999999-abc.tmp"  # another node on the same storage
+        other_node.write_bytes(b"receiving")
+    finally:
+        streamed.disable(folder)
+    assert Path(cut_off.name).parent == folder
+    assert streamed.discard_unfinished(folder) == 1
+    assert not Path(cut_off.name).exists()
+    assert other_node.exists()
