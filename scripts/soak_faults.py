@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-import yaml
 from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
 from sqlalchemy import func, or_, select
@@ -68,13 +67,9 @@ from dicomnode.db.models import (  # noqa: E402
 )
 from tests.support.databases import POSTGRES_ADMIN_URL  # noqa: E402
 from tests.support.dicom_files import dataset_bytes, write_op, write_study  # noqa: E402
+from tests.support.executor_fixtures import write_fuzz_screening  # noqa: E402
 from tests.support.mutate import random_mutant  # noqa: E402
 from tests.support.node import NODE_AE, NodeProcess, write_config  # noqa: E402
-from tests.support.onnx_models import (  # noqa: E402
-    RegistryWriter,
-    green_threshold_segmenter,
-    segmenter_manifest,
-)
 from tests.support.peers import free_port, system_tool  # noqa: E402
 from tests.support.storescp import STORESCP_AET, StoreScp  # noqa: E402
 
@@ -127,24 +122,6 @@ def postgres_database() -> Iterator[str]:
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def registry_and_preset(work: Path) -> tuple[Path, Path]:
-    registry = work / "registry"
-    RegistryWriter(registry).add(segmenter_manifest("vessel-seg", modalities=("OP",)),
-                                 green_threshold_segmenter(threshold=0.3))
-    presets = work / "presets"
-    presets.mkdir()
-    (presets / "screening.yaml").write_text(yaml.safe_dump({
-        "id": "screening", "name": "Screening", "audience": "soak",
-        "description": "soak preset", "models": ["vessel-seg"],
-        "outputs": {"sr": True, "seg": True, "overlay": False},
-        "destinations": ["pacs"], "routing": {"modality": ["OP"]},
-    }), encoding="utf-8")
-    return registry, presets
-
-
-# -- the fault makers --------------------------------------------------------------------------
 
 
 def flap_database(db_name: str, every: float, stop: threading.Event, tally: Tally) -> None:
@@ -327,7 +304,7 @@ def main() -> int:
         db_url = (f"{POSTGRES_ADMIN_URL.rsplit('/', 1)[0]}/{db_name}"
                   if args.database == "postgres" else db_name)
         pacs = StoreScp(work / "pacs", free_port()).start()
-        registry, presets = registry_and_preset(work)
+        registry, presets = write_fuzz_screening(work, "soak")
         config = write_config(
             work, db_url,
             node={"association_request_timeout_seconds": 5, "max_associations": 16},

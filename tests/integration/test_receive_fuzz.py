@@ -19,7 +19,6 @@ from typing import Any
 
 import pydicom
 import pytest
-import yaml
 from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
 from sqlalchemy import select
@@ -28,13 +27,9 @@ from dicomnode.db.engine import Database
 from dicomnode.db.models import AuditEvent, Delivery, DeliveryState, Study
 from dicomnode.receive import statuses
 from tests.support.dicom_files import dataset_bytes, write_op, write_study
+from tests.support.executor_fixtures import write_fuzz_screening
 from tests.support.mutate import random_mutant
 from tests.support.node import NODE_AE, NodeProcess, write_config
-from tests.support.onnx_models import (
-    RegistryWriter,
-    green_threshold_segmenter,
-    segmenter_manifest,
-)
 from tests.support.orthanc import ORTHANC_AET, Orthanc
 from tests.support.peers import free_port, require_tool
 
@@ -45,22 +40,6 @@ SEED = 14
 FUZZ_NAME = "Fuzzed^Patient"
 GOOD_NAME = "Wellsent^Patient"
 _FINAL = {"done", "partial", "failed", "not-routed"}
-
-
-def _registry_and_preset(tmp_path: Path) -> tuple[Path, Path]:
-    registry = tmp_path / "registry"
-    RegistryWriter(registry).add(segmenter_manifest("vessel-seg", modalities=("OP",)),
-                                 green_threshold_segmenter(threshold=0.3))
-    presets = tmp_path / "presets"
-    presets.mkdir()
-    preset = {
-        "id": "screening", "name": "Screening", "audience": "tests",
-        "description": "fuzz test preset", "models": ["vessel-seg"],
-        "outputs": {"sr": True, "seg": True, "overlay": False},
-        "destinations": ["pacs"], "routing": {"modality": ["OP"]},
-    }
-    (presets / "screening.yaml").write_text(yaml.safe_dump(preset), encoding="utf-8")
-    return registry, presets
 
 
 @pytest.fixture
@@ -108,7 +87,7 @@ def test_mutated_instances_never_stall_the_good_study(
 ) -> None:
     storescu = require_tool("storescu", "dcmtk")
     orthanc.start()
-    registry, presets = _registry_and_preset(tmp_path)
+    registry, presets = write_fuzz_screening(tmp_path, "fuzz test")
     db_url = f"sqlite:///{tmp_path / 'node.db'}"
     config = write_config(
         tmp_path, db_url,

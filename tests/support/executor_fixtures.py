@@ -21,6 +21,7 @@ from tests.support.onnx_models import (
     _base,
     _model,
     classifier_manifest,
+    green_threshold_segmenter,
     mask_fraction_measurement,
     mean_colour_classifier,
     private_code,
@@ -141,6 +142,25 @@ def write_preset(folder: Path, preset_id: str, models: list[str],
         "routing": routing or {"modality": ["OP"]},
     }), encoding="utf-8")
     return path
+
+
+def write_fuzz_screening(root: Path, audience: str) -> tuple[Path, Path]:
+    """A registry with one cheap OP segmenter and a preset "screening" running it (SR + SEG,
+    no overlay, to `pacs`), under `root`: what the fuzz test and the soak feed mutants to."""
+    import yaml
+
+    registry = root / "registry"
+    RegistryWriter(registry).add(segmenter_manifest("vessel-seg", modalities=("OP",)),
+                                 green_threshold_segmenter(threshold=0.3))
+    presets = root / "presets"
+    presets.mkdir()
+    (presets / "screening.yaml").write_text(yaml.safe_dump({
+        "id": "screening", "name": "Screening", "audience": audience,
+        "description": f"{audience} preset", "models": ["vessel-seg"],
+        "outputs": {"sr": True, "seg": True, "overlay": False},
+        "destinations": ["pacs"], "routing": {"modality": ["OP"]},
+    }), encoding="utf-8")
+    return registry, presets
 
 
 def add_study(database: Any, storage: Path, greens: list[int], *, state: str = "complete",
