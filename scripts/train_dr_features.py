@@ -998,13 +998,15 @@ def evaluation_metrics(model: str) -> list[dict[str, Any]]:
             how = (f"the most probable grade; `kappa` is the quadratic-weighted kappa of the "
                    f"grade, `auc`, `sensitivity`, `specificity` are {LAST_CLASS[model]} against "
                    "the rest, `auc_per_class` one class against the rest")
+        stopped = len(ev.get("skipped", {}))
+        gated = f"{stopped} image{'' if stopped == 1 else 's'}"
         out.append({
             "dataset": f"IDRiD disease grading test split ({ev['images']} gradable images), "
                        f"output {output}",
             "split": "test", "date": time.strftime("%Y-%m-%d", time.gmtime(path.stat().st_mtime)),
             "figures": figures,
             "notes": f"dicomnode evaluate {model}@{VERSION} --output {output} --json ({how}; "
-                     f"{len(ev.get('skipped', {}))} images stopped by fundus-quality); AUC CI: "
+                     f"{gated} stopped by fundus-quality); AUC CI: "
                      "bootstrap over images; see CARD.md",
         })
     return out
@@ -1031,11 +1033,12 @@ def manifests(args: argparse.Namespace) -> None:
         title = ("Diabetic retinopathy grade and referable DR" if kind == "DR"
                  else "Diabetic macular edema risk and referable DME")
         old["name"] = f"{title} (lesion evidence + logistic heads, IDRiD)"
-        where = ("from the lesion-seg node of the graph (its raw maps are this model's inputs)"
+        where = ("run once as its own node of the graph; its raw maps are this model's inputs"
                  if GRAPH == "upstream" else "inside the graph")
         old["description"] = (
-            f"Lesion-seg (fitted on {LESION_VERSION}'s maps) {where} finds haemorrhages, hard "
-            f"and soft exudates; their area, count and distance from an estimated fovea feed "
+            f"Lesion-seg ({where}) finds haemorrhages, hard and soft exudates (the heads were "
+            f"fitted on lesion-seg {LESION_VERSION}'s maps); their area, count and distance "
+            f"from an estimated fovea feed "
             f"logistic heads trained on the IDRiD grading train split. Referable {kind} "
             f"(grade >= {MODELS[model][1]}) at a threshold chosen by cross-validation on the "
             f"train split for sensitivity >= 0.90 (CV AUC {entry['cv_auc']:.2f}). Research use; "
