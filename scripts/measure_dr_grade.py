@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Measure the shipped `dr-grade` and `dme-risk` models the node's way and record the figures.
+"""Measure `dr-grade` and `dme-risk` 1.0.0 the node's way and record the figures.
 
 Each image runs through the real executor on the resolved graph (fundus-quality gate, the
 field-of-view crop, resize, the committed ONNX graphs), exactly as `dicomnode evaluate` does.
@@ -11,6 +11,11 @@ Figures on the IDRiD test split (103 images, never used to choose anything):
 Other cameras (not trained on): the fraction called referable on CHASE_DB1 (Nidek NM-200-D,
 children, no DR expected, so that fraction is 1 - specificity) and the outputs on the NEMA
 WG04 VL4 fundus. Writes metrics.json and the manifests' `metrics:` in both model folders.
+
+Only 1.0.0 (the compact CNN of scripts/train_dr_grade.py). Later versions are measured by
+`dicomnode evaluate MODEL@VERSION --output OUTPUT --json` on the CSVs of
+scripts/make_idrid_grading_csv.py (it gives AUC with its CI, sensitivity, specificity, kappa
+and per-class AUC; no kappa CI), as scripts/train_dr_features.py's docstring lists.
 
 Usage: .venv/bin/python scripts/measure_dr_grade.py [--data ../shared/data] [--boot 2000]
 """
@@ -141,7 +146,9 @@ class Runner:
         self.registry = load_registry(registry_path)
         if self.registry.left_out:
             raise SystemExit(f"registry left models out: {self.registry.left_out}")
-        self.graph = resolve(Selection.of(["dr-grade", "dme-risk"], modality="OP"),
+        # 1.0.0 pinned: this script writes 1.0.0's folders (train_dr_grade's DR_OUT, DME_OUT);
+        # the latest version would otherwise be measured into them.
+        self.graph = resolve(Selection.of(["dr-grade@1.0.0", "dme-risk@1.0.0"], modality="OP"),
                              self.registry)
         self.executor = GraphExecutor(self.registry, SessionPool(["CPUExecutionProvider"]),
                                       model_threads=1)

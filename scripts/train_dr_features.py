@@ -1,15 +1,20 @@
 #!/usr/bin/env python3
-"""Train `dr-grade` 1.1.0 and `dme-risk` 1.1.0: lesion evidence -> pooled features -> small head.
+"""Train `dr-grade` and `dme-risk` (1.1.0, 1.2.0): lesion evidence -> pooled features -> heads.
 
 Referable DR (grade >= 2) and IDRiD's DME risk are defined by lesions: haemorrhages, hard and
-soft exudates, and how close the exudates lie to the macula. So each 1.1.0 graph is
-  lesion-seg 1.0.0 (its committed ONNX, unchanged, run on the same 768 px FOV crop)
+soft exudates, and how close the exudates lie to the macula. So each graph is
+  lesion-seg (its committed ONNX, unchanged, run on the same 768 px FOV crop)
   -> fixed pooling layers (lesion probability mass and thresholded area overall and in a zone
      around an estimated fovea, blob counts by a max-pool peak test, peak values, a few
      colour/contrast statistics of the crop)
   -> a learned head: a standardised, class-weighted logistic model on those features.
-The graph is composed with `onnx.compose` (prefix `lesion/`), so the lesion evidence is exactly
-what the shipped lesion-seg computes.
+Two forms (--graph):
+  composed  (1.1.0) lesion-seg 1.0.0 inside the graph (`onnx.compose`, prefix `lesion/`); one
+            input, `image`. A preset running lesion-seg and both models computed the maps 3 times.
+  upstream  (1.2.0, the default) only the pooling and heads; inputs `image` and the three maps,
+            which the manifest takes `from: lesion-seg.<map>`: the node runs lesion-seg once and
+            feeds its raw output (the 768 px model-space probabilities) to both models.
+1.2.0 was made by `cut` from 1.1.0 (the same nodes and weights, no refit; checked equal).
 
 Heads (fitted on the IDRiD grading **train** split only, class-weighted, L2):
   referable_dr   binary logistic on grade >= 2
@@ -21,22 +26,34 @@ out-of-fold scores of the train images, and the highest threshold (2 decimals, r
 that gives sensitivity >= 0.90 on them. Nothing is chosen on the test split; `measure` runs it
 once, at the end.
 
-Leakage: lesion-seg 1.0.0 was trained on the IDRiD *segmentation* train images. `leakage`
-compares those with the grading images (downsampled grey thumbnails) and reports any that are
-the same photograph; the card says what was found.
+Leakage: lesion-seg was trained on the IDRiD *segmentation* train images. `leakage` compares
+those with the grading images (downsampled grey thumbnails) and reports any that are the same
+photograph; the card says what was found.
 
-Steps (the caches live in /tmp/dicomnode-dr-features, outside the repository):
-  .venv/bin/python scripts/train_dr_features.py leakage
-  .venv/bin/python scripts/train_dr_features.py cache     # lesion-seg on 516 images (slow)
-  .venv/bin/python scripts/train_dr_features.py cv        # 5-fold CV on train; 1.0.0 compared
-  .venv/bin/python scripts/train_dr_features.py export    # fit on all train, compose ONNX,
-                                                          # thresholds, metrics.json
-  .venv/bin/python scripts/train_dr_features.py measure   # the test split, once (cached maps)
-  .venv/bin/python scripts/train_dr_features.py other-camera   # CHASE_DB1
-  .venv/bin/dicomnode evaluate dr-grade@1.1.0 --output referable_dr --json \
-      --dataset /tmp/idrid-csv/test_referable_dr.csv \
-      > /tmp/dicomnode-dr-features/eval_dr-grade_referable_dr.json   (and dme-risk's)
-  .venv/bin/python scripts/train_dr_features.py manifests # manifests from those results
+Every step takes --lesion-version V (default: the latest lesion-seg in model_registry; its
+manifest gives the ONNX, input side and mask thresholds the features use) and --version OUT
+(default 1.2.0; the dr-grade / dme-risk folders written). Caches live outside the repository,
+in /tmp/dicomnode-dr-features (lesion-seg 1.0.0) or /tmp/dicomnode-dr-features/lesion-seg-V.
+
+Refit the heads on another lesion-seg V as version OUT (e.g. V=1.1.0, OUT=1.3.0):
+  S="--lesion-version $V --version $OUT"
+  .venv/bin/python scripts/train_dr_features.py leakage $S
+  .venv/bin/python scripts/train_dr_features.py cache $S   # lesion-seg on 516 images (slow)
+  .venv/bin/python scripts/train_dr_features.py cv $S      # 5-fold CV on train; 1.0.0 compared
+  .venv/bin/python scripts/train_dr_features.py export $S  # fit on all train, upstream ONNX,
+                                                           # thresholds, metrics.json
+  .venv/bin/python scripts/train_dr_features.py measure $S # the test split, once (cached maps)
+  .venv/bin/python scripts/train_dr_features.py other-camera $S   # CHASE_DB1
+  .venv/bin/python scripts/make_idrid_grading_csv.py /tmp/idrid-csv --split test
+  for o in referable_dr dr_grade; do .venv/bin/dicomnode evaluate dr-grade@$OUT --output $o \
+      --json --dataset /tmp/idrid-csv/test_$o.csv > WORK/eval_dr-grade-${OUT}_$o.json; done
+  (and dme-risk with referable_dme, dme_risk; WORK is the cache folder above)
+  .venv/bin/python scripts/train_dr_features.py manifests $S   # manifests from those results
+  then write CARD.md, and bump the presets' figures if they moved.
+1.1.0 itself: the same sequence with --lesion-version 1.0.0 --version 1.1.0 --graph composed
+(its evaluate results were saved as WORK/eval_<model>_<output>.json).
+1.2.0: `cut --lesion-version 1.0.0 --version 1.2.0` (from 1.1.0), the evaluate runs,
+`manifests --lesion-version 1.0.0 --version 1.2.0`.
 
 torch and onnx are needed by this script only, never by the dicomnode package.
 """
@@ -68,11 +85,18 @@ from dicomnode.inference.fov import crop_square, find_field_of_view, square_box 
 from dicomnode.inference.preprocess import resize_rgb  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "IDRiD"
-LESION_ONNX = REPO / "model_registry" / "lesion-seg" / "1.0.0" / "model.onnx"
-DR_OUT = REPO / "model_registry" / "dr-grade" / "1.1.0"
-DME_OUT = REPO / "model_registry" / "dme-risk" / "1.1.0"
-WORK = Path("/tmp/dicomnode-dr-features")
+REGISTRY = REPO / "model_registry"
+BASE_WORK = Path("/tmp/dicomnode-dr-features")
 SEED = 20261202
+# Set by `configure` from --lesion-version / --version / --graph (defaults: the latest
+# lesion-seg in the registry, 1.2.0, upstream); the values below are 1.1.0's.
+LESION_VERSION = "1.0.0"
+LESION_ONNX = REGISTRY / "lesion-seg" / LESION_VERSION / "model.onnx"
+VERSION = "1.1.0"
+GRAPH = "composed"  # "composed": lesion-seg inside the graph; "upstream": fed by the node
+DR_OUT = REGISTRY / "dr-grade" / VERSION
+DME_OUT = REGISTRY / "dme-risk" / VERSION
+WORK = BASE_WORK  # lesion-seg 1.0.0's caches; another lesion-seg gets WORK/lesion-seg-<v>
 SIZE = 768  # lesion-seg's input side; the node crops the FOV square and resizes to it
 POOL = 4  # lesion maps are pooled 4x4 (to 192) before any feature: cheap, and cacheable
 LESIONS = ("haemorrhages", "hard_exudates", "soft_exudates")
@@ -89,17 +113,63 @@ def read_labels(path: Path) -> list[tuple[str, int, int]]:
                 for r in csv.DictReader(handle)]
 
 
-def node_crop(rgb: NDArray[np.uint8], size: int = SIZE) -> NDArray[np.uint8]:
+def node_crop(rgb: NDArray[np.uint8], size: int | None = None) -> NDArray[np.uint8]:
     """The node's geometry: FOV square crop, resized to S x S (uint8 RGB)."""
+    side = size or SIZE
     box = square_box(find_field_of_view(rgb).box)
     crop = np.ascontiguousarray(crop_square(rgb, box), dtype=np.uint8)
-    return resize_rgb(crop, size, size)
+    return resize_rgb(crop, side, side)
 
 
 def to_tensor(images: NDArray[np.uint8]) -> NDArray[np.float32]:
     out: NDArray[np.float32] = np.ascontiguousarray(
         (images.astype(np.float32) / 255.0).transpose(0, 3, 1, 2))
     return out
+
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
+
+
+def latest_version(model_id: str) -> str:
+    found = [p.name for p in (REGISTRY / model_id).iterdir() if (p / "manifest.yaml").exists()]
+    return max(found, key=version_key)
+
+
+def configure(args: argparse.Namespace) -> None:
+    """Point the module at one lesion-seg version and one output version.
+
+    The lesion-seg manifest gives its ONNX, its input side and its mask thresholds (the
+    features threshold the maps there), so another lesion-seg plugs in by --lesion-version; its
+    caches go to their own folder. 1.1.0 was built on lesion-seg 1.0.0 (composed graph)."""
+    import yaml
+
+    global LESION_VERSION, LESION_ONNX, LESION_THRESHOLDS, SIZE, VERSION, GRAPH
+    global DR_OUT, DME_OUT, WORK
+    LESION_VERSION = args.lesion_version or latest_version("lesion-seg")
+    folder = REGISTRY / "lesion-seg" / LESION_VERSION
+    manifest = yaml.safe_load((folder / "manifest.yaml").read_text())
+    LESION_ONNX = folder / manifest.get("file", "model.onnx")
+    masks = {o["name"]: o for o in manifest["outputs"] if o.get("kind") == "mask"}
+    missing = [name for name in LESIONS if name not in masks]
+    if missing:
+        raise SystemExit(f"lesion-seg {LESION_VERSION} has no mask output {missing}")
+    LESION_THRESHOLDS = tuple(float(masks[name]["threshold"]) for name in LESIONS)
+    image = next(i for i in manifest["inputs"] if "from" not in i)
+    if image["size"][0] != image["size"][1] or image["size"][0] % POOL:
+        raise SystemExit(f"lesion-seg {LESION_VERSION}: input {image['size']} is not a square "
+                         f"multiple of {POOL}")
+    SIZE = int(image["size"][0])
+    VERSION, GRAPH = args.version, args.graph
+    DR_OUT = REGISTRY / "dr-grade" / VERSION
+    DME_OUT = REGISTRY / "dme-risk" / VERSION
+    WORK = BASE_WORK if LESION_VERSION == "1.0.0" else BASE_WORK / f"lesion-seg-{LESION_VERSION}"
+    print(f"lesion-seg {LESION_VERSION} ({LESION_ONNX.relative_to(REPO)}, {SIZE} px, thresholds "
+          f"{LESION_THRESHOLDS}) -> {VERSION} ({GRAPH} graph); caches in {WORK}", flush=True)
 
 
 # --------------------------------------------------------------------------- leakage
@@ -150,7 +220,7 @@ def leakage(args: argparse.Namespace) -> None:
 
 
 def cache(args: argparse.Namespace) -> None:
-    """Run lesion-seg 1.0.0 (ONNX Runtime) on every grading image; keep the 4x4-pooled maps."""
+    """Run lesion-seg (ONNX Runtime) on every grading image; keep the 4x4-pooled maps."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -177,7 +247,7 @@ def cache(args: argparse.Namespace) -> None:
                 continue
             rgb = node_crop(np.asarray(Image.open(DATA / "grading" / split / name)
                                        .convert("RGB")))
-            maps = session.run(None, {"image": to_tensor(rgb[None])})
+            maps = session.run(list(LESIONS), {"image": to_tensor(rgb[None])})
             prob = np.concatenate(maps, axis=1)[0]  # (3, S, S)
             c, s = prob.shape[0], SIZE // POOL
             blocks = prob.reshape(c, s, POOL, s, POOL)
@@ -195,12 +265,13 @@ def cache(args: argparse.Namespace) -> None:
                  rgb=np.stack([p["rgb"] for p in parts]),
                  grade=np.array([r[1] for r in rows]), dme=np.array([r[2] for r in rows]),
                  names=np.array([r[0] for r in rows]))
-        print(f"{split}: {len(rows)} images cached in {time.time() - start:.0f}s", flush=True)
+        print(f"{split}: {len(rows)} images cached in {time.time() - start:.0f}s "
+              f"(lesion-seg {LESION_VERSION})", flush=True)
 
 
 # --------------------------------------------------------------------------- features
 
-LESION_THRESHOLDS = (0.75, 0.62, 0.89)  # lesion-seg 1.0.0's operating thresholds
+LESION_THRESHOLDS = (0.75, 0.62, 0.89)  # lesion-seg's mask thresholds (`configure` reads them)
 # Disc diameter in units of the FOV radius: a 50-degree field and a ~6-degree disc (IDRiD's
 # Kowa VX-10a) give DD ~ 0.12 of the FOV diameter, i.e. 0.24 in [-1, 1] coordinates.
 DISC_DIAMETER = 0.24
@@ -621,21 +692,144 @@ def compose_onnx(head: Any, names: tuple[str, str], path: Path, doc: str) -> Non
     onnx.save(merged, str(path))
 
 
+def export_upstream(head: Any, names: tuple[str, str], path: Path, doc: str) -> None:
+    """`head` alone, one ONNX file with inputs `image` and the three lesion maps: the node
+    feeds the maps from the lesion-seg it runs anyway (`from: lesion-seg.<map>`)."""
+    import onnx
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    maps = [torch.zeros(1, 1, SIZE, SIZE) for _ in LESIONS]
+    inputs = ["image", *LESIONS]
+    torch.onnx.export(
+        head, (torch.zeros(1, 3, SIZE, SIZE), *maps), str(path), opset_version=17,
+        input_names=inputs, output_names=list(names),
+        dynamic_axes={k: {0: "batch"} for k in [*inputs, *names]}, dynamo=False)
+    model = onnx.load(str(path))
+    model.doc_string = doc
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+
+
+def cut_upstream(composed: Path, path: Path, doc: str) -> None:
+    """A composed graph (lesion-seg inside, prefix `lesion/`) with the lesion part cut out:
+    the same head nodes and weights, the lesion maps and the image as graph inputs."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(composed))
+    graph = model.graph
+    lesion_outputs = set(LESIONS) | {"image_passthrough"}
+    nodes = [n for n in graph.node if not n.name.startswith("lesion/")
+             and not set(n.output) & lesion_outputs]
+    for node in nodes:  # the head read lesion-seg's copy of the image: read the input itself
+        for i, name in enumerate(node.input):
+            if name == "image_passthrough":
+                node.input[i] = "image"
+    used = {name for n in nodes for name in n.input}
+    initializers = [t for t in graph.initializer if t.name in used]
+    inputs = [helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT,
+                                            ["batch", 3, SIZE, SIZE])]
+    inputs += [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT,
+                                             ["batch", 1, SIZE, SIZE]) for name in LESIONS]
+    missing = used - {i.name for i in inputs} - {t.name for t in initializers} \
+        - {o for n in nodes for o in n.output} - {""}
+    if missing:
+        raise SystemExit(f"{composed}: the head reads {sorted(missing)} from the lesion part")
+    cut = helper.make_graph(nodes, graph.name, inputs, list(graph.output), initializers)
+    out = helper.make_model(cut, opset_imports=list(model.opset_import), doc_string=doc,
+                            ir_version=model.ir_version, producer_name=model.producer_name)
+    onnx.checker.check_model(out, full_check=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(out, str(path))
+
+
+class GraphRunner:
+    """Runs a dr-grade / dme-risk graph as the node does: composed (image only), or upstream
+    (lesion-seg first, its raw maps and the same image tensor into the head)."""
+
+    def __init__(self, path: Path) -> None:
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.upstream = len(self.session.get_inputs()) > 1
+        self.lesion = (ort.InferenceSession(str(LESION_ONNX), providers=["CPUExecutionProvider"])
+                       if self.upstream else None)
+
+    def run(self, rgb: NDArray[np.uint8]) -> list[NDArray[np.float32]]:
+        feeds = {"image": to_tensor(rgb[None])}
+        if self.lesion is not None:
+            maps = self.lesion.run(list(LESIONS), feeds)
+            feeds.update(zip(LESIONS, maps, strict=True))
+        return [np.asarray(v) for v in self.session.run(None, feeds)]
+
+
 def check_composed(path: Path, split: str, count: int,
                    expected: Sequence[NDArray[np.float64]]) -> float:
-    """Run the composed graph on the first `count` images of `split` (raw JPEG -> node crop)
+    """Run the graph on the first `count` images of `split` (raw JPEG -> node crop)
     and return the largest difference from the cached-feature pipeline's probabilities."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    runner = GraphRunner(path)
     rows = read_labels(DATA / "grading" / f"{split}_labels.csv")[:count]
     worst = 0.0
     for i, (name, _, _) in enumerate(rows):
         rgb = node_crop(np.asarray(Image.open(DATA / "grading" / split / name).convert("RGB")))
-        got = session.run(None, {"image": to_tensor(rgb[None])})
+        got = runner.run(rgb)
         for out, want in zip(got, expected, strict=True):
             worst = max(worst, float(np.abs(out[0] - want[i]).max()))
     return worst
+
+
+def check_same(first: Path, second: Path, count: int = 3) -> float:
+    """Largest output difference between two graphs (either form) on the first `count`
+    grading-train images and a synthetic fundus."""
+    from dicomnode.synthetic import synthetic_fundus
+
+    a, b = GraphRunner(first), GraphRunner(second)
+    rows = read_labels(DATA / "grading" / "train_labels.csv")[:count]
+    images = [np.asarray(Image.open(DATA / "grading" / "train" / r[0]).convert("RGB"))
+              for r in rows]
+    images.append(synthetic_fundus(1024, "R", 3))
+    worst = 0.0
+    for rgb in images:
+        crop = node_crop(rgb)
+        for x, y in zip(a.run(crop), b.run(crop), strict=True):
+            worst = max(worst, float(np.abs(x - y).max()))
+    return worst
+
+
+def doc_line(model: str, names: tuple[str, str]) -> str:
+    if GRAPH == "upstream":
+        return (f"{model} {VERSION}: RGB [0,1] NCHW {SIZE}x{SIZE} FOV crop + lesion-seg "
+                f"{LESION_VERSION}'s maps (graph inputs, from the node's lesion-seg) -> pooled "
+                f"lesion features -> logistic heads -> {names[0]}, {names[1]}")
+    return (f"{model} {VERSION}: RGB [0,1] NCHW {SIZE}x{SIZE} FOV crop -> lesion-seg "
+            f"{LESION_VERSION} -> pooled lesion features -> logistic heads -> "
+            f"{names[0]}, {names[1]}")
+
+
+def cut(args: argparse.Namespace) -> None:
+    """--version's upstream graphs cut from --source's composed ones (same heads, same
+    weights, no refit), checked against them; metrics.json carries the source's record."""
+    if GRAPH != "upstream":
+        raise SystemExit("cut writes upstream graphs (--graph upstream)")
+    for model, out in (("dr-grade", DR_OUT), ("dme-risk", DME_OUT)):
+        source = REGISTRY / model / args.source
+        names = MODELS[model][3]
+        cut_upstream(source / "model.onnx", out / "model.onnx", doc_line(model, names))
+        diff = check_same(source / "model.onnx", out / "model.onnx")
+        if diff > 1e-4:
+            raise SystemExit(f"{model}: {VERSION} differs from {args.source} by {diff}")
+        record = json.loads((source / "metrics.json").read_text())
+        record["training"]["graph"] = {
+            "form": "upstream", "cut_from": f"{model} {args.source}",
+            "lesion_seg": LESION_VERSION,
+            "max_difference_vs_source": diff,
+            "checked_on": "3 IDRiD grading-train images and a synthetic fundus",
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+        print(f"{model}: {out / 'model.onnx'} cut from {args.source} "
+              f"(max difference {diff:.2g})", flush=True)
 
 
 def export(args: argparse.Namespace) -> None:
@@ -653,9 +847,10 @@ def export(args: argparse.Namespace) -> None:
                                   for i, v in enumerate(wb)}
         np.savez(WORK / f"heads_{model}.npz", **arrays)
         graph, names = build_graph(model, heads)
-        doc = (f"{model} 1.1.0: RGB [0,1] NCHW {SIZE}x{SIZE} FOV crop -> lesion-seg 1.0.0 -> "
-               f"pooled lesion features -> logistic heads -> {names[0]}, {names[1]}")
-        compose_onnx(graph, names, out / "model.onnx", doc)
+        if GRAPH == "upstream":
+            export_upstream(graph, names, out / "model.onnx", doc_line(model, names))
+        else:
+            compose_onnx(graph, names, out / "model.onnx", doc_line(model, names))
         prob, p = predict_model(heads, x[:3])
         diff = check_composed(out / "model.onnx", "train", 3,
                               [prob, np.stack([1 - p, p], axis=1)])
@@ -663,6 +858,8 @@ def export(args: argparse.Namespace) -> None:
             raise SystemExit(f"{model}: composed ONNX differs from the cached pipeline by {diff}")
         training = {
             "seed": SEED, "torch": torch.__version__, "size": SIZE,
+            "graph": {"form": GRAPH, "lesion_seg": LESION_VERSION,
+                      "lesion_thresholds": list(LESION_THRESHOLDS)},
             "train_images": len(x), "features": feature_names(),
             "cv_scheme": f"stratified (grade x DME risk) 5-fold, {DRAWS} draws, out-of-fold "
                          "scores pooled; L2 and grade weighting chosen on CV referable AUC "
@@ -743,21 +940,18 @@ def measure(args: argparse.Namespace) -> None:
 
 def other_camera(args: argparse.Namespace) -> None:
     """CHASE_DB1 (Nidek NM-200-D, 30 degrees, disc-centred, children: no DR expected): the
-    fraction of images each composed graph calls referable (1 - specificity if none has it)."""
-    import onnxruntime as ort
-
+    fraction of images each graph calls referable (1 - specificity if none has it)."""
     images = sorted((REPO.parent / "shared" / "data" / "CHASE_DB1" / "images").glob("*.jpg"))
     report: dict[str, Any] = {"dataset": "CHASE_DB1", "images": len(images)}
     crops = [node_crop(np.asarray(Image.open(p).convert("RGB"))) for p in images]
     for model, out in (("dr-grade", DR_OUT), ("dme-risk", DME_OUT)):
-        session = ort.InferenceSession(str(out / "model.onnx"),
-                                       providers=["CPUExecutionProvider"])
+        runner = GraphRunner(out / "model.onnx")
         threshold = json.loads((out / "metrics.json").read_text())["training"]["cv"]["threshold"]
-        p = np.array([session.run(None, {"image": to_tensor(c[None])})[1][0, 1] for c in crops])
+        p = np.array([runner.run(c)[1][0, 1] for c in crops])
         report[model] = {"threshold": threshold,
                          "fraction_called_referable": round(float((p >= threshold).mean()), 4),
                          "median_p_referable": round(float(np.median(p)), 4)}
-    (WORK / "other_camera.json").write_text(json.dumps(report, indent=2) + "\n")
+    (WORK / f"other_camera_{VERSION}.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 
 
@@ -768,17 +962,26 @@ ATTRIBUTION = (
     "Pachade, Ravi Kamble, Manesh Kokare, Girish Deshmukh, Vivek Sahasrabuddhe, Fabrice "
     "Meriaudeau; Porwal et al., Data 3(3):25, 2018, doi 10.21227/H25W98"
 )
-EVALUATIONS = {  # model: outputs measured with `dicomnode evaluate --json` (WORK/eval_*.json)
+EVALUATIONS = {  # model: outputs measured with `dicomnode evaluate --json`
     "dr-grade": ("referable_dr", "dr_grade"),
     "dme-risk": ("referable_dme", "dme_risk"),
 }
+LAST_CLASS = {"dr-grade": "proliferative", "dme-risk": "risk 2"}
+
+
+def evaluation_path(model: str, output: str) -> Path:
+    """Where the sequence in the docstring puts `dicomnode evaluate --json`'s result (1.1.0's
+    were saved without the version)."""
+    if VERSION == "1.1.0":
+        return WORK / f"eval_{model}_{output}.json"
+    return WORK / f"eval_{model}-{VERSION}_{output}.json"
 
 
 def evaluation_metrics(model: str) -> list[dict[str, Any]]:
     """The manifest's `metrics`: one entry per `dicomnode evaluate --json` result kept."""
     out = []
     for output in EVALUATIONS[model]:
-        path = WORK / f"eval_{model}_{output}.json"
+        path = evaluation_path(model, output)
         if not path.exists():
             continue
         ev = json.loads(path.read_text())
@@ -786,59 +989,85 @@ def evaluation_metrics(model: str) -> list[dict[str, Any]]:
         figures = {k: (round(ev[k], 4) if isinstance(ev[k], float)
                        else [round(v, 4) for v in ev[k]])
                    for k in keep if k in ev and ev[k] is not None}
+        for label, value in (ev.get("auc_per_class") or {}).items():
+            figures[f"auc_per_class.{label}"] = round(value, 4)
+        if ev.get("threshold") is not None:
+            how = (f"threshold {ev['threshold']}, chosen by cross-validation on the train "
+                   "split; `kappa` is the two-class kappa")
+        else:
+            how = (f"the most probable grade; `kappa` is the quadratic-weighted kappa of the "
+                   f"grade, `auc`, `sensitivity`, `specificity` are {LAST_CLASS[model]} against "
+                   "the rest, `auc_per_class` one class against the rest")
+        stopped = len(ev.get("skipped", {}))
+        gated = f"{stopped} image{'' if stopped == 1 else 's'}"
         out.append({
             "dataset": f"IDRiD disease grading test split ({ev['images']} gradable images), "
                        f"output {output}",
             "split": "test", "date": time.strftime("%Y-%m-%d", time.gmtime(path.stat().st_mtime)),
             "figures": figures,
-            "notes": f"dicomnode evaluate {model}@1.1.0 --output {output} --json "
-                     f"(threshold {ev.get('threshold')}, chosen by cross-validation on the train "
-                     f"split; {len(ev.get('skipped', {}))} images stopped by fundus-quality); "
-                     "AUC CI: bootstrap over images; for a two-class output `kappa` is the "
-                     "two-class kappa (the grade kappa is in CARD.md); see CARD.md",
+            "notes": f"dicomnode evaluate {model}@{VERSION} --output {output} --json ({how}; "
+                     f"{gated} stopped by fundus-quality); AUC CI: "
+                     "bootstrap over images; see CARD.md",
         })
     return out
+
+
+def image_input() -> dict[str, Any]:
+    """The 768 px FOV-crop input, as lesion-seg declares it (so the node shares the tensor)."""
+    import yaml
+
+    lesion = yaml.safe_load((REGISTRY / "lesion-seg" / LESION_VERSION / "manifest.yaml")
+                            .read_text())
+    spec = dict(next(i for i in lesion["inputs"] if "from" not in i))
+    return {"name": "image", **{k: v for k, v in spec.items() if k != "name"}}
 
 
 def manifests(args: argparse.Namespace) -> None:
     import yaml
 
     for model, out in (("dr-grade", DR_OUT), ("dme-risk", DME_OUT)):
-        old = yaml.safe_load((REPO / "model_registry" / model / "1.0.0" / "manifest.yaml")
-                             .read_text())
+        old = yaml.safe_load((REGISTRY / model / "1.0.0" / "manifest.yaml").read_text())
         entry = json.loads((out / "metrics.json").read_text())["training"]["cv"]
         kind = "DR" if model == "dr-grade" else "DME"
-        old["version"] = "1.1.0"
+        old["version"] = VERSION
         title = ("Diabetic retinopathy grade and referable DR" if kind == "DR"
                  else "Diabetic macular edema risk and referable DME")
         old["name"] = f"{title} (lesion evidence + logistic heads, IDRiD)"
+        where = ("run once as its own node of the graph; its raw maps are this model's inputs"
+                 if GRAPH == "upstream" else "inside the graph")
         old["description"] = (
-            f"Lesion-seg 1.0.0 inside the graph finds haemorrhages, hard and soft exudates; "
-            f"their area, count and distance from an estimated fovea feed logistic heads "
-            f"trained on the IDRiD grading train split. Referable {kind} "
+            f"Lesion-seg ({where}) finds haemorrhages, hard and soft exudates (the heads were "
+            f"fitted on lesion-seg {LESION_VERSION}'s maps); their area, count and distance "
+            f"from an estimated fovea feed "
+            f"logistic heads trained on the IDRiD grading train split. Referable {kind} "
             f"(grade >= {MODELS[model][1]}) at a threshold chosen by cross-validation on the "
             f"train split for sensitivity >= 0.90 (CV AUC {entry['cv_auc']:.2f}). Research use; "
             "not clinically validated.")
         old["requirements"] = {"colour": "colour", "min_width": 512, "min_height": 512}
         old["inputs"][0]["size"] = [SIZE, SIZE]
+        if GRAPH == "upstream":
+            old["inputs"] = [image_input(), *({"name": name, "from": f"lesion-seg.{name}",
+                                                "dtype": "float32"} for name in LESIONS)]
         for o in old["outputs"]:
             if o["name"].startswith("referable"):
                 o["threshold"] = entry["threshold"]
         old["provenance"]["training_data"] = (
             f"{ATTRIBUTION}. Official grading train split (413 images), all fitted; "
             f"thresholds and L2 from stratified 5-fold cross-validation on it "
-            f"({DRAWS} draws); lesion evidence from lesion-seg 1.0.0 (IDRiD segmentation "
-            "train split, 44 images, 43 of which are also grading-train photographs); trained by "
-            "scripts/train_dr_features.py (fixed seed). Test split (103) for figures only; 3 of "
-            "its photographs (IDRiD_088, 089, 091) were lesion-seg training images (see CARD.md)")
+            f"({DRAWS} draws); lesion evidence from lesion-seg {LESION_VERSION} (IDRiD "
+            "segmentation train split); trained by scripts/train_dr_features.py (fixed seed). "
+            "Test split (103) for figures only; some of its photographs were lesion-seg "
+            "training images (see CARD.md)")
         old["metrics"] = evaluation_metrics(model)
         record = json.loads((out / "metrics.json").read_text())
-        for key, name in (("test", "test_figures.json"), ("other_camera", "other_camera.json")):
-            if (WORK / name).exists():
-                found = json.loads((WORK / name).read_text())
+        other = WORK / f"other_camera_{VERSION}.json"
+        if VERSION == "1.1.0" and not other.exists():
+            other = WORK / "other_camera.json"
+        for key, path in (("test", WORK / "test_figures.json"), ("other_camera", other)):
+            if path.exists():
+                found = json.loads(path.read_text())
                 record[key] = found.get(model, found) if key == "test" else found
         (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
-        other = WORK / "other_camera.json"
         if other.exists():
             seen = json.loads(other.read_text())
             called = seen[model]["fraction_called_referable"]
@@ -850,9 +1079,10 @@ def manifests(args: argparse.Namespace) -> None:
                 "figures": {"fraction_called_referable": called,
                             "specificity": round(1 - called, 4)},
                 "notes": "specificity assuming no referable disease in this population; "
-                         "scripts/train_dr_features.py other-camera (the committed graph)",
+                         f"scripts/train_dr_features.py other-camera --version {VERSION} "
+                         "(the committed graph)",
             })
-        header = (f"# manifest: model_registry/{model}/1.1.0/manifest.yaml (built by "
+        header = (f"# manifest: model_registry/{model}/{VERSION}/manifest.yaml (built by "
                   "scripts/train_dr_features.py manifests; figures from dicomnode evaluate)\n")
         text = yaml.safe_dump(old, sort_keys=False, width=100, allow_unicode=False)
         (out / "manifest.yaml").write_text(header + text)
@@ -864,14 +1094,26 @@ def manifests(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["leakage", "cache", "cv", "export", "measure",
-                                            "other-camera", "manifests"])
+    parser.add_argument("command", choices=["leakage", "cache", "cv", "export", "cut",
+                                            "measure", "other-camera", "manifests"])
+    parser.add_argument("--lesion-version", default=None,
+                        help="the lesion-seg whose maps the heads are fitted on (default: the "
+                             "latest in model_registry/lesion-seg); its caches are its own")
+    parser.add_argument("--version", default="1.2.0",
+                        help="the dr-grade / dme-risk version written or measured "
+                             "(default 1.2.0)")
+    parser.add_argument("--graph", choices=["upstream", "composed"], default="upstream",
+                        help="upstream (default): the heads take lesion-seg's maps as inputs "
+                             "(from: lesion-seg.<map>); composed: lesion-seg inside (1.1.0)")
+    parser.add_argument("--source", default="1.1.0",
+                        help="cut: the composed version whose heads are kept (default 1.1.0)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--split", action="append", choices=["train", "test"],
                         help="cache: only this split (repeatable; default both)")
     parser.add_argument("--limit", type=int, default=0, help="cache: first N images (timing)")
     args = parser.parse_args(argv)
-    {"leakage": leakage, "cache": cache, "cv": cv, "export": export,
+    configure(args)
+    {"leakage": leakage, "cache": cache, "cv": cv, "export": export, "cut": cut,
      "measure": measure, "manifests": manifests,
      "other-camera": other_camera}[args.command](args)
     return 0

@@ -1,7 +1,8 @@
 """The shipped `dr-grade` and `dme-risk` models: they pass the registry's checks, run through the
 real executor behind the fundus-quality gate, give well-formed probabilities, and rank a clearly
 referable real IDRiD image above a grade-0 one (../shared/data; skipped without it locally,
-a failure with CI=true)."""
+a failure with CI=true). 1.2.0 takes lesion-seg's maps from the graph's lesion-seg node instead
+of computing them inside: its outputs must equal 1.1.0's (the same heads)."""
 
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ from dicomnode.graph import Selection, resolve
 from dicomnode.inference.executor import GraphExecutor, GraphResult
 from dicomnode.inference.preprocess import SourceImage
 from dicomnode.registry import Registry
-from dicomnode.registry.manifest import ProbabilitiesOutput
+from dicomnode.registry.manifest import ProbabilitiesOutput, UpstreamInput
 from dicomnode.synthetic import synthetic_fundus
 from tests.support.peers import unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 IDRID = ROOT.parent / "shared" / "data" / "IDRiD" / "grading"
 MODELS = ("dr-grade", "dme-risk")
+LESION_MAPS = ("haemorrhages", "hard_exudates", "soft_exudates")
 GRADES = ["none", "mild", "moderate", "severe", "proliferative"]
 # From the TRAIN split (the test split only measures): PDR with DME risk 2 vs. grade 0, risk 0.
 # Measured with 1.1.0: P(referable DR) 0.998 vs 0.032, P(referable DME) 0.999 vs 0.008, on
@@ -71,9 +73,15 @@ def test_registry_accepts_both_models(registry: Registry) -> None:
     assert not [m for m in registry.left_out if m.id in MODELS], registry.left_out
     for model_id in MODELS:
         entry = registry.get(model_id)
-        assert entry.manifest.version == "1.1.0"  # the latest; 1.0.0 stays selectable
-        assert registry.get(model_id, "1.0.0").manifest.version == "1.0.0"
+        assert entry.manifest.version == "1.2.0"  # the latest; 1.1.0 and 1.0.0 stay selectable
+        for older in ("1.1.0", "1.0.0"):
+            assert registry.get(model_id, older).manifest.version == older
         assert entry.manifest.requires == ["fundus-quality"]
+        # the lesion maps come from lesion-seg's outputs: that is what brings lesion-seg in
+        sources = {str(s) for spec in entry.manifest.inputs if isinstance(spec, UpstreamInput)
+                   for s in spec.sources}
+        assert sources == {f"lesion-seg.{name}" for name in LESION_MAPS}
+        assert "lesion-seg" in entry.manifest.dependency_ids()
         assert entry.card_path is not None and entry.card_path.is_file()
         assert entry.onnx_path is not None
         assert entry.onnx_path.stat().st_size < 4 * 1024 * 1024
@@ -117,3 +125,43 @@ def test_a_referable_image_scores_above_a_grade_0_image(executor: GraphExecutor,
         calls = result.models[model].findings[output]
         assert calls[sick.sop_instance_uid].label == "referable"
         assert calls[healthy.sop_instance_uid].label == "non-referable"
+
+
+def test_one_lesion_seg_node_feeds_both_models(registry: Registry) -> None:
+    graph = resolve(Selection.of(list(MODELS), modality="OP"), registry)
+    assert graph.models["lesion-seg"] and "lesion-seg" in graph.added
+    for model in MODELS:
+        assert graph.inputs[model] == {name: f"lesion-seg.{name}" for name in LESION_MAPS}
+    stage = {m: i for i, ids in enumerate(graph.stages) for m in ids}
+    assert stage["lesion-seg"] < stage["dr-grade"] and stage["lesion-seg"] < stage["dme-risk"]
+
+
+def test_1_2_0_outputs_equal_1_1_0s(executor: GraphExecutor, registry: Registry) -> None:
+    """The same heads on the same maps: 1.1.0 computes them inside its graph, 1.2.0 is fed the
+    lesion-seg node's raw output. Real IDRiD photographs (a referable and a grade-0 train
+    image, a test image) and a synthetic fundus, in one batch through the real executor."""
+    images = [SourceImage("2.25.21", _idrid("train", REFERABLE_TRAIN)),
+              SourceImage("2.25.22", _idrid("train", NORMAL_TRAIN)),
+              SourceImage("2.25.23", _idrid("test", TEST_IMAGES[1])),
+              SourceImage("2.25.24", synthetic_fundus(768, "L", seed=1))]
+    results = {}
+    for version in ("1.1.0", "1.2.0"):
+        graph = resolve(Selection.of([f"{m}@{version}" for m in MODELS], modality="OP"),
+                        registry)
+        assert ("lesion-seg" in graph.models) == (version == "1.2.0")
+        result = executor.run(graph, images)
+        assert result.outcome == "done", result.problems()
+        results[version] = result
+    compared = 0
+    for model in MODELS:
+        old, new = results["1.1.0"].models[model], results["1.2.0"].models[model]
+        assert old.status == new.status == "ok", (old.error, new.error)
+        assert old.version == "1.1.0" and new.version == "1.2.0"
+        assert sorted(old.raw) == sorted(new.raw)
+        for name, per_image in old.raw.items():
+            assert sorted(per_image) == sorted(new.raw[name])
+            for uid, want in per_image.items():
+                np.testing.assert_allclose(new.raw[name][uid], want, rtol=0, atol=1e-5)
+                assert new.findings[name][uid].label == old.findings[name][uid].label
+                compared += 1
+    assert compared == 2 * 2 * len(images)  # every image reached both heads of both models

@@ -89,6 +89,9 @@ def test_shipped_preset_runs_on_the_demo_study_and_reaches_the_pacs(
     assert (job_preset, job_state) == (preset_id, "done")
     expected = _expected_models(preset_id)
     assert {(r.model_id, r.version) for r in runs} == set(expected.items())
+    assert len(runs) == len(expected)  # one run per model: a shared upstream runs once
+    if preset_id == "diabetic-screening":  # the grading models read one lesion-seg's maps
+        assert "lesion-seg" in expected and "dr-grade" in expected
     assert all(r.status == "ok" and r.images == 2 for r in runs), [
         (r.model_id, r.status, r.images, r.error) for r in runs]
     kinds = sorted(r.kind for r in results)
