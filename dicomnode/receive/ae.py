@@ -10,7 +10,7 @@ from typing import Any
 from pynetdicom import AE
 
 from dicomnode.db.engine import Database
-from dicomnode.receive import admission, streamed
+from dicomnode.receive import admission, streamed, tuning
 from dicomnode.receive.handlers import ReceiveHandlers, ReceiveListener
 from dicomnode.receive.sop_classes import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION
 from dicomnode.receive.tls import start_tls_server
@@ -73,6 +73,7 @@ class Receiver:
     def start(self) -> tuple[str, int]:
         self.settings.storage.path.mkdir(parents=True, exist_ok=True)
         self._incoming = streamed.enable(self.settings.storage.path)
+        tuning.apply()
         self._ae = build_ae(self.settings)
         self.handlers.admission.start()
         node = self.settings.node
