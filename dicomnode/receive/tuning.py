@@ -37,7 +37,7 @@ def _recv(self: Any, nr_bytes: int) -> bytearray:
     return what was read); socket timeouts and errors propagate as before."""
     sock = self.socket
     if sock is None:  # as the original, which fails on a closed socket the same way
-        return _original_recv(self, nr_bytes)  # type: ignore[no-any-return]
+        return _original_recv(self, nr_bytes)
     buffer = bytearray(min(nr_bytes, _PREALLOCATE))
     nr_read = 0
     while nr_read < nr_bytes:
