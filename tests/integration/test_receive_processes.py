@@ -149,3 +149,43 @@ def test_a_killed_worker_is_restarted_and_sigterm_stops_all(db_url: str, tmp_pat
     assert not _alive(restarted) and not _alive(pids[1])
     assert "received SIGTERM" in log and "dicomnode stopped" in log
     assert "Traceback" not in log
+
+
+def test_workers_stop_when_the_main_process_is_killed_and_a_restart_serves(
+    db_url: str, tmp_path: Path
+) -> None:
+    """kill -9 of the node's main process mid-burst: its workers finish the stores they are
+    in, stop by themselves, and the restarted node listens on the same port; every row has
+    its file, nothing half-written is left."""
+    config = write_config(tmp_path, db_url, receive={"processes": 2},
+                          node={"shutdown_grace_seconds": 1})
+    files = [p for i in range(10)
+             for p in write_study(tmp_path / f"s{i}", size=400, patient_id=f"P{i}")[1]]
+    node = NodeProcess(config).start()
+    pids = _worker_pids(node)
+    senders = [_storescu(node.port, files[i::2]) for i in range(2)]
+    database = Database(db_url)
+    try:
+        def some_arrived() -> bool:
+            with database.transaction() as session:
+                return bool(session.scalar(select(func.count()).select_from(Instance)))
+
+        assert _wait(some_arrived, 60)
+        node.kill()
+        assert _wait(lambda: not any(_alive(pid) for pid in pids), 30), node.log()[-3000:]
+        for sender in senders:
+            sender.wait(timeout=60)
+        with NodeProcess(config) as restarted:
+            _send_all(restarted.port, [files[:2]])  # serving again on the same port
+            restarted_pids = _worker_pids(restarted)
+        assert not any(_alive(pid) for pid in restarted_pids)
+        with database.transaction() as session:
+            rows = set(session.scalars(select(Instance.path)))
+        on_disk = {p.relative_to(node.storage).as_posix() for p in node.storage.rglob("*")
+                   if p.is_file() and p.relative_to(node.storage).parts[0] != ".nodes"
+                   and p.relative_to(node.storage).parts[:2] != _LOCKS}
+        assert rows and rows == on_disk
+    finally:
+        for sender in senders:
+            sender.kill()
+        database.dispose()
