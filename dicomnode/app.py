@@ -23,6 +23,7 @@ from dicomnode.errors import DicomNodeError
 from dicomnode.identity import NodeIdentity, claim_identity
 from dicomnode.jobs import ProcessingService
 from dicomnode.receive.ae import Receiver
+from dicomnode.receive.workers import ReceiverPool
 from dicomnode.results.pipeline import ResultsPipeline
 from dicomnode.retention.service import RetentionService
 from dicomnode.routing.catalog import Catalog, CatalogHolder
@@ -40,7 +41,7 @@ class Node:
         self.settings = settings
         self.database: Database | None = None
         self.assembler: Assembler | None = None
-        self.receiver: Receiver | None = None
+        self.receiver: Receiver | ReceiverPool | None = None
         self.processing: ProcessingService | None = None
         self.results: ResultsPipeline | None = None
         self.dispatcher: Dispatcher | None = None
@@ -98,8 +99,12 @@ class Node:
         hooks = [*self._hooks, processing.on_study_complete]
         self.assembler = Assembler(self.database, settings.completeness, hooks)
         self.assembler.start()
-        self.receiver = Receiver(settings, self.database, self.assembler)
-        self.assembler.receiving = self.receiver.handlers.is_receiving
+        # receive.processes > 1: associations are received in worker processes
+        # (receive/workers.py), which report to this process's assembler.
+        self.receiver = (ReceiverPool(settings, self.assembler)
+                         if settings.receive.processes > 1
+                         else Receiver(settings, self.database, self.assembler))
+        self.assembler.receiving = self.receiver.is_receiving
         host, port = self.receiver.start()
         # Console/API last: preset edits reach the processing service and results pipeline.
         # A console that cannot start (port taken, bad certificate) is reported, and the
@@ -132,6 +137,11 @@ class Node:
             {"ok": False, "error": self.web_error} if self.web_error is not None
             else {"ok": True, "enabled": self.web is not None})
         report["web"] = web
+        if isinstance(self.receiver, ReceiverPool):
+            pool = self.receiver.health()
+            report["receive"] = {"ok": pool.ok, "processes": pool.processes,
+                                 "running": pool.running, "restarts": pool.restarts,
+                                 "errors": pool.errors}
         return report
 
     def _use_catalog(self, catalog: Catalog) -> None:

@@ -143,6 +143,14 @@ class CallerSettings(_Strict):
         return value
 
 
+class ReceiveSettings(_Strict):
+    # Processes that receive DICOM associations (storescp --fork's lever against the GIL):
+    # each runs the association server on the node's listening sockets and stores into the
+    # same database; planning, jobs, dispatch and the console stay in the main process.
+    # 1 = in the main process, as a single process node always did.
+    processes: Annotated[int, Field(ge=1, le=64)] = 1
+
+
 class StorageSettings(_Strict):
     path: Path = Path("./var/storage")
     # Below this much free space, C-STORE answers "out of resources" instead of filling the disk.
@@ -463,6 +471,7 @@ class WebSettings(_Strict):
 class Settings(_Strict):
     node: NodeSettings = Field(default_factory=NodeSettings)
     callers: list[CallerSettings] = Field(default_factory=list)
+    receive: ReceiveSettings = Field(default_factory=ReceiveSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     completeness: CompletenessSettings = Field(default_factory=CompletenessSettings)

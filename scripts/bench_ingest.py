@@ -23,6 +23,7 @@ per-repetition ratios) next to the project's aims: with 4 senders >= 1.5x stores
     python scripts/bench_ingest.py --count 120     # the burst of issue #16 (about 3x longer)
     python scripts/bench_ingest.py --quick         # 4 small images, 1 repetition (smoke test)
     python scripts/bench_ingest.py --databases sqlite --senders 4
+    python scripts/bench_ingest.py --processes 1,2     # also dicomnode with 2 receiving processes
 
 PostgreSQL: a fresh database per dicomnode run on the server of the tests (127.0.0.1:5432,
 user postgres, trust auth; DICOMNODE_TEST_POSTGRES overrides), dropped afterwards.
@@ -70,6 +71,7 @@ class Receiver:
     name: str  # as printed: "dicomnode sqlite", "storescp --fork", ...
     database: str | None = None  # dicomnode's: "sqlite" | "postgres"
     flags: tuple[str, ...] = ()  # storescp's
+    processes: int = 1  # dicomnode's receive.processes
 
 
 @dataclass(frozen=True)
@@ -360,6 +362,7 @@ def run_dicomnode(args: argparse.Namespace, receiver: Receiver, files: list[Path
         config.write_text(yaml.safe_dump({
             "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": port,
                      "max_pdu": args.max_pdu},
+            "receive": {"processes": receiver.processes},
             "storage": {"path": str(work / "storage")},
             "database": {"url": database.url},
             # No models and no presets (not the repository's, whatever the working folder):
@@ -432,16 +435,17 @@ def print_table(results: dict[tuple[str, int], Series], receivers: list[Receiver
                   f"{max(rates):>8.1f}{mb_per_s:>7.0f}{cpu_ms:>12.1f}{rss:>13.0f}")
 
 
-def print_ratios(results: dict[tuple[str, int], Series], databases: list[str],
+def print_ratios(results: dict[tuple[str, int], Series], nodes: list[Receiver],
                  senders_list: list[int]) -> None:
     print()
     print("ratio = images/s of dicomnode / images/s of the reference: the ratio of the medians "
           "(and the range of the per-repetition ratios)")
     print(f"{'ratio':<6}{'database':<10}{'senders':>7}  {'dicomnode / reference':<34}"
           f"{'median':>7}  {'range':<13}{'aim':<7}{'met'}")
-    for database in databases:
+    for receiver in nodes:
+        database = receiver.name.removeprefix("dicomnode ")
         for senders in senders_list:
-            node = results[(f"dicomnode {database}", senders)]
+            node = results[(receiver.name, senders)]
             for reference in REFERENCES:
                 ref = results[(reference, senders)]
                 ratio = node.median_rate() / ref.median_rate()
@@ -472,6 +476,9 @@ def main() -> int:
                         help="parallel storescu processes sharing the burst, a list (1,4)")
     parser.add_argument("--databases", default="sqlite,postgres",
                         help="dicomnode's databases, a list of sqlite and postgres")
+    parser.add_argument("--processes", default="1",
+                        help="dicomnode's receive.processes, a list: one dicomnode receiver "
+                             "per value and database, e.g. 1,2 (1)")
     parser.add_argument("--max-pdu", type=int, default=MAX_PDU,
                         help=f"maximum PDU of every receiver and sender ({MAX_PDU})")
     parser.add_argument("--seed", type=int, default=None,
@@ -497,7 +504,14 @@ def main() -> int:
         parser.error(f"--max-pdu: 4096..{MAX_PDU} (storescp's range)")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
 
-    receivers = [Receiver(f"dicomnode {db}", database=db) for db in databases]
+    processes_list = [int(n) for n in parse_list(args.processes)]
+    if not processes_list or min(processes_list) < 1:
+        parser.error("--processes: a list of numbers >= 1")
+    # "dicomnode sqlite" (one process, the default) or "dicomnode sqlite p2" (two).
+    nodes = [Receiver(f"dicomnode {db}" + (f" p{n}" if n > 1 else ""), database=db,
+                      processes=n)
+             for db in databases for n in processes_list]
+    receivers = list(nodes)
     if not args.only_dicomnode:
         receivers += [Receiver("storescp"), Receiver("storescp --fork", flags=("--fork",)),
                       Receiver("storescp --ignore", flags=("--ignore",))]
@@ -524,7 +538,7 @@ def main() -> int:
                       f"peak RSS {sample.peak_rss_mb:.0f} MB", flush=True)
         print_table(results, receivers, senders_list)
         if not args.only_dicomnode:
-            print_ratios(results, databases, senders_list)
+            print_ratios(results, nodes, senders_list)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -15,6 +15,8 @@ from dicomnode.db.wakeups import Wakeups
 
 logger = logging.getLogger(__name__)
 
+_READ_ONLY = "dicomnode_read_only"
+
 
 def _configure_sqlite(engine: Engine) -> None:
     # pysqlite's own transaction handling defers BEGIN and loses read-modify-write updates
@@ -31,7 +33,11 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # A read (Database.reading) takes no write lock: in WAL it never waits for writers.
+        if connection.get_execution_options().get(_READ_ONLY):
+            connection.exec_driver_sql("BEGIN")
+        else:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def make_engine(url: str) -> Engine:
@@ -57,6 +63,8 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._read_sessions = sessionmaker(self.engine.execution_options(**{_READ_ONLY: True}),
+                                           expire_on_commit=False)
         # Stages subscribe to the work other stages commit (dicomnode.db.wakeups).
         self.wakeups = Wakeups(self.engine, self.sessions)
 
@@ -68,6 +76,14 @@ class Database:
     def transaction(self) -> Iterator[Session]:
         """A session in one transaction: committed on success, rolled back on error."""
         with self.sessions() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A session for reads only: on SQLite a deferred BEGIN, so it does not queue behind
+        (or hold up) the writers' BEGIN IMMEDIATE; PostgreSQL reads never lock anyway.
+        Not for read-modify-write: that needs `transaction()` (PITFALLS.md)."""
+        with self._read_sessions() as session, session.begin():
             yield session
 
     def dispose(self) -> None:

@@ -8,6 +8,7 @@ whichever way the instance came (DIMSE C-STORE or DICOMweb STOW-RS). A problem r
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 from collections.abc import Callable
@@ -21,9 +22,9 @@ from dicomnode.db.engine import Database
 from dicomnode.db.transient import retrying
 from dicomnode.receive import ingest, statuses, storage
 from dicomnode.receive.identifiers import Identifiers, Refused, read_identifiers
-from dicomnode.receive.keyed_locks import KeyedLocks
+from dicomnode.receive.keyed_locks import FileLocks, KeyedLocks
 from dicomnode.receive.sop_classes import is_encapsulated, is_implicit_vr
-from dicomnode.receive.streamed import Received
+from dicomnode.receive.streamed import INCOMING, Received
 from dicomnode.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,9 @@ class Acceptor:
         self.database = database
         self.listener = listener
         self.root: Path = settings.storage.path
+        # And across this node's processes: its receiving workers and the main one (STOW-RS).
+        self._file_locks = (FileLocks(self.root / INCOMING / ".locks")
+                            if settings.receive.processes > 1 else None)
 
     def accept(self, offer: Offer, file_meta: Callable[[Identifiers], bytes]) -> Accepted:
         """Store `offer` durably; `file_meta` gives the preamble and File Meta bytes."""
@@ -91,7 +95,9 @@ class Acceptor:
         relative = storage.relative_path(ids.study_uid, ids.series_uid, ids.sop_instance_uid)
         # One writer per SOP Instance at a time: of two copies sent at once, the second finds
         # the first committed and never replaces the file its row describes.
-        with _SOP_LOCKS.hold(ids.sop_instance_uid):
+        with _SOP_LOCKS.hold(ids.sop_instance_uid), (
+                contextlib.nullcontext() if self._file_locks is None
+                else self._file_locks.hold(ids.sop_instance_uid)):
             result = self._write_and_record(offer, ids, relative, file_meta)
         if result is None:
             return Accepted(ids, ingest.Outcome.DUPLICATE)

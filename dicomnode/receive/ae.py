@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
+import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from pynetdicom import AE
 
 from dicomnode.db.engine import Database
-from dicomnode.receive import admission, streamed
+from dicomnode.receive import admission, streamed, tuning
 from dicomnode.receive.handlers import ReceiveHandlers, ReceiveListener
+from dicomnode.receive.sockets import PreboundAssociationServer
 from dicomnode.receive.sop_classes import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION
 from dicomnode.receive.tls import start_tls_server
 from dicomnode.settings import Settings
@@ -41,14 +45,25 @@ def build_ae(settings: Settings) -> Any:
     return ae
 
 
+@dataclass(frozen=True)
+class Listening:
+    """Sockets already bound and listening (receive/sockets.py), for a receiving worker
+    process: served instead of binding `node.port` and `node.tls.port`."""
+
+    plain: socket.socket | None
+    tls: socket.socket | None
+
+
 class Receiver:
     """Listens for associations; `stop` stops accepting and lets stores in progress finish."""
 
     def __init__(
-        self, settings: Settings, database: Database, listener: ReceiveListener | None = None
+        self, settings: Settings, database: Database, listener: ReceiveListener | None = None,
+        listening: Listening | None = None,
     ) -> None:
         self.settings = settings
         self.handlers = ReceiveHandlers(settings, database, listener)
+        self._listening = listening
         self._ae: Any = None
         self._server: Any = None  # the plain listener (node.port), if any
         self._tls_server: Any = None  # the TLS listener (node.tls), if any
@@ -73,19 +88,40 @@ class Receiver:
     def start(self) -> tuple[str, int]:
         self.settings.storage.path.mkdir(parents=True, exist_ok=True)
         self._incoming = streamed.enable(self.settings.storage.path)
+        tuning.apply()
         self._ae = build_ae(self.settings)
         self.handlers.admission.start()
         node = self.settings.node
+        listening = self._listening
         if node.tls is not None:  # first: a bad certificate stops the start before binding
             self._tls_server = start_tls_server(
-                self._ae, node, self.handlers.bindings(), self.handlers.on_tls_refused)
+                self._ae, node, self.handlers.bindings(), self.handlers.on_tls_refused,
+                listening=None if listening is None else listening.tls)
         if node.port is not None:
-            self._server = self._ae.start_server(
-                (node.host, node.port),
-                block=False,
-                evt_handlers=self.handlers.bindings(),
-            )
+            if listening is None or listening.plain is None:
+                self._server = self._ae.start_server(
+                    (node.host, node.port),
+                    block=False,
+                    evt_handlers=self.handlers.bindings(),
+                )
+            else:
+                self._server = self._serve(listening.plain)
         return self.address
+
+    def is_receiving(self, study_uid: str) -> bool:
+        return self.handlers.is_receiving(study_uid)
+
+    def _serve(self, listening: socket.socket) -> Any:
+        """`AE.start_server(block=False)` on an inherited listening socket."""
+        server = self._ae.make_server(
+            (self.settings.node.host, self.settings.node.port),
+            evt_handlers=self.handlers.bindings(),
+            server_class=PreboundAssociationServer, listening=listening,
+        )
+        threading.Thread(target=server.serve_forever, name="dicom-acceptor",
+                         daemon=True).start()
+        self._ae._servers.append(server)  # as start_server does: shutdown() removes it
+        return server
 
     def active_associations(self) -> int:
         """Established associations. A connection that never sent a request (a port probe,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,10 @@ class ReceiveHandlers:
         self.in_flight = InFlight()
         self._associations: dict[Any, _AssociationLog] = {}
         self._lock = threading.Lock()
+        # Told the studies open associations are sending now, whenever that set changes
+        # (a receiving worker process tells the main one's assembler: receive/workers.py).
+        # Called with the lock held, so the calls arrive in the order of the changes.
+        self.receiving_changed: Callable[[frozenset[str]], None] | None = None
 
     def bindings(self) -> list[tuple[Any, Any]]:
         return [
@@ -167,6 +172,8 @@ class ReceiveHandlers:
         self.admission.closed(event.assoc)
         with self._lock:
             log = self._associations.pop(event.assoc, None)
+            if log is not None and log.current is not None:
+                self._publish_receiving()
         if log is None:
             return  # rejected, or already reported by an earlier end event
         logger.info(
@@ -174,6 +181,17 @@ class ReceiveHandlers:
             log.calling_ae, log.peer, log.stored, log.late, log.duplicates, log.refused,
         )
         self.acceptor.sender_finished(log.studies)
+
+    def _publish_receiving(self) -> None:
+        """With the lock held."""
+        if self.receiving_changed is None:
+            return
+        current = frozenset(log.current for log in self._associations.values()
+                            if log.current is not None)
+        try:
+            self.receiving_changed(current)
+        except Exception:
+            logger.exception("could not report the studies being received")
 
     def is_receiving(self, study_uid: str) -> bool:
         """Whether an open association is sending this study now (its latest instance was
@@ -232,7 +250,10 @@ class ReceiveHandlers:
         else:
             with streamed.open_received(path) as received:
                 accepted = self._accept(event, log, received.data, received)
-        log.current = accepted.ids.study_uid
+        if log.current != accepted.ids.study_uid:
+            with self._lock:
+                log.current = accepted.ids.study_uid
+                self._publish_receiving()
         if accepted.outcome is ingest.Outcome.DUPLICATE:
             log.duplicates += 1
         elif accepted.outcome is ingest.Outcome.LATE:

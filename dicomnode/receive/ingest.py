@@ -80,8 +80,11 @@ class HeldElsewhere(Exception):
 
 
 def held_path(database: Database, sop_instance_uid: str) -> str | None:
-    """The stored path (relative) of an instance already held, or None."""
-    with database.transaction() as session:
+    """The stored path (relative) of an instance already held, or None.
+
+    A plain read: the decision it feeds is taken again, under the write lock, by
+    `record_arrival` (its insert conflicts when another store committed meanwhile)."""
+    with database.reading() as session:
         path: str | None = session.scalar(
             select(Instance.path).where(Instance.sop_instance_uid == sop_instance_uid))
         return path

@@ -64,24 +64,26 @@ def disable(folder: Path) -> None:
         _folders.remove(folder)
 
 
-def discard_unfinished(folder: Path) -> int:
-    """Delete this process's streamed files still in `folder`; return how many.
+def discard_unfinished(folder: Path, pid: int | None = None) -> int:
+    """Delete this process's (or process `pid`'s) streamed files still in `folder`; return
+    how many.
 
     Called once the receiver has stopped and its stores have finished: a store renames its
     file away before it answers, so what is left is a transfer cut off by the shutdown, never
-    acknowledged. Only this process's files (its pid is in their names): other nodes may
-    share the storage folder and be receiving into it now.
+    acknowledged; and for a receiving worker process that died (receive/workers.py). Only
+    that process's files (its pid is in their names): other nodes and processes may share
+    the storage folder and be receiving into it now.
     """
     removed = 0
-    for path in folder.glob(f"{_prefix()}*.tmp"):
+    for path in folder.glob(f"{_prefix(pid)}*.tmp"):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
             removed += 1
     return removed
 
 
-def _prefix() -> str:
-    return f".in-{os.getpid()}-"
+def _prefix(pid: int | None = None) -> str:
+    return f".in-{os.getpid() if pid is None else pid}-"
 
 
 def _incoming_file(*, delete: bool = False, mode: str = "wb", suffix: str = "") -> IO[bytes]:

@@ -21,6 +21,7 @@ from typing import Any
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode import tls
+from dicomnode.receive.sockets import Prebound
 from dicomnode.settings import NodeSettings, NodeTlsSettings
 
 logger = logging.getLogger(__name__)
@@ -96,18 +97,24 @@ def _describe(exc: BaseException) -> str:
     return f"connection lost during the TLS handshake: {exc}"
 
 
+class PreboundTlsServer(Prebound, TlsAssociationServer):
+    """The TLS listener of a receiving worker process (receive/sockets.py)."""
+
+
 def start_tls_server(
     ae: Any, node: NodeSettings, evt_handlers: list[tuple[Any, Any]],
-    on_refused: RefusedHandler,
+    on_refused: RefusedHandler, listening: socket.socket | None = None,
 ) -> Any:
-    """Bind `node.tls.port` and serve it on a thread; the server is the AE's, so stopping the
-    AE (or `server.shutdown()`) stops it like the plain one."""
+    """Bind `node.tls.port` (or serve `listening`, already bound to it) on a thread; the
+    server is the AE's, so stopping the AE (or `server.shutdown()`) stops it like the plain
+    one."""
     assert node.tls is not None
     context = server_context(node.tls)
+    extra: dict[str, Any] = {} if listening is None else {"listening": listening}
     server = ae.make_server(
         (node.host, node.tls.port), ssl_context=context, evt_handlers=evt_handlers,
-        server_class=TlsAssociationServer, on_refused=on_refused,
-        handshake_timeout=node.network_timeout_seconds,
+        server_class=TlsAssociationServer if listening is None else PreboundTlsServer,
+        on_refused=on_refused, handshake_timeout=node.network_timeout_seconds, **extra,
     )
     thread = threading.Thread(target=server.serve_forever, name="dicom-tls-acceptor",
                               daemon=True)

@@ -20,6 +20,8 @@ pytestmark = pytest.mark.integration
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_ingest.py"
 DATABASES = ("sqlite", "postgres")
+# One and two receiving processes (receive.processes): "dicomnode sqlite", "... sqlite p2".
+NODES = (*DATABASES, *(f"{db} p2" for db in DATABASES))
 REFERENCES = ("storescp", "storescp --fork", "storescp --ignore")
 NUMBER = r"(\d+\.\d+)"
 
@@ -32,14 +34,15 @@ def test_quick_bench_reports_every_receiver_and_ratio(tmp_path: Path) -> None:
     # Four senders only: the aims are set for them, and each node start costs seconds.
     run = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--senders", "4", "--seed", "7",
-         "--databases", ",".join(DATABASES), "--workdir", str(tmp_path),
+         "--databases", ",".join(DATABASES), "--processes", "1,2",
+         "--workdir", str(tmp_path),
          "--storescu", storescu, "--storescp", storescp],
         capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = run.stdout
     assert "seed 7" in out and "repetition 1 order: " in out
 
-    for receiver in (*(f"dicomnode {db}" for db in DATABASES), *REFERENCES):
+    for receiver in (*(f"dicomnode {node}" for node in NODES), *REFERENCES):
         row = re.search(rf"^\s+4  {re.escape(receiver)}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}"
                         rf"\s+\d+\s+{NUMBER}\s+(\d+)$", out, re.MULTILINE)
         assert row is not None, f"no table row for {receiver}:\n{out}"
@@ -49,7 +52,7 @@ def test_quick_bench_reports_every_receiver_and_ratio(tmp_path: Path) -> None:
         if receiver.startswith("dicomnode"):
             assert cpu_ms > 0  # a Python node cannot take four images in under one tick
 
-    for db in DATABASES:
+    for db in NODES:
         for reference in REFERENCES:
             row = re.search(rf"^ratio {db}\s+4  dicomnode / {re.escape(reference)}\s+"
                             rf"{NUMBER}x\s+{NUMBER}-{NUMBER}\s+>=\d\.\dx\s+(yes|no)$",

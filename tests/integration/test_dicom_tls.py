@@ -74,8 +74,11 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     )
 
 
-@pytest.fixture(scope="module")
-def env(certs: Certs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+# Also with two receiving processes (receive/workers.py): both listeners are served by the
+# workers, from sockets the main process bound.
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-process", "two-processes"])
+def env(certs: Certs, tmp_path_factory: pytest.TempPathFactory,
+        request: pytest.FixtureRequest) -> Iterator[Env]:
     work = tmp_path_factory.mktemp("tls-node")
     url = f"sqlite:///{work / 'node.db'}"
     tls_port = free_port()
@@ -87,6 +90,7 @@ def env(certs: Certs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]
                       "require_client_certificate": True}},
         callers=[{"ae_title": "CAM1", "certificate_subject": PINNED}, {"ae_title": "CAM2"}],
         completeness={"quiet_seconds": 600},
+        receive={"processes": request.param},
     )
     with NodeProcess(config) as node:
         database = Database(url)

@@ -337,3 +337,25 @@ def test_a_refusal_keeps_its_audit_row_over_a_dropped_connection(
     handlers.acceptor.audit("refused", status=0xC210, detail="test")
     assert calls == ["refused", "refused"]
     assert _kinds(database) == [("refused", 0xC210)]
+
+
+def test_receiving_changed_reports_the_studies_being_sent(database: Database,
+                                                          tmp_path: Path) -> None:
+    """What a receiving worker process tells the main one's assembler (receive/workers.py):
+    the study an open association is sending, and nothing once it has ended."""
+    import pydicom
+
+    handlers = _handlers(database, tmp_path, min_free_mb=0)
+    reports: list[frozenset[str]] = []
+    handlers.receiving_changed = reports.append
+    sent = write_op(tmp_path / "a.dcm")
+    event = _event(sent)
+    assert handlers.on_store(event) == statuses.SUCCESS
+    study = str(pydicom.dcmread(sent).StudyInstanceUID)
+    assert reports == [frozenset({study})]
+    again = _event(write_op(tmp_path / "b.dcm", study_uid=study))
+    again.assoc = event.assoc  # the same association
+    assert handlers.on_store(again) == statuses.SUCCESS
+    assert len(reports) == 1  # the same study again: no change to report
+    handlers.on_ended(SimpleNamespace(assoc=event.assoc))
+    assert reports == [frozenset({study}), frozenset()]
