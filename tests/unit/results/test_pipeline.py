@@ -242,7 +242,8 @@ def test_crash_between_writing_and_recording_reencodes_with_the_same_uids(
     assert job_id is not None
     # The first attempt writes its files and "dies" before its transaction.
     info = pipeline._job(job_id)
-    folder, first_paths = pipeline._write(job_id, pipeline._build(info, PRESET_OUTPUTS))
+    folder = pipeline._attempt_folder(job_id)
+    first_paths = pipeline._write(folder, pipeline._build(info, PRESET_OUTPUTS))
     first = sorted(p.name for p in first_paths)
     assert _count(database, Result) == 0 and _count(database, Delivery) == 0
     [outcome] = pipeline.run_once()
