@@ -86,7 +86,8 @@ class Node:
         # and also polls its table, so a missed wake only delays work by one poll.
         self.results = ResultsPipeline(
             settings, self.database, catalog.registry, catalog.presets,
-            on_queued=self.dispatcher.wake, max_attempts=settings.results.max_attempts,
+            on_queued=self.dispatcher.wake, expecting=self.dispatcher.expecting,
+            max_attempts=settings.results.max_attempts,
             retry_seconds=settings.results.retry_seconds)
         self.results.start()
         processing = ProcessingService(

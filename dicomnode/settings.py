@@ -363,6 +363,9 @@ class DispatchSettings(_Strict):
     max_attempts: Annotated[int, Field(ge=1, le=1000)] = 10
     # Objects sent per destination over one association.
     batch_size: Annotated[int, Field(ge=1, le=10000)] = 50
+    # An association whose objects are sent waits at most this long for the rest of a result
+    # set this node is still encoding (its SR after its SEGs and overlays), then is released.
+    linger_seconds: Annotated[float, Field(ge=0)] = 5.0
     # How often the dispatcher looks for due deliveries (enqueue also wakes it at once).
     poll_seconds: Annotated[float, Field(gt=0)] = 5.0
     # A delivery left `sending` by a node that died is retried once this has passed.

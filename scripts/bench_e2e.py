@@ -14,8 +14,10 @@ image's C-STORE response (the node commits the instance row just before answerin
   completeness  last image -> study complete (both eyes present: at the association's end)
   queue         study complete -> a worker starts the job
   inference     job started -> job finished (decode, models, outputs stored)
-  encoding      job finished -> SR, SEG, overlays written and queued (incl. pipeline pickup)
-  sending       queued -> the PACS acknowledged the last object
+  encoding      job finished -> the result set recorded (incl. pipeline pickup): its SR
+                written and queued last; its SEGs and overlays are queued as each is built,
+                so most of them are usually sent within this span already
+  sending       result set recorded -> the PACS acknowledged the last object (what is left)
 and the aim, total <= inference + 1 s. Each node first processes one study untimed (ONNX
 sessions load on first use). Then, on the `--batch-preset` node, a batch of N studies, one
 storescu association each, sent back to back: studies per minute from the first image

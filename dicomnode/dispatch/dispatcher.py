@@ -6,6 +6,8 @@ dispatcher finds the pending rows, and rows a dead node left `sending` once thei
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import socket
@@ -13,7 +15,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -33,6 +35,14 @@ logger = logging.getLogger(__name__)
 
 # Never spin: a row due now that a pass did not claim (another node has it) waits this long.
 _MIN_WAIT_SECONDS = 0.05
+
+# Negotiated on every association besides the batch's own classes, so that a result set's
+# later objects (its SR after its SEGs and overlays) can follow on the same association.
+RESULT_SOP_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation
+    "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture
+)
 
 T = TypeVar("T")
 
@@ -62,6 +72,11 @@ class Dispatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pass_lock = threading.Lock()
+        # Result sets still being encoded in this process whose first objects are queued
+        # (`expecting`); while there are any, an association waits for their rest.
+        self._expected = 0
+        self._expected_lock = threading.Lock()
+        self._more = threading.Event()
 
     @property
     def calling_ae(self) -> str:
@@ -79,6 +94,45 @@ class Dispatcher:
 
     def wake(self) -> None:
         self._wake.set()
+        self._more.set()
+
+    @contextlib.contextmanager
+    def expecting(self) -> Iterator[None]:
+        """Held by the results pipeline from queueing a job's first objects until its last
+        ones are queued: an association sending the first waits (up to
+        `dispatch.linger_seconds`) for the rest, so a result set goes over one association."""
+        with self._expected_lock:
+            self._expected += 1
+        try:
+            yield
+        finally:
+            with self._expected_lock:
+                self._expected -= 1
+            self._more.set()
+
+    def _more_for(self, name: str, accepted: frozenset[str], budget: int,
+                  claimed: list[outbox.Claimed]) -> Sequence[tuple[int, Path]]:
+        """Deliveries to `name` due now that the open association can carry: at once if any,
+        else, while a result set is still being encoded here, as soon as they are queued
+        (at most `dispatch.linger_seconds` after the association fell idle)."""
+        dispatch = self.settings.dispatch
+        deadline = time.monotonic() + dispatch.linger_seconds
+        while not self._stop.is_set():
+            self._more.clear()
+            items = self._recording("claiming more deliveries", lambda: outbox.claim_due(
+                self.database, dispatch, self.owner, destination=name, sop_classes=accepted,
+                limit=budget))
+            if items:
+                claimed.extend(items)
+                storage = self.settings.storage.path
+                return [(i.id, _resolve(i.path, storage)) for i in items]
+            with self._expected_lock:
+                waiting = self._expected > 0
+            remaining = deadline - time.monotonic()
+            if not waiting or remaining <= 0:
+                return []
+            self._more.wait(remaining)
+        return []
 
     def run_once(self) -> PassResult:
         """Claim due rows, send them per destination over one association, record outcomes."""
@@ -117,9 +171,14 @@ class Dispatcher:
                 elif isinstance(destination, DestinationSettings):
                     # Each object is recorded sent as soon as the PACS answers its C-STORE,
                     # not after the batch: a crash later in the batch resends less.
+                    # Objects queued while the association is open (a result set's SR
+                    # after its images) follow on it rather than on a new one.
                     send_batch(destination, pairs, calling_ae=self.calling_ae,
                                settings=dispatch,
-                               on_outcome=lambda o: record(o.key, o.ok, o.error))
+                               on_outcome=lambda o: record(o.key, o.ok, o.error),
+                               also_propose=RESULT_SOP_CLASSES,
+                               more=functools.partial(self._more_for, name, claimed=claimed),
+                               limit=dispatch.batch_size)
                 else:  # DICOMweb: STOW-RS
                     for o in dicomweb.send_batch(name, destination, pairs):
                         record(o.key, o.ok, o.error)
@@ -166,6 +225,7 @@ class Dispatcher:
             return
         self._stop.set()
         self._wake.set()
+        self._more.set()
         self.database.wakeups.unsubscribe(wakeups.OUTBOX, self._wake)
         thread.join(timeout if timeout is not None else
                     self.settings.dispatch.network_timeout_seconds * 2)

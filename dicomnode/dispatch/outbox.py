@@ -8,7 +8,7 @@ Instance UID, so a resend after a crash does not duplicate the object).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -91,12 +91,19 @@ def enqueue(
 
 
 def claim_due(
-    database: Database, settings: DispatchSettings, owner: str, *, now: datetime | None = None
+    database: Database, settings: DispatchSettings, owner: str, *, now: datetime | None = None,
+    destination: str | None = None, sop_classes: Collection[str] | None = None,
+    limit: int | None = None,
 ) -> list[Claimed]:
     """Claim up to batch_size due rows per destination: pending rows whose time has come and
-    sending rows whose claim lapsed. Each claim counts as an attempt."""
+    sending rows whose claim lapsed. Each claim counts as an attempt.
+
+    `destination`, `sop_classes` and `limit` narrow it (more objects for an association that
+    is open to that destination and accepted those classes)."""
     when = now or utcnow()
     lease = timedelta(seconds=settings.lease_seconds)
+    per_destination_max = settings.batch_size if limit is None else min(limit,
+                                                                        settings.batch_size)
     with database.transaction() as session:
         query = (
             select(Delivery)
@@ -109,12 +116,16 @@ def claim_due(
             .order_by(Delivery.next_attempt_at, Delivery.id)
             .limit(settings.batch_size * 8)
         )
+        if destination is not None:
+            query = query.where(Delivery.destination == destination)
+        if sop_classes is not None:
+            query = query.where(Delivery.sop_class_uid.in_(sorted(sop_classes)))
         if not database.is_sqlite:
             query = query.with_for_update(skip_locked=True)
         claimed: list[Claimed] = []
         per_destination: dict[str, int] = {}
         for row in session.scalars(query):
-            if per_destination.get(row.destination, 0) >= settings.batch_size:
+            if per_destination.get(row.destination, 0) >= per_destination_max:
                 continue
             per_destination[row.destination] = per_destination.get(row.destination, 0) + 1
             if row.state == DeliveryState.SENDING:

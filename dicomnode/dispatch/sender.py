@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,11 @@ def _describe_failure(assoc: Association, where: str, rejected: bool) -> str:
     return f"could not connect to, or association aborted by, {where}"
 
 
+# More objects for an open association: (the SOP classes it accepted, how many more it may
+# carry) -> (key, path) pairs, or none to release it.
+More = Callable[[frozenset[str], int], Sequence[tuple[int, Path]]]
+
+
 def send_batch(
     destination: DestinationSettings,
     items: Sequence[tuple[int, Path]],
@@ -94,14 +99,19 @@ def send_batch(
     calling_ae: str,
     settings: DispatchSettings,
     on_outcome: Callable[[StoreOutcome], None] | None = None,
+    also_propose: Iterable[str] = (),
+    more: More | None = None,
+    limit: int | None = None,
 ) -> list[StoreOutcome]:
     """C-STORE `items` ((key, path) pairs) over one association; one outcome per item.
 
     `on_outcome` is called with each outcome as soon as it is known (e.g. the C-STORE
     response), before the next object is sent and before the association is released.
+    `also_propose`: SOP classes to negotiate besides the items' own, for objects `more` may
+    add. When the items are sent, `more` is asked for further objects before the
+    association is released (at most `limit` objects in all on one association).
     """
     where = _where(destination)
-    datasets: list[tuple[int, pydicom.Dataset]] = []
     outcomes: list[StoreOutcome] = []
 
     def done(outcome: StoreOutcome) -> None:
@@ -109,15 +119,20 @@ def send_batch(
         if on_outcome is not None:
             on_outcome(outcome)
 
-    for key, path in items:
-        try:
-            datasets.append((key, pydicom.dcmread(path)))
-        except (OSError, pydicom.errors.InvalidDicomError) as exc:
-            done(StoreOutcome(key, False, f"cannot read {path}: {exc}"))
+    def read(pairs: Sequence[tuple[int, Path]]) -> list[tuple[int, pydicom.Dataset]]:
+        loaded: list[tuple[int, pydicom.Dataset]] = []
+        for key, path in pairs:
+            try:
+                loaded.append((key, pydicom.dcmread(path)))
+            except (OSError, pydicom.errors.InvalidDicomError) as exc:
+                done(StoreOutcome(key, False, f"cannot read {path}: {exc}"))
+        return loaded
+
+    datasets = read(items)
     if not datasets:
         return outcomes
     ae = _ae(calling_ae, settings)
-    for sop_class in sorted({str(ds.SOPClassUID) for _, ds in datasets}):
+    for sop_class in sorted({str(ds.SOPClassUID) for _, ds in datasets} | set(also_propose)):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     assoc, rejected = _associate(ae, destination, max_pdu=0)
     if not assoc.is_established:
@@ -125,27 +140,40 @@ def send_batch(
         for key, _ in datasets:
             done(StoreOutcome(key, False, reason))
         return outcomes
+    accepted = frozenset(str(c.abstract_syntax) for c in assoc.accepted_contexts)
+    budget = len(datasets) if limit is None else max(limit, len(datasets))
     try:
-        for key, ds in datasets:
-            if not assoc.is_established:
-                done(StoreOutcome(key, False, f"association to {where} was lost"))
-                continue
-            try:
-                status = assoc.send_c_store(ds)
-            except (ValueError, RuntimeError) as exc:  # no accepted context, encoding
-                done(StoreOutcome(key, False, f"{where}: {exc}"))
-                continue
-            code = int(status.Status) if status is not None and "Status" in status else None
-            if code in _SUCCESS_OR_WARNING:
-                done(StoreOutcome(key, True))
-            elif code is None:
-                done(StoreOutcome(key, False, f"no C-STORE response from {where}"))
-            else:
-                done(StoreOutcome(key, False, f"{where} answered status 0x{code:04X}"))
+        while datasets:
+            budget -= len(datasets)
+            for key, ds in datasets:
+                _store(assoc, where, key, ds, done)
+            datasets = []
+            if more is not None and budget > 0 and assoc.is_established:
+                datasets = read(more(accepted, budget))
     finally:
         if assoc.is_established:
             assoc.release()
     return outcomes
+
+
+def _store(assoc: Association, where: str, key: int, ds: pydicom.Dataset,
+           done: Callable[[StoreOutcome], None]) -> None:
+    """One C-STORE on the open association, its outcome passed to `done`."""
+    if not assoc.is_established:
+        done(StoreOutcome(key, False, f"association to {where} was lost"))
+        return
+    try:
+        status = assoc.send_c_store(ds)
+    except (ValueError, RuntimeError) as exc:  # no accepted context, encoding
+        done(StoreOutcome(key, False, f"{where}: {exc}"))
+        return
+    code = int(status.Status) if status is not None and "Status" in status else None
+    if code in _SUCCESS_OR_WARNING:
+        done(StoreOutcome(key, True))
+    elif code is None:
+        done(StoreOutcome(key, False, f"no C-STORE response from {where}"))
+    else:
+        done(StoreOutcome(key, False, f"{where} answered status 0x{code:04X}"))
 
 
 def echo(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,14 +93,35 @@ def encode_objects(
     earlier: Earlier | None = None,
     fresh: Callable[[str], bool] | None = None,
 ) -> list[EncodedObject]:
-    """The job's objects in sending order: SEGs, then the SR (it references them), overlays.
+    """The job's objects: SEGs, then the SR (it references them), then overlays.
 
     `earlier` finds an earlier job's object by content UID (reused, not made again);
     `fresh(uid)` is False when a UID is on record but `earlier` cannot give its object (its
-    file is gone): then a new object with a job-specific UID is made instead.
+    file is gone): then a new object with a job-specific UID is made instead. The pipeline
+    calls the two halves itself (`encode_images`, then `encode_report`), so that the images'
+    objects can be on their way to the PACS while the report is built.
     """
-    objects: list[EncodedObject] = []
-    segs: list[Dataset] = []
+    images = list(encode_images(sources, results, outputs, seed=seed, earlier=earlier,
+                                fresh=fresh))
+    segs = [o for o in images if o.kind == SEG]
+    report = encode_report(sources, results, outputs, segs, node=node, seed=seed,
+                           predecessor=predecessor)
+    return [*segs, *([report] if report is not None else []),
+            *(o for o in images if o.kind == OVERLAY)]
+
+
+def encode_images(
+    sources: Sequence[Dataset],
+    results: JobResults,
+    outputs: OutputOptions,
+    *,
+    seed: str,
+    earlier: Earlier | None = None,
+    fresh: Callable[[str], bool] | None = None,
+) -> Iterator[EncodedObject]:
+    """The per-image objects the preset asks for, one at a time as each is built: SEGs (one
+    per source with masks), then overlays (one per analysed source). Nothing here depends on
+    the report."""
     # SEGs and overlays go into one series per eye (dicomnode.results.eye); instance numbers
     # count within each series.
     numbers: dict[tuple[str, str], int] = {}
@@ -126,22 +147,14 @@ def encode_objects(
             eye = eye_of(source, results.findings.get(uid))
             found, sop_uid = pick(SEG, uid, content_uid(SEG, source, masks))
             if found is not None:
-                segs.append(found)
-                objects.append(EncodedObject(SEG, found, uid, reused=True))
+                yield EncodedObject(SEG, found, uid, reused=True)
                 continue
             seg = build_segmentation(source, masks,
                                      series_instance_uid=_series_uid(seed, SEG, eye.series_key),
                                      series_number=900 + eye.series_offset,
                                      instance_number=next_number(SEG, eye.series_key),
                                      sop_instance_uid=sop_uid, eye=eye)
-            segs.append(seg)
-            objects.append(EncodedObject(SEG, seg, uid))
-    if outputs.sr:
-        sr = build_report(sources, results.findings, segs, node=node,
-                          series_instance_uid=derived_uid(seed, SR, "series"),
-                          sop_instance_uid=derived_uid(seed, SR),
-                          predecessor=predecessor)
-        objects.append(EncodedObject(SR, sr, None))
+            yield EncodedObject(SEG, seg, uid)
     if outputs.overlay:
         for source in sources:
             uid = str(source.SOPInstanceUID)
@@ -152,7 +165,7 @@ def encode_objects(
             eye = eye_of(source, findings)
             found, sop_uid = pick(OVERLAY, uid, content_uid(OVERLAY, source, masks, findings))
             if found is not None:
-                objects.append(EncodedObject(OVERLAY, found, uid, reused=True))
+                yield EncodedObject(OVERLAY, found, uid, reused=True)
                 continue
             overlay = build_overlay(
                 source, masks, findings,
@@ -160,5 +173,24 @@ def encode_objects(
                 series_number=902 + eye.series_offset,
                 instance_number=next_number(OVERLAY, eye.series_key),
                 sop_instance_uid=sop_uid, eye=eye)
-            objects.append(EncodedObject(OVERLAY, overlay, uid))
-    return objects
+            yield EncodedObject(OVERLAY, overlay, uid)
+
+
+def encode_report(
+    sources: Sequence[Dataset],
+    results: JobResults,
+    outputs: OutputOptions,
+    segs: Sequence[EncodedObject],
+    *,
+    node: NodeIdentity,
+    seed: str,
+    predecessor: Dataset | None = None,
+) -> EncodedObject | None:
+    """The study's SR over `segs` (this job's SEGs, made or reused), if the preset asks."""
+    if not outputs.sr:
+        return None
+    sr = build_report(sources, results.findings, [o.dataset for o in segs], node=node,
+                      series_instance_uid=derived_uid(seed, SR, "series"),
+                      sop_instance_uid=derived_uid(seed, SR),
+                      predecessor=predecessor)
+    return EncodedObject(SR, sr, None)

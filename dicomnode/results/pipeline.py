@@ -20,12 +20,13 @@ API or the console; all bookkeeping.retry) queues it again.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import shutil
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,6 +35,7 @@ from pathlib import Path
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from dicomnode.db import audit, wakeups
 from dicomnode.db.engine import Database
@@ -52,8 +54,15 @@ from dicomnode.inference.outputs import read_index
 from dicomnode.redact import safe_error
 from dicomnode.registry.registry import Registry
 from dicomnode.results.bookkeeping import ENCODABLE, work_list
-from dicomnode.results.encode import OVERLAY, SEG, SR, EncodedObject, encode_objects
-from dicomnode.results.job_outputs import results_from_outputs
+from dicomnode.results.encode import (
+    OVERLAY,
+    SEG,
+    SR,
+    EncodedObject,
+    encode_images,
+    encode_report,
+)
+from dicomnode.results.job_outputs import JobResults, results_from_outputs
 from dicomnode.results.sr import NodeIdentity
 from dicomnode.results.uids import COMPREHENSIVE_SR_STORAGE
 from dicomnode.routing.catalog import Catalog
@@ -89,6 +98,18 @@ class _JobInfo:
     created_at: str
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    """What a job's objects are made from."""
+
+    sources: list[Dataset]
+    results: JobResults
+    seed: str  # the job's UIDs derive from it
+    load: Callable[[str, str], Dataset | None]  # an object on record, by kind and UID
+    fresh: Callable[[str], bool]  # False: the UID is on record but its file cannot be read
+    predecessor: Dataset | None
+
+
 class ResultsPipeline:
     """Encodes finished jobs and queues the objects for the preset's destinations."""
 
@@ -100,6 +121,7 @@ class ResultsPipeline:
         presets: PresetSet,
         *,
         on_queued: Callable[[], None] | None = None,
+        expecting: Callable[[], contextlib.AbstractContextManager[None]] | None = None,
         poll_seconds: float | None = None,
         max_attempts: int | None = None,
         retry_seconds: float | None = None,
@@ -112,6 +134,9 @@ class ResultsPipeline:
         self.node = NodeIdentity.for_node(settings.node.ae_title)
         # Called after a commit that queued deliveries (the dispatcher's wake).
         self.on_queued = on_queued
+        # Held while a job's first objects are queued and its report is still being built
+        # (the dispatcher's `expecting`: it keeps its association open for the rest).
+        self.expecting = expecting
         self.poll_seconds = poll_seconds or settings.inference.poll_seconds
         # Unset: the `results` settings (tests pass retry_seconds=0 to retry at once).
         self.max_attempts = (settings.results.max_attempts if max_attempts is None
@@ -241,21 +266,23 @@ class ResultsPipeline:
                 if not self._stop.is_set()]
 
     def encode_job(self, job_id: int) -> EncodeOutcome:
-        """Encode one finished job; never raises for a bad job (the failure is recorded)."""
+        """Encode one finished job; never raises for a bad job (the failure is recorded).
+
+        In two steps, so that the PACS receives the large objects while the report is built:
+        the per-image objects (SEGs, overlays) are written, recorded and queued in a first
+        transaction, which wakes the dispatcher; then the SR (it references the SEGs) is
+        built, written, and recorded and queued with the result set (`encoded`) in a second.
+        A job that fails or dies between the two keeps its first objects (recorded, maybe
+        sent) and its next attempt uses them, as it uses an earlier job's unchanged ones.
+        """
         started = utcnow()
         try:
             info = self._job(job_id)
             if self._already_encoded(job_id):
                 return EncodeOutcome(job_id, "already")
             outputs, destinations = self._preset_options(info)
-            objects = self._build(info, outputs)
-            folder, paths = self._write(job_id, objects)
-            try:
-                queued = self._commit(info, objects, paths, folder, destinations, started)
-            except BaseException:
-                self._tidy(folder, keep=False)
-                raise
-            self._tidy(folder, keep=queued is not None)
+            with self._expecting():
+                objects, queued = self._encode(info, outputs, destinations, started)
         except Exception as exc:  # any encoder or file error: record it, keep the node up
             logger.exception("job %d: encoding results failed", job_id)
             error = safe_error(exc)
@@ -270,6 +297,14 @@ class ResultsPipeline:
                     "queued", job_id, len(made), len(objects) - len(made), queued)
         return EncodeOutcome(job_id, ResultSetState.ENCODED, len(made), queued,
                              reused=len(objects) - len(made))
+
+    @contextlib.contextmanager
+    def _expecting(self) -> Iterator[None]:
+        if self.expecting is None:
+            yield
+            return
+        with self.expecting():
+            yield
 
     # -- steps -------------------------------------------------------------------------------
 
@@ -298,7 +333,82 @@ class ResultsPipeline:
             raise EncodingError(f"job {info.id}: preset '{info.preset}' is no longer loaded")
         return preset.outputs, list(preset.destinations)
 
-    def _build(self, info: _JobInfo, outputs: OutputOptions) -> list[EncodedObject]:
+    def _encode(
+        self, info: _JobInfo, outputs: OutputOptions, destinations: list[str],
+        started: datetime,
+    ) -> tuple[list[EncodedObject], int | None]:
+        """Both steps (encode_job); returns the objects and the deliveries queued (None:
+        someone else encoded the job first).
+
+        The first step goes in parts, each written, recorded and queued by a writer thread
+        as soon as it is built (the SEGs together, then each overlay), while this thread
+        builds the next part and then the report (CPU): the disk, the database and the PACS
+        work meanwhile.
+        """
+        inputs = self._inputs(info)
+        folder = self._attempt_folder(info.id)
+        images: list[EncodedObject] = []
+        parts: list[futures.Future[tuple[list[Path], int, bool]]] = []
+        recorded = False
+        try:
+            with futures.ThreadPoolExecutor(1, thread_name_prefix="encode-write") as writer:
+                def queue_part(part: list[EncodedObject]) -> None:
+                    parts.append(writer.submit(self._write_and_queue, info, list(part),
+                                               folder, destinations))
+                    part.clear()
+
+                try:
+                    part: list[EncodedObject] = []
+                    for obj in encode_images(inputs.sources, inputs.results, outputs,
+                                             seed=inputs.seed, earlier=inputs.load,
+                                             fresh=inputs.fresh):
+                        if part:
+                            queue_part(part)
+                        part.append(obj)
+                        images.append(obj)
+                    if part:
+                        queue_part(part)
+                    report = encode_report(
+                        inputs.sources, inputs.results, outputs,
+                        [o for o in images if o.kind == SEG], node=self.node,
+                        seed=inputs.seed, predecessor=inputs.predecessor)
+                finally:
+                    first_paths, first_queued, recorded, error = self._wait_parts(parts)
+            if error is not None:
+                raise error
+            last = [report] if report is not None else []
+            last_paths = self._write(folder, last)
+            objects = [*images, *last]
+            queued = self._commit(info, objects, [*first_paths, *last_paths], folder,
+                                  destinations, started, recorded=len(images))
+        except BaseException:
+            # Files a part recorded stay (rows point at them, deliveries may be under way);
+            # otherwise the attempt leaves nothing behind.
+            self._tidy(info.id, folder, keep=recorded)
+            raise
+        self._tidy(info.id, folder, keep=True)
+        return objects, None if queued is None else first_queued + queued
+
+    @staticmethod
+    def _wait_parts(parts: list[futures.Future[tuple[list[Path], int, bool]]]
+                    ) -> tuple[list[Path], int, bool, BaseException | None]:
+        """Every part's outcome, once all have ended: the paths in order, the deliveries
+        queued, whether any rows were recorded, and the first part's error."""
+        paths: list[Path] = []
+        queued, recorded = 0, False
+        error: BaseException | None = None
+        for future in parts:
+            try:
+                part_paths, part_queued, part_recorded = future.result()
+            except BaseException as exc:  # raised by the caller, after every part ended
+                error = error or exc
+                continue
+            paths += part_paths
+            queued += part_queued
+            recorded |= part_recorded
+        return paths, queued, recorded, error
+
+    def _inputs(self, info: _JobInfo) -> _Inputs:
         folder = self.storage_root / info.output_path
         index = read_index(folder)
         uids = [str(u) for u in index.get("images", [])]
@@ -317,20 +427,29 @@ class ResultsPipeline:
                                info.id, kind, uid, exc)
                 return None
 
-        return encode_objects(
-            sources, results, outputs, node=self.node,
-            seed=f"{info.study_uid}|job {info.id}|{info.created_at}",
-            predecessor=self._predecessor(info),
-            earlier=load, fresh=lambda uid: uid not in on_record,
-        )
+        return _Inputs(sources, results,
+                            seed=f"{info.study_uid}|job {info.id}|{info.created_at}",
+                            load=load, fresh=lambda uid: uid not in on_record,
+                            predecessor=self._predecessor(info))
+
+    def _build(self, info: _JobInfo, outputs: OutputOptions) -> list[EncodedObject]:
+        """All of a job's objects in memory, in one go (profiling, tests): SEGs, overlays, SR."""
+        inputs = self._inputs(info)
+        images = list(encode_images(inputs.sources, inputs.results, outputs, seed=inputs.seed,
+                                    earlier=inputs.load, fresh=inputs.fresh))
+        report = encode_report(inputs.sources, inputs.results, outputs,
+                               [o for o in images if o.kind == SEG], node=self.node,
+                               seed=inputs.seed, predecessor=inputs.predecessor)
+        return [*images, *([report] if report is not None else [])]
 
     def _earlier_objects(self, info: _JobInfo) -> tuple[dict[str, tuple[str, str]], set[str]]:
-        """SEGs and overlays of the study's earlier jobs (uid -> kind, path), and every result
-        UID on record: a re-run reuses an unchanged object rather than sending a copy."""
+        """SEGs and overlays on record for the study (uid -> kind, path): an earlier job's,
+        or this job's from an attempt that stopped after its first step; and every result UID
+        on record: a re-run or a retry reuses an unchanged object rather than sending a copy."""
         with self.database.transaction() as session:
             rows = session.execute(
                 select(Result.sop_instance_uid, Result.kind, Result.path)
-                .where(Result.study_uid == info.study_uid, Result.job_id != info.id)
+                .where(Result.study_uid == info.study_uid)
             ).all()
         earlier = {str(uid): (str(kind), str(path)) for uid, kind, path in rows
                    if kind in (SEG, OVERLAY)}
@@ -367,44 +486,92 @@ class ResultsPipeline:
         previous.SOPClassUID = COMPREHENSIVE_SR_STORAGE
         return previous
 
-    def _write(self, job_id: int, objects: list[EncodedObject]) -> tuple[Path, list[Path]]:
-        """Write the objects to a folder of this attempt: `results/<job id>/<token>/`.
+    def _attempt_folder(self, job_id: int) -> Path:
+        """A folder of this attempt: `results/<job id>/<token>/`.
 
-        Nothing refers to the folder until the commit records it, so an attempt that dies
-        leaves only an unreferenced folder (removed by the next successful attempt), and two
-        nodes racing on one job never overwrite the files of the one that committed.
+        Nothing refers to the folder until a commit records files in it, so an attempt that
+        dies before leaves only an unreferenced folder (removed by the next successful
+        attempt), and two nodes racing on one job never overwrite each other's files.
         """
         folder = self.storage_root / RESULTS_FOLDER / str(job_id) / uuid.uuid4().hex[:12]
         folder.mkdir(parents=True)
-        try:
-            names = [f"{o.kind}-{o.sop_instance_uid}.dcm" for o in objects]
-            for obj, name in zip(objects, names, strict=True):
-                if obj.reused:
-                    continue  # an earlier job's file, already recorded and sent
-                obj.dataset.save_as(folder / name, enforce_file_format=True)
-                fsync_path(folder / name)
-            fsync_path(folder)
-            fsync_path(folder.parent)
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
-        return folder, [folder / name for name in names]
+        fsync_path(folder.parent)
+        return folder
 
-    @staticmethod
-    def _tidy(folder: Path, *, keep: bool) -> None:
-        """After the commit: drop other attempts' folders (keep=True), or this one."""
+    def _write(self, folder: Path, objects: list[EncodedObject]) -> list[Path]:
+        """Write the objects (each fsync'd, then the folder) and return their paths; an
+        object reused from an earlier job or attempt keeps its own path (not written)."""
+        paths = [folder / f"{o.kind}-{o.sop_instance_uid}.dcm" for o in objects]
+        written = []
+        for obj, path in zip(objects, paths, strict=True):
+            if not obj.reused:
+                obj.dataset.save_as(path, enforce_file_format=True)
+                written.append(path)
+        for path in written:
+            fsync_path(path)
+        if written:
+            fsync_path(folder)
+        return paths
+
+    def _write_and_queue(
+        self, info: _JobInfo, objects: list[EncodedObject], folder: Path,
+        destinations: list[str],
+    ) -> tuple[list[Path], int, bool]:
+        """A part of the first step: per-image objects written, recorded and queued (no result set
+        yet: the job is still `waiting` for its report), and the dispatcher woken."""
+        paths = self._write(folder, objects)
+        if all(o.reused for o in objects):
+            return paths, 0, False
+        with self.database.transaction() as session:
+            queued = self._record(session, info, objects, paths, destinations, utcnow())
+        if queued and self.on_queued is not None:
+            self.on_queued()
+        return paths, queued, True
+
+    def _record(
+        self, session: Session, info: _JobInfo, objects: list[EncodedObject],
+        paths: list[Path], destinations: list[str], now: datetime,
+    ) -> int:
+        """Result rows and outbox rows for the objects made by this attempt; returns how
+        many deliveries were queued."""
+        queued = 0
+        for obj, path in zip(objects, paths, strict=True):
+            if obj.reused:
+                continue
+            session.add(Result(
+                job_id=info.id, study_uid=info.study_uid, kind=obj.kind,
+                sop_instance_uid=obj.sop_instance_uid,
+                sop_class_uid=str(obj.dataset.SOPClassUID),
+                series_instance_uid=str(obj.dataset.SeriesInstanceUID),
+                source_uid=obj.source_uid,
+                path=path.relative_to(self.storage_root).as_posix(), created_at=now,
+            ))
+            if destinations:
+                queued += len(outbox.enqueue(
+                    session, path, destinations,
+                    known_destinations=self.settings.destinations.keys(), now=now))
+        return queued
+
+    def _tidy(self, job_id: int, folder: Path, *, keep: bool) -> None:
+        """After an attempt: drop this attempt's folder (keep=False), or (keep=True) the
+        other attempts' folders that hold no file on record."""
         if not keep:
             shutil.rmtree(folder, ignore_errors=True)
             return
+        with self.database.transaction() as session:
+            recorded = {(self.storage_root / p).parent for p in session.scalars(
+                select(Result.path).where(Result.job_id == job_id))}
         for other in folder.parent.iterdir():
-            if other != folder:
+            if other != folder and other not in recorded:
                 shutil.rmtree(other, ignore_errors=True)
 
     def _commit(
         self, info: _JobInfo, objects: list[EncodedObject], paths: list[Path], folder: Path,
-        destinations: list[str], started: datetime,
+        destinations: list[str], started: datetime, *, recorded: int = 0,
     ) -> int | None:
-        """Record the objects and queue them, in one transaction; None if already encoded."""
+        """Record the objects after the first `recorded` (those are on record already) and
+        queue them, with the result set `encoded`, in one transaction; None if already
+        encoded."""
         relative_folder = folder.relative_to(self.storage_root).as_posix()
         with self.database.transaction() as session:
             result_set = session.scalar(select(ResultSet).where(ResultSet.job_id == info.id))
@@ -420,27 +587,14 @@ class ResultsPipeline:
             result_set.folder = relative_folder
             result_set.started_at = started
             result_set.finished_at = now
-            queued = 0
-            for obj, path in zip(objects, paths, strict=True):
-                if obj.reused:
-                    continue
-                session.add(Result(
-                    job_id=info.id, study_uid=info.study_uid, kind=obj.kind,
-                    sop_instance_uid=obj.sop_instance_uid,
-                    sop_class_uid=str(obj.dataset.SOPClassUID),
-                    series_instance_uid=str(obj.dataset.SeriesInstanceUID),
-                    source_uid=obj.source_uid,
-                    path=path.relative_to(self.storage_root).as_posix(), created_at=now,
-                ))
-                if destinations:
-                    queued += len(outbox.enqueue(
-                        session, path, destinations,
-                        known_destinations=self.settings.destinations.keys(), now=now))
+            queued = self._record(session, info, objects[recorded:], paths[recorded:],
+                                  destinations, now)
             kinds = ", ".join(f"{sum(o.kind == k and not o.reused for o in objects)} {k}"
                               for k in ("seg", "sr", "overlay"))
             reused = sum(o.reused for o in objects)
             if reused:
-                kinds += f" ({reused} unchanged object(s) of an earlier job kept, not sent again)"
+                kinds += (f" ({reused} unchanged object(s) of an earlier job or attempt kept, "
+                          "not sent again)")
             audit.record(session, "results-encoded", actor="results", study_uid=info.study_uid,
                          detail=f"job {info.id}: {kinds}; queued for "
                                 f"{', '.join(destinations) or 'no destination'}")

@@ -29,6 +29,18 @@ class StoreScp:
     port: int
     sleep_after: int = 0
     process: subprocess.Popen[bytes] | None = None
+    # `-v`: the log names every association it receives (`associations()` counts them).
+    verbose: bool = False
+
+    @property
+    def log_path(self) -> Path:
+        return self.folder.parent / f"storescp-{self.port}.log"
+
+    def associations(self) -> int:
+        """Associations accepted so far (needs `verbose`; the readiness probe of `start`, a
+        bare TCP connection, is logged as received but never acknowledged)."""
+        text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        return text.count("Association Acknowledged")
 
     def start(self, timeout: float = 15.0) -> StoreScp:
         binary = require_tool("storescp", "dcmtk")
@@ -37,7 +49,9 @@ class StoreScp:
                 "-pdu", "131072"]
         if self.sleep_after:
             args += ["--sleep-after", str(self.sleep_after)]
-        log = (self.folder.parent / f"storescp-{self.port}.log").open("ab")
+        if self.verbose:
+            args.append("-v")
+        log = self.log_path.open("ab")
         self.process = subprocess.Popen([*args, str(self.port)], stdout=log,
                                         stderr=subprocess.STDOUT)
         log.close()

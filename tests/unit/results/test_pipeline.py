@@ -242,7 +242,8 @@ def test_crash_between_writing_and_recording_reencodes_with_the_same_uids(
     assert job_id is not None
     # The first attempt writes its files and "dies" before its transaction.
     info = pipeline._job(job_id)
-    folder, first_paths = pipeline._write(job_id, pipeline._build(info, PRESET_OUTPUTS))
+    folder = pipeline._attempt_folder(job_id)
+    first_paths = pipeline._write(folder, pipeline._build(info, PRESET_OUTPUTS))
     first = sorted(p.name for p in first_paths)
     assert _count(database, Result) == 0 and _count(database, Delivery) == 0
     [outcome] = pipeline.run_once()
@@ -259,3 +260,54 @@ def test_crash_between_writing_and_recording_reencodes_with_the_same_uids(
 
 
 PRESET_OUTPUTS = OutputOptions(sr=True, seg=True, overlay=True)
+
+
+def test_report_failing_after_the_images_were_queued_keeps_them_and_the_retry_reuses_them(
+    env: tuple[Settings, Database, Path], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The per-image objects are recorded and queued before the SR is built; an SR that
+    fails leaves them queued (the PACS may have them already), the result set `failed`, and
+    the next attempt makes only the SR: no second row, delivery or file of any image object."""
+    import dicomnode.results.pipeline as pipeline_module
+
+    settings, database, storage = env
+    service, pipeline = _parts(settings, database, retry_seconds=0, max_attempts=2)
+    uid, _ = add_study(database, storage, [200, 180])
+    service.on_study_complete(uid)
+    job_id = service.run_once()
+    assert job_id is not None
+    real = pipeline_module.encode_report
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("report builder broke")
+
+    monkeypatch.setattr(pipeline_module, "encode_report", broken)
+    [failed] = pipeline.run_once()
+    assert failed.state == "failed" and "report builder broke" in str(failed.error)
+    first = _rows(database, job_id)
+    assert sorted(r.kind for r in first) == ["overlay"] * 2 + ["seg"] * 2
+    with database.transaction() as session:
+        queued = sorted(session.scalars(select(Delivery.sop_instance_uid)))
+        assert session.scalars(select(ResultSet.state)).one() == "failed"
+    assert queued == sorted(r.sop_instance_uid for r in first)
+    for row in first:
+        assert (storage / row.path).is_file()
+
+    monkeypatch.setattr(pipeline_module, "encode_report", real)
+    [again] = pipeline.run_once()
+    assert (again.state, again.objects, again.reused, again.deliveries) == ("encoded", 1, 4, 1)
+    rows = _rows(database, job_id)
+    assert [(r.sop_instance_uid, r.path) for r in rows[:4]] == [
+        (r.sop_instance_uid, r.path) for r in first]
+    assert sorted(r.kind for r in rows) == ["overlay"] * 2 + ["seg"] * 2 + ["sr"]
+    assert _count(database, Delivery) == 5
+    for row in rows:  # the first attempt's folder stays: its files are on record
+        assert (storage / row.path).is_file()
+    # The SR references the SEGs the first attempt made.
+    [sr_row] = [r for r in rows if r.kind == "sr"]
+    sr = hd.sr.srread(storage / sr_row.path)
+    evidence = {ref.ReferencedSOPInstanceUID
+                for study in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence
+                for ref in series.ReferencedSOPSequence}
+    assert {r.sop_instance_uid for r in rows if r.kind == "seg"} <= evidence
