@@ -73,7 +73,7 @@ FINAL_BOUND = 60.0
 def _node_config(tmp_path: Path, db_url: str, pacs_port: int) -> Path:
     registry = tmp_path / "registry"
     # seg -> slow-b, slow-c -> total: the slow models keep the job running for a while.
-    write_diamond(registry, slow_repeats=40)
+    write_diamond(registry, slow_repeats=120)
     presets = tmp_path / "presets"
     presets.mkdir()
     (presets / "screening.yaml").write_text(yaml.safe_dump({
