@@ -1,0 +1,52 @@
+"""scripts/train_idrid_lesion_context.py trains lesion-seg 1.1.0's context network on sampled
+pixels; the exported graph runs it densely. These check that both give the same numbers and
+that the quarter-turn / flip augmentation moves the pixel coordinates with the maps."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+ctx: Any = pytest.importorskip("train_idrid_lesion_context")
+
+
+def test_sampled_pixels_match_the_dense_network() -> None:
+    from torch.nn import functional as F
+
+    torch.manual_seed(3)
+    net = ctx.build_context_net(ctx.FEATURES, 4).eval()
+    size = 128
+    feats = torch.randn(2, ctx.FEATURES, size, size)
+    rows = torch.randint(0, size, (2, 40))
+    cols = torch.randint(0, size, (2, 40))
+    with torch.no_grad():
+        dense = net(feats)
+        at = torch.stack([feats[i][:, rows[i], cols[i]] for i in range(2)])
+        where = torch.stack([(2 * cols + 1) / size - 1, (2 * rows + 1) / size - 1], dim=-1)
+        sampled = net.points(F.avg_pool2d(feats, 4), at, where.float())
+    expected = torch.stack([dense[i][:, rows[i], cols[i]] for i in range(2)])
+    assert torch.allclose(sampled, expected, atol=1e-5)
+
+
+def test_turned_and_flipped_coordinates_follow_the_maps() -> None:
+    size = ctx.SIZE
+    small = size // 4
+    # pooled map whose value at (r, c) encodes the full-size block; points at block centres
+    grid = np.arange(small * small, dtype=np.float32).reshape(1, small, small)
+    rows = np.array([2, 100, 765]) // 4 * 4 + 1
+    cols = np.array([7, 700, 3]) // 4 * 4 + 2
+    ids = np.arange(3, dtype=np.float32)[None]  # as the pixel "responses": their order
+    version = ctx.Version(grid, ids, np.zeros((4, 3), np.float32), rows, cols)
+    for seed in range(8):
+        pooled, picked, _, where = ctx.batch([version], 1, np.random.default_rng(seed))
+        order = picked[0, 0].numpy().astype(int)  # the batch's own pixel order
+        x = ((where[0, :, 0].numpy() + 1) * size - 1) / 2  # full-size pixel coordinates
+        y = ((where[0, :, 1].numpy() + 1) * size - 1) / 2
+        found = pooled[0, 0].numpy()[np.round(y).astype(int) // 4, np.round(x).astype(int) // 4]
+        assert np.array_equal(found, grid[0, rows[order] // 4, cols[order] // 4])
