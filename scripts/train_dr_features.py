@@ -1046,8 +1046,11 @@ def manifests(args: argparse.Namespace) -> None:
         old["requirements"] = {"colour": "colour", "min_width": 512, "min_height": 512}
         old["inputs"][0]["size"] = [SIZE, SIZE]
         if GRAPH == "upstream":
+            # fitted_on: the resolver refuses a graph whose lesion-seg is another version.
             old["inputs"] = [image_input(), *({"name": name, "from": f"lesion-seg.{name}",
-                                                "dtype": "float32"} for name in LESIONS)]
+                                                "dtype": "float32",
+                                                "fitted_on": {"lesion-seg": LESION_VERSION}}
+                                               for name in LESIONS)]
         for o in old["outputs"]:
             if o["name"].startswith("referable"):
                 o["threshold"] = entry["threshold"]

@@ -24,6 +24,7 @@ from dicomnode.registry.manifest import (
     OutputRef,
     UpstreamInput,
     input_source_problem,
+    input_version_problem,
 )
 from dicomnode.registry.registry import ModelEntry, Registry, parse_model_ref
 
@@ -39,13 +40,13 @@ def resolve(selection: Selection, registry: Registry) -> ResolvedGraph:
     # Switching a model off also drops what cannot run without it; repeat, because dropping
     # one model changes which alternatives the others use.
     while True:
-        chosen, defaults = _close(explicit, pins, excluded, registry)
+        chosen, defaults = _close_fitted(explicit, pins, excluded, registry)
         stranded = sorted(set(chosen) & excluded)
         if not stranded:
             break
         dropped = False
         for model_id in sorted(explicit):
-            alone, _ = _close({model_id}, pins, excluded, registry)
+            alone, _ = _close_fitted({model_id}, pins, excluded, registry)
             needed = sorted(set(alone) & excluded)
             if needed:
                 explicit.discard(model_id)
@@ -199,6 +200,39 @@ def _hard_dependencies(manifest: Manifest) -> list[str]:
     return sorted(ids)
 
 
+def _close_fitted(
+    explicit: Iterable[str],
+    pins: dict[str, str | None],
+    excluded: set[str],
+    registry: Registry,
+) -> tuple[dict[str, ModelEntry], dict[str, str]]:
+    """`_close`, with an unpinned source held at the version its consumers were fitted on.
+
+    A model selected without a version means "the latest that fits": when every consumer in
+    the graph that declares `fitted_on` for it names the same version, that version is taken
+    (e.g. lesion-seg with dr-grade fitted on an older lesion-seg). A user's pin is kept; a
+    disagreement is left for `_check_inputs` to refuse, naming both.
+    """
+    held = dict(pins)
+    for _ in range(len(registry.known_ids()) + 1):
+        chosen, defaults = _close(explicit, held, excluded, registry)
+        wanted: dict[str, set[str]] = {}
+        for entry in chosen.values():
+            for spec in entry.manifest.upstream_inputs:
+                for source, version in spec.fitted_on.items():
+                    wanted.setdefault(source, set()).add(version)
+        moves = {
+            source: next(iter(versions))
+            for source, versions in wanted.items()
+            if source in chosen and len(versions) == 1 and pins.get(source) is None
+            and held.get(source) is None and chosen[source].version not in versions
+        }
+        if not moves:
+            return chosen, defaults
+        held.update(moves)
+    return chosen, defaults  # pragma: no cover - each pass holds at least one more source
+
+
 def _close(
     explicit: Iterable[str],
     pins: dict[str, str | None],
@@ -214,7 +248,8 @@ def _close(
             model_id = stack.pop()
             for dep in _hard_dependencies(chosen[model_id].manifest):
                 if dep not in chosen:
-                    chosen[dep] = _entry(dep, pins.get(dep), registry, model_id)
+                    version = pins.get(dep) or _fitted_version(chosen[model_id].manifest, dep)
+                    chosen[dep] = _entry(dep, version, registry, model_id)
                     stack.append(dep)
         pending = [
             (model_id, spec)
@@ -226,8 +261,17 @@ def _close(
             return chosen, defaults
         model_id, spec = pending[0]
         source = _default_source(model_id, spec, excluded, registry, chosen)
-        chosen[source.model] = _entry(source.model, pins.get(source.model), registry, model_id)
+        version = pins.get(source.model) or spec.fitted_on.get(source.model)
+        chosen[source.model] = _entry(source.model, version, registry, model_id)
         defaults[source.model] = f"default source of {model_id}.{spec.name}"
+
+
+def _fitted_version(manifest: Manifest, source: str) -> str | None:
+    """The version of `source` the consumer's inputs were fitted on, when they name one."""
+    for spec in manifest.upstream_inputs:
+        if source in spec.fitted_on:
+            return spec.fitted_on[source]
+    return None
 
 
 def _default_source(
@@ -323,7 +367,9 @@ def _check_inputs(
         specs = {spec.name: spec for spec in chosen[consumer].manifest.upstream_inputs}
         for name, ref in sorted(inputs.items()):
             source = chosen[ref.model].manifest
-            problem = input_source_problem(specs[name], ref, source)
+            problem = input_source_problem(specs[name], ref, source) or input_version_problem(
+                specs[name], ref, source
+            )
             if problem is not None:
                 raise ResolutionError(
                     f"{consumer}: {problem}; pick a version of {ref.model} that fits",

@@ -178,6 +178,20 @@ class UpstreamInput(_Strict):
     # True: the source mask thresholded at the source's own threshold (1 / 0), not its
     # probability; a consumer then agrees with what the source reports, whichever model feeds it.
     binarise: bool = False
+    # Source model id -> the version whose outputs this model was fitted on (learned heads
+    # read raw maps: another version's maps would give wrong answers without any error).
+    fitted_on: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _fitted_on_names_a_source(self) -> UpstreamInput:
+        named = {r.model for r in self.sources}
+        for model in self.fitted_on:
+            if model not in named:
+                raise ValueError(
+                    f"fitted_on names '{model}', which is not one of this input's 'from' "
+                    f"models ({', '.join(sorted(named))})"
+                )
+        return self
 
     @field_validator("sources", mode="before")
     @classmethod
@@ -544,4 +558,19 @@ def input_source_problem(spec: UpstreamInput, ref: OutputRef, source: Manifest) 
             "only a mask has a threshold"
         )
     return None
+
+
+def input_version_problem(spec: UpstreamInput, ref: OutputRef, source: Manifest) -> str | None:
+    """Why `source`'s version cannot feed `spec` (it was fitted on another), or None.
+
+    Checked on a resolved graph, not when the registry loads: an older source version, pinned,
+    can still feed a consumer fitted on it.
+    """
+    wanted = spec.fitted_on.get(ref.model)
+    if wanted is None or wanted == source.version:
+        return None
+    return (
+        f"input '{spec.name}' was fitted on {ref.model}@{wanted}'s output '{ref.output}', "
+        f"but the graph has {source.key}"
+    )
 
