@@ -64,13 +64,18 @@ def _reference(executor: GraphExecutor, registry: Registry, graph: Any,
 
 
 # vessel-seg and vessel-seg-classic conflict: the second graph feeds vessel-metrics from the
-# classic one.
-@pytest.mark.parametrize("classic", [False, True], ids=["all-but-classic", "classic"])
+# classic one. Ids, not pinned keys: dr-grade and dme-risk hold lesion-seg at the version they
+# were fitted on (fitted_on), so the latest lesion-seg gets its own graph.
+@pytest.mark.parametrize("graph_of", ["all-but-classic", "classic", "latest-lesion-seg"])
 def test_batched_chunked_executor_matches_the_per_image_path(
-        executor: GraphExecutor, registry: Registry, classic: bool) -> None:
-    keys = [e.key for e in registry.latest_entries()
-            if (e.id == "vessel-seg-classic") == classic
-            or (classic and e.id == "vessel-metrics")]
+        executor: GraphExecutor, registry: Registry, graph_of: str) -> None:
+    classic = graph_of == "classic"
+    if graph_of == "latest-lesion-seg":
+        keys = [registry.get("lesion-seg").key]
+    else:
+        keys = [e.id for e in registry.latest_entries()
+                if (e.id == "vessel-seg-classic") == classic
+                or (classic and e.id == "vessel-metrics")]
     graph = resolve(Selection.of(keys, modality="OP"), registry)
     rgbs = _images()
     images = [SourceImage(f"exec.{i}", rgb) for i, rgb in enumerate(rgbs)]
