@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,7 @@ from dicomnode.db.models import Instance, Study, StudyState
 from tests.support.dicom_files import write_op, write_study
 from tests.support.node import NODE_AE, NodeProcess, write_config
 from tests.support.peers import require_tool
+from tests.support.waiting import poll_until
 
 pytestmark = pytest.mark.integration
 
@@ -26,15 +27,6 @@ pytestmark = pytest.mark.integration
 def _storescu_cmd(port: int, files: list[Path], calling: str = "CAM1") -> list[str]:
     exe = require_tool("storescu", "dcmtk")
     return [exe, "-aet", calling, "-aec", NODE_AE, "127.0.0.1", str(port), *map(str, files)]
-
-
-def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return predicate()
 
 
 # A completed study moves on at once to processing (routed, or recorded not-routed): for the
@@ -80,7 +72,7 @@ def test_twenty_concurrent_senders_every_instance_lands_every_study_completes(
         database = Database(db_url)
         try:
             # Both eyes arrived: each completes at the end of its association, not after 30 s.
-            assert _wait(
+            assert poll_until(
                 lambda: _all_completed(_states(database), studies), 20
             ), _states(database)
             with database.transaction() as session:
@@ -107,7 +99,7 @@ def test_kill_9_during_quiet_period_then_restart_completes(db_url: str, tmp_path
         assert _states(database) == {uid: StudyState.RECEIVING}
         # The restarted node rebuilds the timer from the database (nothing else re-sends).
         with NodeProcess(config) as restarted:
-            assert _wait(lambda: _all_completed(_states(database), [uid]), 15), \
+            assert poll_until(lambda: _all_completed(_states(database), [uid]), 15), \
                 restarted.log()
         with database.transaction() as session:
             study = session.execute(select(Study)).scalar_one()
@@ -180,7 +172,7 @@ def test_study_commands(db_url: str, tmp_path: Path, capsys: pytest.CaptureFixtu
                     study = session.execute(select(Study)).scalar_one()
                 return study.state in _COMPLETED and study.announced_at is not None
 
-            assert _wait(announced, 10), node.log()
+            assert poll_until(announced, 10), node.log()
         finally:
             database.dispose()
         # An instance after completion is stored, flagged late, the study marked for re-run.
@@ -223,7 +215,7 @@ def test_sigterm_during_a_burst_leaves_files_and_rows_consistent(
             with database.transaction() as session:
                 return bool(session.scalar(select(func.count()).select_from(Instance)))
 
-        assert _wait(some_arrived, 30)
+        assert poll_until(some_arrived, 30)
         assert node.terminate(timeout=30) == 0
         sender.wait(timeout=30)
         with database.transaction() as session:

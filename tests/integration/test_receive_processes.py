@@ -9,8 +9,6 @@ import os
 import re
 import signal
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -22,6 +20,7 @@ from dicomnode.db.models import AuditEvent, Instance, Study, StudyState
 from tests.support.dicom_files import write_study
 from tests.support.node import NODE_AE, NodeProcess, write_config
 from tests.support.peers import require_tool
+from tests.support.waiting import poll_until
 
 pytestmark = pytest.mark.integration
 
@@ -34,15 +33,6 @@ def _storescu(port: int, files: list[Path]) -> subprocess.Popen[str]:
     return subprocess.Popen([exe, "-aet", "CAM1", "-aec", NODE_AE, "127.0.0.1", str(port),
                              *map(str, files)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return predicate()
 
 
 def _worker_pids(node: NodeProcess) -> list[int]:
@@ -108,7 +98,7 @@ def test_two_receiving_processes_store_every_instance_once(db_url: str, tmp_path
                 return (set(states) == {uid for uid, _ in studies}
                         and not set(states.values()) & _RECEIVING)
 
-            assert _wait(completed, 30), node.log()[-4000:]
+            assert poll_until(completed, 30), node.log()[-4000:]
             _check_stored_once(database, node.storage, sent)
         finally:
             database.dispose()
@@ -132,7 +122,7 @@ def test_a_killed_worker_is_restarted_and_sigterm_stops_all(db_url: str, tmp_pat
         os.kill(pids[0], signal.SIGKILL)
         # The other worker serves meanwhile: senders succeed at once, before any restart.
         _send_all(node.port, second)
-        assert _wait(lambda: "receiving process 0 serving again" in node.log(), 60), \
+        assert poll_until(lambda: "receiving process 0 serving again" in node.log(), 60), \
             node.log()[-4000:]
         log = node.log()
         assert re.search(r"receiving process 0 \(pid \d+\) ended with exit code -9", log)
@@ -170,9 +160,9 @@ def test_workers_stop_when_the_main_process_is_killed_and_a_restart_serves(
             with database.transaction() as session:
                 return bool(session.scalar(select(func.count()).select_from(Instance)))
 
-        assert _wait(some_arrived, 60)
+        assert poll_until(some_arrived, 60)
         node.kill()
-        assert _wait(lambda: not any(_alive(pid) for pid in pids), 30), node.log()[-3000:]
+        assert poll_until(lambda: not any(_alive(pid) for pid in pids), 30), node.log()[-3000:]
         for sender in senders:
             sender.wait(timeout=60)
         with NodeProcess(config) as restarted:
