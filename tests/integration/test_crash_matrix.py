@@ -55,7 +55,7 @@ from dicomnode.db.models import (
 )
 from dicomnode.synthetic import op_dataset, synthetic_fundus
 from tests.support.executor_fixtures import write_diamond
-from tests.support.node import NODE_AE, NodeProcess, write_config
+from tests.support.node import NODE_AE, NodeProcess, results_delivered, write_config
 from tests.support.peers import free_port
 from tests.support.storescp import STORESCP_AET, StoreScp
 
@@ -268,10 +268,10 @@ def test_killed_at_every_stage_the_node_loses_nothing_and_sends_nothing_twice(
         def final() -> bool:
             with database.transaction() as session:
                 studies = session.execute(select(Study.state, Study.needs_reprocess)).all()
-                deliveries = session.scalars(select(Delivery.state)).all()
+                delivered = results_delivered(session)
             # Final, and no late instances (B's resend) waiting to be looked at.
             return (len(studies) == 2 and all(s in _FINAL and not late for s, late in studies)
-                    and bool(deliveries) and all(d == DeliveryState.SENT for d in deliveries))
+                    and delivered)
         _wait("both studies final and every delivery sent", final, FINAL_BOUND, node, poll=0.1)
         timings["final after the last restart"] = round(time.monotonic() - restarted, 1)
         time.sleep(1.0)  # a (wrong) second encoding or delivery would show now

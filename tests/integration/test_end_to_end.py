@@ -26,7 +26,7 @@ from dicomnode.db.engine import Database
 from dicomnode.db.models import Delivery, DeliveryState, Job, Result, ResultSet
 from dicomnode.inference.outputs import read_index, source_mask
 from dicomnode.synthetic import demo_study
-from tests.support.node import NODE_AE, NodeProcess, write_config
+from tests.support.node import NODE_AE, NodeProcess, results_delivered, write_config
 from tests.support.onnx_models import (
     RegistryWriter,
     classifier_manifest,
@@ -111,8 +111,8 @@ def _encoded(database: Database) -> bool:
 
 
 def _all_sent(database: Database) -> bool:
-    rows = _deliveries(database)
-    return bool(rows) and all(d.state == DeliveryState.SENT for d in rows)
+    with database.transaction() as session:
+        return results_delivered(session)
 
 
 @pytest.fixture

@@ -24,12 +24,12 @@ from pynetdicom import AE, _config
 from sqlalchemy import select
 
 from dicomnode.db.engine import Database
-from dicomnode.db.models import AuditEvent, Delivery, DeliveryState, Study
+from dicomnode.db.models import AuditEvent, Study
 from dicomnode.receive import statuses
 from tests.support.dicom_files import dataset_bytes, write_op, write_study
 from tests.support.executor_fixtures import write_fuzz_screening
 from tests.support.mutate import random_mutant
-from tests.support.node import NODE_AE, NodeProcess, write_config
+from tests.support.node import NODE_AE, NodeProcess, results_delivered, write_config
 from tests.support.orthanc import ORTHANC_AET, Orthanc
 from tests.support.peers import free_port, require_tool
 
@@ -133,9 +133,7 @@ def test_mutated_instances_never_stall_the_good_study(
 
             def delivered() -> bool:
                 with database.transaction() as session:
-                    rows = session.scalars(select(Delivery.state)
-                                           .where(Delivery.study_uid == study_uid)).all()
-                return bool(rows) and all(r == DeliveryState.SENT for r in rows)
+                    return results_delivered(session, study_uid)
 
             _wait("the good study delivered", delivered, 60, node.log)
 

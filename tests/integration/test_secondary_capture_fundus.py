@@ -21,8 +21,8 @@ import yaml
 from sqlalchemy import select
 
 from dicomnode.db.engine import Database
-from dicomnode.db.models import Delivery, DeliveryState, Job, ModelRun, Result, Study
-from tests.support.node import NODE_AE, NodeProcess, write_config
+from dicomnode.db.models import Delivery, Job, ModelRun, Result, Study
+from tests.support.node import NODE_AE, NodeProcess, results_delivered, write_config
 from tests.support.orthanc import ORTHANC_AET, Orthanc
 from tests.support.peers import free_port, require_tool
 from tests.unit.results.sources import dciodvfy, errors, source_image
@@ -90,8 +90,9 @@ def test_secondary_capture_fundus_is_analysed_and_reported(
                                            .where(Study.study_uid == study_uid))
                 if state in ("failed", "not-routed"):
                     pytest.fail(f"study {state}; node log:\n{node.log()[-6000:]}")
-                if deliveries and all(d.state == DeliveryState.SENT for d in deliveries):
-                    break
+                with database.transaction() as session:
+                    if deliveries and results_delivered(session):
+                        break
                 time.sleep(0.5)
             else:
                 pytest.fail(f"results not delivered; node log:\n{node.log()[-6000:]}")

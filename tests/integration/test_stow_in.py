@@ -19,11 +19,11 @@ from sqlalchemy import select
 
 from dicomnode.db import open_database
 from dicomnode.db.engine import Database
-from dicomnode.db.models import AuditEvent, Delivery, DeliveryState, Instance, Result, Study
+from dicomnode.db.models import AuditEvent, Instance, Result, Study
 from dicomnode.synthetic import demo_study
 from dicomnode.web import auth
 from tests.support.dicom_files import dataset_bytes, write_op
-from tests.support.node import NodeProcess, write_config
+from tests.support.node import NodeProcess, results_delivered, write_config
 from tests.support.onnx_models import (
     RegistryWriter,
     classifier_manifest,
@@ -148,8 +148,7 @@ def test_stow_rs_in_stores_routes_and_delivers_over_stow_rs_out(tmp_path: Path) 
 
             def delivered() -> bool:
                 with database.transaction() as session:
-                    states = list(session.scalars(select(Delivery.state)))
-                return bool(states) and all(s == DeliveryState.SENT for s in states)
+                    return results_delivered(session)
 
             _wait("results delivered over STOW-RS", delivered, node)
             with database.transaction() as session:

@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 import yaml
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from dicomnode.db.engine import Database
-from dicomnode.db.models import Delivery, DeliveryState
+from dicomnode.db.models import Delivery, DeliveryState, Job, JobState, ResultSet, ResultSetState
 from tests.support.peers import free_port
 
 NODE_AE = "DICOMNODE"
@@ -101,14 +102,33 @@ class NodeProcess:
                 self.kill()
 
 
+def results_delivered(session: Session, study_uid: str | None = None) -> bool:
+    """Every done/partial job's result set encoded and every delivery sent (of one study).
+
+    The node queues each SEG and overlay as it is built and the SR last, so "every delivery
+    sent" alone can hold while the report is still being built; the result set turns
+    `encoded` only with the SR's commit.
+    """
+    jobs = select(Job.id).where(Job.state.in_((JobState.DONE, JobState.PARTIAL)))
+    deliveries = select(Delivery.state)
+    if study_uid is not None:
+        jobs = jobs.where(Job.study_uid == study_uid)
+        deliveries = deliveries.where(Delivery.study_uid == study_uid)
+    job_ids = list(session.scalars(jobs))
+    encoded = set(session.scalars(
+        select(ResultSet.job_id).where(ResultSet.state == ResultSetState.ENCODED)))
+    states = list(session.scalars(deliveries))
+    return (bool(job_ids) and all(j in encoded for j in job_ids)
+            and bool(states) and all(s == DeliveryState.SENT for s in states))
+
+
 def wait_until_delivered(database: Database, node: NodeProcess, timeout: float,
                          poll: float = 0.3) -> None:
-    """Wait until the node has queued results and sent every one; fail with the node's log."""
+    """Wait until the node has encoded its results and sent every one; fail with its log."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with database.transaction() as session:
-            deliveries = list(session.scalars(select(Delivery)))
-        if deliveries and all(d.state == DeliveryState.SENT for d in deliveries):
-            return
+            if results_delivered(session):
+                return
         time.sleep(poll)
     pytest.fail(f"results not delivered; node log:\n{node.log()[-6000:]}")
