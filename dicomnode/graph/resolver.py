@@ -208,10 +208,11 @@ def _close_fitted(
 ) -> tuple[dict[str, ModelEntry], dict[str, str]]:
     """`_close`, with an unpinned source held at the version its consumers were fitted on.
 
-    A model selected without a version means "the latest that fits": when every consumer in
-    the graph that declares `fitted_on` for it names the same version, that version is taken
-    (e.g. lesion-seg with dr-grade fitted on an older lesion-seg). A user's pin is kept; a
-    disagreement is left for `_check_inputs` to refuse, naming both.
+    A model without a version (selected, or added as a requirement) means "the latest that
+    fits": when every consumer in the graph that declares `fitted_on` for it names the same
+    version, that version is taken (e.g. lesion-seg under dr-grade fitted on an older
+    lesion-seg). A user's pin is kept; a disagreement is left for `_check_inputs` to refuse,
+    naming both.
     """
     held = dict(pins)
     for _ in range(len(registry.known_ids()) + 1):
@@ -248,8 +249,7 @@ def _close(
             model_id = stack.pop()
             for dep in _hard_dependencies(chosen[model_id].manifest):
                 if dep not in chosen:
-                    version = pins.get(dep) or _fitted_version(chosen[model_id].manifest, dep)
-                    chosen[dep] = _entry(dep, version, registry, model_id)
+                    chosen[dep] = _entry(dep, pins.get(dep), registry, model_id)
                     stack.append(dep)
         pending = [
             (model_id, spec)
@@ -261,17 +261,8 @@ def _close(
             return chosen, defaults
         model_id, spec = pending[0]
         source = _default_source(model_id, spec, excluded, registry, chosen)
-        version = pins.get(source.model) or spec.fitted_on.get(source.model)
-        chosen[source.model] = _entry(source.model, version, registry, model_id)
+        chosen[source.model] = _entry(source.model, pins.get(source.model), registry, model_id)
         defaults[source.model] = f"default source of {model_id}.{spec.name}"
-
-
-def _fitted_version(manifest: Manifest, source: str) -> str | None:
-    """The version of `source` the consumer's inputs were fitted on, when they name one."""
-    for spec in manifest.upstream_inputs:
-        if source in spec.fitted_on:
-            return spec.fitted_on[source]
-    return None
 
 
 def _default_source(
