@@ -51,7 +51,7 @@ def _job(database: Database) -> Job | None:
 def test_kill_9_during_a_job_then_restart_completes_once(
     command: str, db_url: str, tmp_path: Path
 ) -> None:
-    write_diamond(tmp_path / "registry", slow_repeats=80)  # a few seconds per job
+    write_diamond(tmp_path / "registry", slow_repeats=240)  # seconds per job, even on a fast VM
     write_preset(tmp_path / "presets", "screening", ["total"])
     config = write_config(
         tmp_path, db_url,
@@ -111,7 +111,7 @@ def test_a_restart_takes_its_job_back_at_once_and_attempts_are_bounded(
     """The default 300 s lease: a restarted node must not wait for it. A job that dies with
     its worker `inference.max_job_attempts` times is failed with that reason."""
     db_url = f"sqlite:///{tmp_path / 'node.db'}"
-    write_diamond(tmp_path / "registry", slow_repeats=80)
+    write_diamond(tmp_path / "registry", slow_repeats=240)
     write_preset(tmp_path / "presets", "screening", ["total"])
     config = write_config(
         tmp_path, db_url,
