@@ -340,10 +340,9 @@ class ResultsPipeline:
         """Both steps (encode_job); returns the objects and the deliveries queued (None:
         someone else encoded the job first).
 
-        The first step goes in parts, each written, recorded and queued by a writer thread
-        as soon as it is built (the SEGs together, then each overlay), while this thread
-        builds the next part and then the report (CPU): the disk, the database and the PACS
-        work meanwhile.
+        The first step goes object by object, each written, recorded and queued by a writer
+        thread as soon as it is built, while this thread builds the next one and then the
+        report (CPU): the disk, the database and the PACS work meanwhile.
         """
         inputs = self._inputs(info)
         folder = self._attempt_folder(info.id)
@@ -352,26 +351,14 @@ class ResultsPipeline:
         recorded = False
         try:
             with futures.ThreadPoolExecutor(1, thread_name_prefix="encode-write") as writer:
-                def queue_part(part: list[EncodedObject]) -> None:
-                    parts.append(writer.submit(self._write_and_queue, info, list(part),
-                                               folder, destinations))
-                    part.clear()
-
                 try:
-                    part: list[EncodedObject] = []
                     for obj in encode_images(inputs.sources, inputs.results, outputs,
                                              seed=inputs.seed, earlier=inputs.load,
                                              fresh=inputs.fresh):
-                        if part:
-                            queue_part(part)
-                        part.append(obj)
                         images.append(obj)
-                    if part:
-                        queue_part(part)
-                    report = encode_report(
-                        inputs.sources, inputs.results, outputs,
-                        [o for o in images if o.kind == SEG], node=self.node,
-                        seed=inputs.seed, predecessor=inputs.predecessor)
+                        parts.append(writer.submit(self._write_and_queue, info, [obj],
+                                                   folder, destinations))
+                    report = self._report(inputs, outputs, images)
                 finally:
                     first_paths, first_queued, recorded, error = self._wait_parts(parts)
             if error is not None:
@@ -437,10 +424,15 @@ class ResultsPipeline:
         inputs = self._inputs(info)
         images = list(encode_images(inputs.sources, inputs.results, outputs, seed=inputs.seed,
                                     earlier=inputs.load, fresh=inputs.fresh))
-        report = encode_report(inputs.sources, inputs.results, outputs,
-                               [o for o in images if o.kind == SEG], node=self.node,
-                               seed=inputs.seed, predecessor=inputs.predecessor)
+        report = self._report(inputs, outputs, images)
         return [*images, *([report] if report is not None else [])]
+
+    def _report(self, inputs: _Inputs, outputs: OutputOptions,
+                images: list[EncodedObject]) -> EncodedObject | None:
+        """The study's SR over this job's SEGs (made or reused), if the preset asks."""
+        return encode_report(inputs.sources, inputs.results, outputs,
+                             [o for o in images if o.kind == SEG], node=self.node,
+                             seed=inputs.seed, predecessor=inputs.predecessor)
 
     def _earlier_objects(self, info: _JobInfo) -> tuple[dict[str, tuple[str, str]], set[str]]:
         """SEGs and overlays on record for the study (uid -> kind, path): an earlier job's,
