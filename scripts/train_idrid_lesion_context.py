@@ -21,6 +21,17 @@ Steps (each resumable, all on CPU, fixed seeds, deterministic algorithms):
           figures on the 10 held-out training images (the ship decision is made on these
           only); with --test also train_idrid_seg's test-split figures into metrics.json.
 
+--version names the registry version that `export` writes (default 1.1.0, so 1.1.0's card's
+commands reproduce it unchanged); the recipe of each version is in RECIPES.
+
+Planned 1.2.0 (issue #11; decision rule fixed before any 1.2.0 training, not yet run): more
+cached variants (3-4) and many more steps (6000-8000, --budget-minutes, a checkpoint every few
+minutes), checkpoints exported with --version 1.2.0 --out outside the registry and compared on
+the 10 held-out training images only. Ship only if held-out hard-exudate AND haemorrhage AUPR
+both beat 1.1.0's held-out 0.637 / 0.408; between candidates, the higher mean held-out EX + HE
+AUPR; microaneurysms only if held-out AUPR >= 0.25 (--ma-min-aupr); thresholds by the held-out
+Dice rule below; the test split measured once (--test), after that choice.
+
 Usage: .venv/bin/python scripts/train_idrid_lesion_context.py cache|train|export [options]
 """
 
@@ -43,7 +54,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_idrid_seg as base
 
-VERSION = "1.1.0"
+VERSION = "1.1.0"  # the default --version: the shipped one
+RECIPES = {  # what each version was (or is to be) made with; the card has the commands
+    "1.1.0": "cache --variants 2; train --variants 2 --steps 2500 --threads 1 (shipped)",
+    "1.2.0": "cache --variants 3-4; train 6000-8000 steps, --every 4 (planned, issue #11)",
+}
 CODES = base.LESIONS  # HE, EX, SE, MA: network output channels
 SHIPPED = ("HE", "EX", "SE")  # microaneurysms: only if held-out AUPR >= --ma-min-aupr
 SIZE = base.TASKS["lesions"].size
@@ -311,7 +326,7 @@ def export(args: argparse.Namespace) -> None:
     net.load_state_dict(state["net"])
     pre.eval()
     net.eval()
-    base.TASKS["lesions"] = base.TaskSpec(SIZE, CODES, VERSION, "lesion-seg")
+    base.TASKS["lesions"] = base.TaskSpec(SIZE, CODES, args.version, "lesion-seg")
     module = base.exported_module("lesions", pre, net)
     base.export_onnx("lesions", module, model_path, CODES)
     held = base.held_out_thresholds(model_path, args.data, CODES)
@@ -333,21 +348,24 @@ def export(args: argparse.Namespace) -> None:
         result.update(base.evaluate_lesions(model_path, args.data, codes, thresholds))
         result["dataset"] = ("IDRiD segmentation test (27 images, 1429x949); thresholds chosen "
                              "on 10 held-out training images")
-    result.update({"model": "lesion-seg", "version": VERSION, "input_size": SIZE})
+    result.update({"model": "lesion-seg", "version": args.version, "input_size": SIZE})
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     brief = {k: v for k, v in result.items() if k not in ("test_images", "training")}
     print(json.dumps(brief, indent=2, default=str))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("step", choices=["cache", "train", "export"])
     parser.add_argument("--data", type=Path, default=base.DEFAULT_DATA)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/lesion_ctx_cache"))
     parser.add_argument("--checkpoints", type=Path, default=Path("/tmp/lesion_ctx_ck"))
     parser.add_argument("--checkpoint", type=Path, help="export: the checkpoint to export")
+    parser.add_argument("--version", choices=sorted(RECIPES), default=VERSION,
+                        help="export: the version written into the graph and metrics.json")
     parser.add_argument("--out", type=Path,
-                        default=base.REPO / "model_registry" / "lesion-seg" / VERSION)
+                        help="export: where to write (default model_registry/lesion-seg/"
+                             "<version>; give a folder outside it for candidates)")
     parser.add_argument("--variants", type=int, default=2,
                         help="cached versions of each image: 0 as is, 1.. augmented")
     parser.add_argument("--background", type=int, default=4000,
@@ -369,6 +387,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--test", action="store_true",
                         help="export: also measure the test split (once, after the decision)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = base.REPO / "model_registry" / "lesion-seg" / args.version
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
 
     import torch
 

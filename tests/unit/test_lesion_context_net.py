@@ -59,3 +59,15 @@ def test_turned_and_flipped_coordinates_follow_the_maps() -> None:
         y = ((where[0, :, 1].numpy() + 1) * size - 1) / 2
         found = pooled[0, 0].numpy()[np.round(y).astype(int) // 4, np.round(x).astype(int) // 4]
         assert np.array_equal(found, grid[0, rows[order] // 4, cols[order] // 4])
+
+
+def test_version_picks_the_export_folder_and_defaults_to_the_shipped_one() -> None:
+    registry = ctx.base.REPO / "model_registry" / "lesion-seg"
+    shipped = ctx.parse_args(["export"])
+    assert (shipped.version, shipped.out) == ("1.1.0", registry / "1.1.0")
+    candidate = ctx.parse_args(["export", "--version", "1.2.0"])
+    assert (candidate.version, candidate.out) == ("1.2.0", registry / "1.2.0")
+    elsewhere = ctx.parse_args(["export", "--version", "1.2.0", "--out", "/tmp/x"])
+    assert elsewhere.out == Path("/tmp/x")
+    with pytest.raises(SystemExit):
+        ctx.parse_args(["export", "--version", "9.9.9"])
