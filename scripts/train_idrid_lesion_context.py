@@ -22,7 +22,7 @@ Steps (each resumable, all on CPU, fixed seeds, deterministic algorithms):
           only); with --test also train_idrid_seg's test-split figures into metrics.json.
 
 --version names the registry version that `export` writes (default 1.1.0, so 1.1.0's card's
-commands reproduce it unchanged); the recipe of each version is in RECIPES.
+commands reproduce it unchanged; its card gives the commands that made it).
 
 Planned 1.2.0 (issue #11; decision rule fixed before any 1.2.0 training, not yet run): more
 cached variants (3-4) and many more steps (6000-8000, --budget-minutes, a checkpoint every few
@@ -54,11 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_idrid_seg as base
 
-VERSION = "1.1.0"  # the default --version: the shipped one
-RECIPES = {  # what each version was (or is to be) made with; the card has the commands
-    "1.1.0": "cache --variants 2; train --variants 2 --steps 2500 --threads 1 (shipped)",
-    "1.2.0": "cache --variants 3-4; train 6000-8000 steps, --every 4 (planned, issue #11)",
-}
+VERSIONS = ("1.1.0", "1.2.0")  # shipped (the default --version); planned (see the docstring)
 CODES = base.LESIONS  # HE, EX, SE, MA: network output channels
 SHIPPED = ("HE", "EX", "SE")  # microaneurysms: only if held-out AUPR >= --ma-min-aupr
 SIZE = base.TASKS["lesions"].size
@@ -361,7 +357,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=Path("/tmp/lesion_ctx_cache"))
     parser.add_argument("--checkpoints", type=Path, default=Path("/tmp/lesion_ctx_ck"))
     parser.add_argument("--checkpoint", type=Path, help="export: the checkpoint to export")
-    parser.add_argument("--version", choices=sorted(RECIPES), default=VERSION,
+    parser.add_argument("--version", choices=VERSIONS, default=VERSIONS[0],
                         help="export: the version written into the graph and metrics.json")
     parser.add_argument("--out", type=Path,
                         help="export: where to write (default model_registry/lesion-seg/"

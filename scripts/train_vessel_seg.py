@@ -14,9 +14,9 @@ Two recipes (`--recipe`):
          CARD.md, so `--out` is required and must not be the registry): fine-tunes the
          committed 1.0.0 (default 1200 steps; the card's runs used 800 and 2000) with
          what other cameras do to an image added to the augmentation: lower sensor
-         resolution (down to 0.35-1x and back, half the time),
-         JPEG re-compression at quality 25-95 (half the time, at the reduced resolution when
-         both apply), defocus blur, wider exposure/colour/contrast jitter and more noise.
+         resolution (down to 0.35-1x and back, half the time), JPEG re-compression at
+         quality 25-95 (half the time, at the reduced resolution when both apply), defocus
+         blur, wider exposure/colour/contrast jitter and more noise.
          Its threshold maximises the mean Dice over several simulated devices built from
          the *training* images only (see THRESHOLD_DEVICES); the test images are never
          looked at before the figures are taken.
