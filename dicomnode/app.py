@@ -22,6 +22,7 @@ from dicomnode.durable import sweep_temporaries
 from dicomnode.errors import DicomNodeError
 from dicomnode.identity import NodeIdentity, claim_identity
 from dicomnode.jobs import ProcessingService
+from dicomnode.jobs.completeness_rules import PresetCompletenessRules
 from dicomnode.receive.ae import Receiver
 from dicomnode.receive.workers import ReceiverPool
 from dicomnode.results.pipeline import ResultsPipeline
@@ -98,7 +99,10 @@ class Node:
         processing.start()
         holder.subscribe(self._use_catalog)
         hooks = [*self._hooks, processing.on_study_complete]
-        self.assembler = Assembler(self.database, settings.completeness, hooks)
+        # Each study waits for what its preset expects (its `completeness`), else the node's.
+        self.assembler = Assembler(
+            self.database, settings.completeness, hooks,
+            rules=PresetCompletenessRules(settings, self.database, lambda: holder.catalog))
         self.assembler.start()
         # receive.processes > 1: associations are received in worker processes
         # (receive/workers.py), which report to this process's assembler.

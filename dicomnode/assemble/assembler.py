@@ -9,6 +9,10 @@
 - Every `sweep_seconds`: complete overdue studies (missed timers, other nodes) and announce
   studies completed elsewhere (e.g. by `dicomnode study complete`).
 
+Which rules apply is per study (`rules`, from the composition root): the node's
+completeness settings, or what the preset the study routes to overrides. They may read the
+study's headers, so they are asked on scheduler threads, never on the receiving one.
+
 Hooks (`on_study_complete`) run once per completion, on a scheduler thread, after commit.
 They are notifications: the durable record is the study's `complete` state, so a consumer
 that must not miss one also reads that state.
@@ -21,6 +25,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
@@ -39,6 +44,29 @@ StudyCompleteHook = Callable[[str], None]
 _BUSY_RECHECK_SECONDS = 1.0
 
 
+class CompletenessRules(Protocol):
+    """The completeness rules of each study."""
+
+    def for_study(self, study_uid: str) -> CompletenessSettings: ...
+
+    def shortest_quiet_seconds(self) -> float:
+        """The shortest quiet period any study can have: when a study's timer first looks."""
+        ...
+
+
+class NodeRules:
+    """Every study gets the node's completeness settings."""
+
+    def __init__(self, settings: CompletenessSettings) -> None:
+        self.settings = settings
+
+    def for_study(self, study_uid: str) -> CompletenessSettings:
+        return self.settings
+
+    def shortest_quiet_seconds(self) -> float:
+        return self.settings.quiet_seconds
+
+
 class Assembler:
     def __init__(
         self,
@@ -46,10 +74,12 @@ class Assembler:
         settings: CompletenessSettings,
         hooks: Iterable[StudyCompleteHook] = (),
         *,
+        rules: CompletenessRules | None = None,
         workers: int = 4,
     ) -> None:
         self.database = database
         self.settings = settings
+        self.rules = rules or NodeRules(settings)
         # Injected callables, each called with the Study Instance UID of a completed study.
         self.on_study_complete: list[StudyCompleteHook] = list(hooks)
         # Whether an association that stored into the study is still open (set by the
@@ -88,7 +118,7 @@ class Assembler:
         studies = completeness.receiving_studies(self.database)
         for study_uid, quiet_until in studies:
             if quiet_until is not None:
-                self._arm(study_uid, quiet_until)
+                self._arm(study_uid, self._first_look(quiet_until))
         pending = completeness.unannounced_studies(self.database)
         for study_uid in pending:
             self._submit(self._announce_pending, study_uid)
@@ -102,7 +132,7 @@ class Assembler:
         with self._guard:
             if self._stopping or self._scheduler.get_job(_timer_id(study_uid)) is not None:
                 return
-        self._arm(study_uid, quiet_until)
+        self._arm(study_uid, self._first_look(quiet_until))
 
     def association_ended(self, study_uids: set[str]) -> None:
         self._submit(self.after_association, sorted(study_uids))
@@ -112,7 +142,7 @@ class Assembler:
     def evaluate_expected(self, study_uids: list[str]) -> None:
         for study_uid in study_uids:
             if completeness.complete_if_expected(
-                self.database, study_uid, self.settings.expected_laterality
+                self.database, study_uid, self.study_rules(study_uid).expected_laterality
             ):
                 self._completed(study_uid, completeness.EXPECTED_CONTENT)
 
@@ -129,7 +159,11 @@ class Assembler:
             self._arm(study_uid, utcnow() + timedelta(
                 seconds=max(self.settings.quiet_seconds, _BUSY_RECHECK_SECONDS)))
             return
-        check = completeness.complete_if_quiet(self.database, study_uid)
+        quiet = self.study_rules(study_uid).quiet_seconds
+        # The node's own period is the one the receiver wrote into `quiet_until`.
+        check = completeness.complete_if_quiet(
+            self.database, study_uid,
+            quiet_seconds=None if quiet == self.settings.quiet_seconds else quiet)
         if check.completed:
             self._completed(study_uid, completeness.QUIET_PERIOD)
         elif check.recheck_at is not None:
@@ -159,7 +193,25 @@ class Assembler:
             except Exception:
                 logger.exception("on-study-complete hook %r failed", hook)
 
+    def study_rules(self, study_uid: str) -> CompletenessSettings:
+        try:
+            return self.rules.for_study(study_uid)
+        except Exception:  # a bug there must not hold the study forever
+            logger.exception("completeness rules of study %s failed; using the node's", study_uid)
+            return self.settings
+
     # -- scheduling helpers ----------------------------------------------------------------
+
+    def _first_look(self, quiet_until: datetime) -> datetime:
+        """`quiet_until` is the node's quiet period from the last instance; a study whose
+        preset sets a shorter one is due earlier, so its timer looks that much earlier (and
+        re-arms for the study's own rule)."""
+        try:
+            shortest = self.rules.shortest_quiet_seconds()
+        except Exception:
+            logger.exception("completeness rules failed; timing by the node's quiet period")
+            return quiet_until
+        return quiet_until - timedelta(seconds=max(0.0, self.settings.quiet_seconds - shortest))
 
     def _arm(self, study_uid: str, when: datetime) -> None:
         with self._guard:

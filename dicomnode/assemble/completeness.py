@@ -1,7 +1,7 @@
 """Study completion in the database: the rules, and the one conditional UPDATE that decides.
 
 Every way to complete a study is the same statement, `UPDATE studies SET state='complete'
-... WHERE id = :id AND state = 'receiving' [AND quiet_until <= :now]`. It is atomic, so
+... WHERE id = :id AND state = 'receiving' [AND <quiet period over>]`. It is atomic, so
 of two threads or two nodes on PostgreSQL racing to complete a study exactly one sees a row
 updated (the other waits on the row lock, re-checks the WHERE clause, and updates nothing);
 SQLite gets the same from BEGIN IMMEDIATE. Only the winner writes the audit row and runs the
@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, select, update
@@ -105,19 +105,28 @@ class QuietCheck:
     recheck_at: datetime | None
 
 
-def complete_if_quiet(database: Database, study_uid: str, *, announce: bool = True) -> QuietCheck:
-    """Complete a receiving study whose quiet period has passed."""
+def complete_if_quiet(database: Database, study_uid: str, *, announce: bool = True,
+                      quiet_seconds: float | None = None) -> QuietCheck:
+    """Complete a receiving study whose quiet period has passed: `quiet_until` as the receiver
+    set it (the node's quiet period), or `quiet_seconds` after the last instance (the
+    study's own rule, e.g. its preset's)."""
     with database.transaction() as session:
         study = _study(session, study_uid)
         if study is None or study.state != StudyState.RECEIVING:
             return QuietCheck(False, None)
         now = utcnow()
-        if _complete(session, study.id, QUIET_PERIOD, now, announce=announce,
-                     extra=Study.quiet_until <= now):
+        wait = None if quiet_seconds is None else timedelta(seconds=quiet_seconds)
+        over = (Study.quiet_until <= now if wait is None
+                else Study.last_instance_at <= now - wait)
+        if _complete(session, study.id, QUIET_PERIOD, now, announce=announce, extra=over):
             audit.record(session, "study-complete", study_uid=study_uid, detail=QUIET_PERIOD)
             return QuietCheck(True, None)
         session.refresh(study)
-        if study.state == StudyState.RECEIVING and study.quiet_until is not None:
+        if study.state != StudyState.RECEIVING:
+            return QuietCheck(False, None)
+        if wait is not None:
+            return QuietCheck(False, as_utc(study.last_instance_at) + wait)
+        if study.quiet_until is not None:
             return QuietCheck(False, as_utc(study.quiet_until))
         return QuietCheck(False, None)
 

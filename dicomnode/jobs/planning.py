@@ -79,6 +79,7 @@ def plan_study(
     modality_defaults: dict[str, str],
 ) -> Plan:
     decision = route(facts, presets.ordered(), modality_defaults)
+    logger.info("study %s routing: %s", study_uid, decision.reason)
     if decision.preset is None:
         # The audit row should say why each preset did not match, not only that none did.
         notes = "; ".join(f"{e.preset}: {e.note}" for e in decision.explanations)

@@ -7,7 +7,6 @@ reason (the study is stored, not processed).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -15,8 +14,6 @@ from typing import Any, Literal
 from dicomnode.routing.facts import StudyFacts
 from dicomnode.routing.preset import Preset, RoutingConditions
 from dicomnode.routing.tags import describe_tag
-
-logger = logging.getLogger(__name__)
 
 # Condition name -> the tags it reads (first present wins per instance for laterality).
 FIELD_TAGS: dict[str, tuple[str, ...]] = {
@@ -176,7 +173,7 @@ def route(
         lower = [e.preset for e in matched[1:] if e.priority < best.priority]
         if lower:
             reason += f"; also matched at lower priority: {', '.join(lower)}"
-        return _decided(RoutingDecision(best.preset, "preset", reason, explanations))
+        return RoutingDecision(best.preset, "preset", reason, explanations)
 
     why_not = "no enabled preset's routing conditions all held"
     modalities = facts.modalities
@@ -192,15 +189,10 @@ def route(
             notes.append(f"the default for {modality}, '{default}', is disabled")
         else:
             reason = f"{why_not}; modality default for {modality}: '{default}'"
-            return _decided(RoutingDecision(default, "modality_default", reason, explanations))
+            return RoutingDecision(default, "modality_default", reason, explanations)
     if not notes:
         listed = ", ".join(sorted(modality_defaults)) or "none"
         seen = ", ".join(modalities) or "no modality"
         notes.append(f"no modality default for {seen} (defaults exist for: {listed})")
     reason = f"not routed (stored, not processed): {why_not}; {'; '.join(notes)}"
-    return _decided(RoutingDecision(None, "none", reason, explanations))
-
-
-def _decided(decision: RoutingDecision) -> RoutingDecision:
-    logger.info("routing: %s", decision.reason)
-    return decision
+    return RoutingDecision(None, "none", reason, explanations)

@@ -17,7 +17,7 @@ from dicomnode.assemble import completeness
 from dicomnode.assemble.assembler import Assembler
 from dicomnode.db import open_database
 from dicomnode.db.engine import Database
-from dicomnode.db.models import AuditEvent, Instance, Study, StudyState
+from dicomnode.db.models import AuditEvent, Instance, Study, StudyState, as_utc
 from dicomnode.errors import StudyNotFoundError
 from dicomnode.receive.identifiers import Identifiers
 from dicomnode.receive.ingest import Arrival, IngestResult, Outcome, record_arrival
@@ -274,3 +274,61 @@ def test_stop_while_jobs_run_does_not_deadlock(database: Database) -> None:
     stopper.start()
     stopper.join(timeout=15)
     assert not stopper.is_alive(), "Assembler.stop() deadlocked"
+
+
+def test_a_studys_own_quiet_period_counts_from_its_last_instance(database: Database) -> None:
+    waiting, overdue = generate_uid(), generate_uid()
+    arrive(database, waiting, quiet=600)  # the node's period is far off
+    assert completeness.complete_if_quiet(database, waiting, quiet_seconds=0).completed
+    arrive(database, overdue, quiet=0)  # the node's period is over, the study's own is not
+    check = completeness.complete_if_quiet(database, overdue, quiet_seconds=600)
+    assert not check.completed and check.recheck_at is not None
+    last = study(database, overdue).last_instance_at
+    assert abs((check.recheck_at - as_utc(last)).total_seconds() - 600) < 1e-3
+    assert study(database, overdue).state == StudyState.RECEIVING
+
+
+class _Rules:
+    """Per-study completeness rules, as a preset's would be; `broken` studies raise."""
+
+    def __init__(self, node: CompletenessSettings, own: dict[str, CompletenessSettings],
+                 broken: set[str]) -> None:
+        self.node, self.own, self.broken = node, own, broken
+
+    def for_study(self, study_uid: str) -> CompletenessSettings:
+        if study_uid in self.broken:
+            raise RuntimeError("a bug in the rules")
+        return self.own.get(study_uid, self.node)
+
+    def shortest_quiet_seconds(self) -> float:
+        return min([self.node.quiet_seconds, *(r.quiet_seconds for r in self.own.values())])
+
+
+def test_assembler_completes_each_study_by_its_own_rules(database: Database) -> None:
+    node = CompletenessSettings(quiet_seconds=600, expected_laterality=["L", "R"],
+                                sweep_seconds=0.2)
+    right_only, quick, as_node, broken = (generate_uid() for _ in range(4))
+    rules = _Rules(node, {
+        right_only: node.model_copy(update={"expected_laterality": ["R"]}),
+        quick: node.model_copy(update={"quiet_seconds": 0.3, "expected_laterality": []}),
+    }, {broken})
+    seen: list[str] = []
+    assembler = Assembler(database, node, [seen.append], rules=rules)
+    assembler.start()
+    try:
+        for uid in (right_only, quick, as_node, broken):
+            result = arrive(database, uid, "R", quiet=node.quiet_seconds)
+            assert result.quiet_until is not None
+            assembler.instance_stored(uid, result.quiet_until)
+        assembler.association_ended({right_only, quick, as_node, broken})
+        # the quick study's timer looks at the shortest period, not the node's 600 s
+        assert _wait(lambda: sorted(seen) == sorted([right_only, quick]))
+        time.sleep(1.0)  # several sweeps: the others wait for the node's rules
+        assert sorted(seen) == sorted([right_only, quick])
+        assert study(database, right_only).completed_reason == completeness.EXPECTED_CONTENT
+        assert study(database, quick).completed_reason == completeness.QUIET_PERIOD
+        arrive(database, broken, "L", quiet=node.quiet_seconds)
+        assembler.association_ended({broken})  # falls back to the node's rules: both eyes
+        assert _wait(lambda: broken in seen)
+    finally:
+        assembler.stop()
