@@ -71,3 +71,26 @@ def test_version_picks_the_export_folder_and_defaults_to_the_shipped_one() -> No
     assert elsewhere.out == Path("/tmp/x")
     with pytest.raises(SystemExit):
         ctx.parse_args(["export", "--version", "9.9.9"])
+
+
+def test_quarter_turns_are_rot90() -> None:
+    maps = torch.randn(2, 3, 5, 5)
+    for turns in range(-4, 5):
+        assert torch.equal(ctx.quarter_turns(maps, turns), torch.rot90(maps, turns, dims=(-2, -1)))
+
+
+def test_eight_transform_averaging_makes_the_network_turn_with_the_image() -> None:
+    torch.manual_seed(5)
+    net = ctx.build_context_net(ctx.FEATURES, 4).eval()
+    feats = torch.randn(1, ctx.FEATURES, 64, 64)
+    with torch.no_grad():
+        plain = net.image(feats)
+        net.tta = 8
+        averaged = net.image(feats)
+        for turns, flip in ctx.TTA_TRANSFORMS:
+            seen = torch.rot90(feats.flip(-1) if flip else feats, turns, dims=(-2, -1))
+            back = torch.rot90(net.image(seen), -turns, dims=(-2, -1))
+            assert torch.allclose(back.flip(-1) if flip else back, averaged, atol=1e-5)
+        net.tta = 1
+        turned = torch.rot90(net.image(torch.rot90(feats, 1, dims=(-2, -1))), -1, dims=(-2, -1))
+    assert not torch.allclose(turned, plain, atol=1e-3)  # without averaging it is not
