@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, Literal
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -33,6 +34,8 @@ from dicomnode.registry import load_registry  # noqa: E402
 from dicomnode.routing.loader import load_presets  # noqa: E402
 from dicomnode.settings import load_settings  # noqa: E402
 from dicomnode.synthetic import synthetic_fundus  # noqa: E402
+
+SIDES: tuple[Literal["R", "L"], ...] = ("R", "L")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_batch=config.max_batch, model_threads=config.model_threads,
         batch_bytes=config.batch_bytes, chunk_bytes=config.chunk_bytes)
     images = [SourceImage(f"2.25.{i + 1}", synthetic_fundus(args.size, side, seed=i))
-              for i, side in enumerate(("R", "L"))]
+              for i, side in enumerate(SIDES)]
     times: dict[str, dict[str, list[float]]] = {k: {"cpu": [], "wall": []} for k in graphs}
     for repeat in range(args.repeats + 1):
         for label, graph in graphs.items():
@@ -73,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if repeat:  # the first round creates the sessions
                 times[label]["cpu"].append(cpu)
                 times[label]["wall"].append(wall)
-    report = {
+    report: dict[str, Any] = {
         label: {k: {"median": round(statistics.median(v), 3), "min": round(min(v), 3),
                     "max": round(max(v), 3)} for k, v in t.items()}
         for label, t in times.items()

@@ -28,6 +28,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))  # its siblings as top-level modules, as elsewhere
+
+from bench_ingest import make_burst  # noqa: E402
 
 from dicomnode.db import open_database  # noqa: E402
 from dicomnode.receive.ae import Receiver  # noqa: E402
@@ -37,7 +40,6 @@ from dicomnode.settings import (  # noqa: E402
     Settings,
     StorageSettings,
 )
-from scripts.bench_ingest import make_burst  # noqa: E402
 from tests.support.databases import database_url  # noqa: E402
 from tests.support.peers import system_tool  # noqa: E402
 

@@ -319,7 +319,7 @@ def train(args: argparse.Namespace) -> None:
         logits = net.points(pooled, feats, where)
         loss = F.binary_cross_entropy_with_logits(logits, target)
         optimiser.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         optimiser.step()
         step += 1
         value = float(loss.detach())

@@ -20,6 +20,7 @@ from dicomnode.dispatch.dispatcher import Dispatcher
 from dicomnode.jobs import ProcessingService
 from dicomnode.registry import load_registry
 from dicomnode.results import pipeline as pipeline_module
+from dicomnode.results.encode import encode_report
 from dicomnode.results.pipeline import ResultsPipeline
 from dicomnode.routing import load_presets
 from dicomnode.settings import Settings
@@ -71,7 +72,7 @@ def _deliveries(database: Database) -> list[Delivery]:
 def test_a_result_set_goes_over_one_association_images_first(
     settings: Settings, pacs: StoreScp, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    real = pipeline_module.encode_report
+    real = encode_report  # what the pipeline calls
 
     def slow_report(*args: Any, **kwargs: Any) -> Any:
         time.sleep(REPORT_DELAY)
@@ -103,6 +104,7 @@ def test_a_result_set_goes_over_one_association_images_first(
     with database.transaction() as session:
         kinds = dict(session.execute(select(Result.sop_instance_uid, Result.kind)).all())
         encoded_at = session.scalars(select(ResultSet.finished_at)).one()
+    assert encoded_at is not None
     database.dispose()
     deliveries = _deliveries(database)
     # Every object once, over one association (the SR followed on it).

@@ -13,7 +13,11 @@ from dicomnode.receive import tuning
 
 
 def _send_then_close(sock: socket.socket, data: bytes) -> threading.Thread:
-    thread = threading.Thread(target=lambda: (sock.sendall(data), sock.close()))
+    def send() -> None:
+        sock.sendall(data)
+        sock.close()
+
+    thread = threading.Thread(target=send)
     thread.start()
     return thread
 

@@ -276,7 +276,7 @@ def test_report_failing_after_the_images_were_queued_keeps_them_and_the_retry_re
     service.on_study_complete(uid)
     job_id = service.run_once()
     assert job_id is not None
-    real = pipeline_module.encode_report
+    from dicomnode.results.encode import encode_report as real  # what the pipeline calls
 
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("report builder broke")
