@@ -4,8 +4,8 @@
 One CSV per split and mask type into --out (a folder outside the repository; it must not be
 committed):  idrid-seg-<split>-<CODE>.csv  for CODE in OD, HE, EX, SE, MA.  Paths in the
 CSVs are absolute. IDRiD ships no mask where an image has none of a lesion (e.g. soft
-exudates on 13 of 27 test images): for those rows an all-zero PNG of the image's size is
-written into --out/empty/, so every image counts (its pixels are all true negatives).
+exudates on 13 of 27 test images): those rows have the truth `none` (dicomnode evaluate counts
+every pixel of the image as negative), so every image counts.
 
 The IDRiD masks here are 0/255 PNGs; `dicomnode evaluate` reads any non-zero pixel as inside.
 
@@ -25,9 +25,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from dicomnode.evaluate.dataset import NO_TRUTH  # noqa: E402
+
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "IDRiD"
 CODES = ("OD", "HE", "EX", "SE", "MA")
 
@@ -37,7 +39,6 @@ def write_csvs(data: Path, out: Path, splits: Sequence[str] = ("train", "test"))
     if out.resolve().is_relative_to(REPO.resolve()):
         raise SystemExit(f"--out {out} is inside the repository; choose a folder outside it")
     out.mkdir(parents=True, exist_ok=True)
-    empty = out / "empty"
     written = []
     for split in splits:
         root = data / "segmentation" / split
@@ -51,13 +52,8 @@ def write_csvs(data: Path, out: Path, splits: Sequence[str] = ("train", "test"))
                 writer.writerow(["image", "truth"])
                 for image in images:
                     truth = root / code / f"{image.stem}_{code}.png"
-                    if not truth.is_file():
-                        empty.mkdir(exist_ok=True)
-                        with Image.open(image) as img:
-                            size = img.size
-                        truth = empty / f"{split}_{image.stem}_{code}.png"
-                        Image.new("L", size, 0).save(truth)
-                    writer.writerow([str(image.resolve()), str(truth.resolve())])
+                    writer.writerow([str(image.resolve()),
+                                     str(truth.resolve()) if truth.is_file() else NO_TRUTH])
             written.append(path)
     return written
 

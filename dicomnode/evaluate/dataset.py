@@ -3,7 +3,8 @@
 Columns (header row required):
 - `image,truth[,fov]`: segmentation; truth and fov are masks, binarised by `load_mask`'s rule
   (a pixel is inside when its value is at least half the mask's largest value, or at least an
-  explicit threshold);
+  explicit threshold); truth `none`: the image has nothing of what is segmented (e.g. a lesion
+  type it lacks), every pixel negative;
 - `image,label`: classification; the label is a class label of the model (or 1/0, yes/no,
   true/false for the positive class and the rest);
 - `image,value`: measurement; a number.
@@ -33,6 +34,10 @@ logger = logging.getLogger(__name__)
 
 DatasetKind = Literal["segmentation", "classification", "measurement"]
 
+# A segmentation truth that says "nothing here": a word, because a blank mask *file* is more
+# often a wrong file than a finding, and stays refused (`load_mask`).
+NO_TRUTH = "none"
+
 
 class DatasetError(DicomNodeError):
     """A dataset CSV, or a file it names, cannot be used."""
@@ -42,7 +47,8 @@ class DatasetError(DicomNodeError):
 class Row:
     line: int
     image: Path
-    truth: Path | None = None
+    truth: Path | None = None  # segmentation: None when the CSV says `none` (`negative`)
+    negative: bool = False
     fov: Path | None = None
     label: str | None = None
     value: float | None = None
@@ -106,8 +112,11 @@ def read_dataset(path: Path) -> Dataset:
             image = _file(base, record.get("image"), path, line, "image")
             if kind == "segmentation":
                 fov_text = record.get("fov")
+                negative = (record.get("truth") or "").strip().lower() == NO_TRUTH
                 rows.append(Row(line, image,
-                                truth=_file(base, record.get("truth"), path, line, "truth"),
+                                truth=None if negative
+                                else _file(base, record.get("truth"), path, line, "truth"),
+                                negative=negative,
                                 fov=_file(base, fov_text, path, line, "fov")
                                 if fov_text and fov_text.strip() else None))
             elif kind == "classification":
@@ -123,6 +132,9 @@ def read_dataset(path: Path) -> Dataset:
                 rows.append(Row(line, image, value=value))
     if not rows:
         raise DatasetError(f"{path}: no rows")
+    if kind == "segmentation" and all(row.negative for row in rows):
+        raise DatasetError(f"{path}: every row's truth is '{NO_TRUTH}': there is nothing to "
+                           "find, so no figure")
     logger.info("dataset %s: %d %s rows", path, len(rows), kind)
     return Dataset(path, kind, tuple(rows))
 

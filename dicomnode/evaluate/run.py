@@ -184,8 +184,10 @@ def _segmentation(ran: list[tuple[Row, NDArray[np.uint8], ModelResult, str]],
     scores: list[NDArray[np.float32]] = []
     labels: list[NDArray[np.bool_]] = []
     for row, rgb, result, uid in ran:
-        assert row.truth is not None
-        truth = load_mask(row.truth, mask_threshold)
+        if row.truth is None:  # `none`: nothing of the kind in this image
+            truth = np.zeros(rgb.shape[:2], dtype=np.bool_)
+        else:
+            truth = load_mask(row.truth, mask_threshold)
         fov = (load_mask(row.fov, mask_threshold) if row.fov is not None
                else find_field_of_view(rgb).mask)
         if truth.shape != rgb.shape[:2] or fov.shape != rgb.shape[:2]:

@@ -154,3 +154,25 @@ def test_optic_disc_outlines_the_disc_on_real_idrid_images(
     reported = measured_values(metrics.raw["disc_diameter"]["1.2.3.61"], diameter,
                                metrics.geometry["1.2.3.61"])[0]
     assert reported.value == pytest.approx(true_diameter, rel=0.12)
+
+
+def test_the_idrid_csvs_say_none_where_an_image_has_no_such_lesion(tmp_path: Path) -> None:
+    """scripts/make_idrid_segmentation_csv.py: the soft-exudate test CSV lists all 27 images,
+    the 13 without soft exudates as `none`, which `dicomnode evaluate` reads as negatives."""
+    import sys
+
+    from dicomnode.evaluate.dataset import read_dataset
+
+    if not (IDRID_TEST / "images").is_dir():
+        unavailable(f"{IDRID_TEST} not found (../shared/data)")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import make_idrid_segmentation_csv
+
+    make_idrid_segmentation_csv.write_csvs(IDRID_TEST.parents[1], tmp_path, ("test",))
+    soft = read_dataset(tmp_path / "idrid-seg-test-SE.csv")
+    assert len(soft.rows) == 27
+    negatives = [r.image.stem for r in soft.rows if r.negative]
+    assert len(negatives) == 13
+    assert all(not (IDRID_TEST / "SE" / f"{name}_SE.png").exists() for name in negatives)
+    assert all(r.truth is not None and r.truth.is_file() for r in soft.rows if not r.negative)
+    assert not any(r.negative for r in read_dataset(tmp_path / "idrid-seg-test-EX.csv").rows)

@@ -144,6 +144,29 @@ def test_segmentation_with_a_fov_column_counts_only_inside(
     assert result["accuracy"] == pytest.approx((12 + 8) / 28)
 
 
+def test_an_image_with_truth_none_counts_its_pixels_as_negatives(
+    tmp_path: Path, config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _segmentation_data(tmp_path / "d", False)  # TP 12, FP 4, FN 4, TN 12 columns
+    green = np.zeros((SIZE, SIZE), np.uint8)
+    green[:, 0:8] = 255  # a second image with nothing to find; 8 columns marked
+    healthy = _image(tmp_path / "d" / "b.png", green)
+    with data.open("a", encoding="utf-8") as handle:
+        handle.write(f"{healthy}, None\n")
+    result = _evaluate(config, capsys, "green-seg", "--dataset", str(data))
+    # + FP 8, TN 24 columns: Dice 24 / (24 + 12 + 4), specificity 36 / 48
+    assert result["images"] == 2
+    assert result["dice"] == pytest.approx(24 / 40)
+    assert result["sensitivity"] == pytest.approx(0.75)
+    assert result["specificity"] == pytest.approx(36 / 48)
+    # AP: score 1 (24 columns) holds 12 positives: P 1/2 at recall 3/4; then 1/4 at P 16/64
+    assert result["aupr"] == pytest.approx(0.5 * 0.75 + 0.25 * 0.25)
+    only_none = _csv(tmp_path / "none.csv", "image,truth", [f"d/{healthy},none"])
+    assert main(["evaluate", "green-seg", "--dataset", str(only_none),
+                 "--config", str(config)]) == 2
+    assert "none.csv: every row's truth is 'none'" in capsys.readouterr().err
+
+
 def test_mask_threshold_option_changes_what_truth_is(
     tmp_path: Path, config: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
