@@ -47,8 +47,7 @@ class DatasetError(DicomNodeError):
 class Row:
     line: int
     image: Path
-    truth: Path | None = None  # segmentation: None when the CSV says `none` (`negative`)
-    negative: bool = False
+    truth: Path | None = None  # segmentation: None when the CSV says `none` (NO_TRUTH)
     fov: Path | None = None
     label: str | None = None
     value: float | None = None
@@ -116,7 +115,6 @@ def read_dataset(path: Path) -> Dataset:
                 rows.append(Row(line, image,
                                 truth=None if negative
                                 else _file(base, record.get("truth"), path, line, "truth"),
-                                negative=negative,
                                 fov=_file(base, fov_text, path, line, "fov")
                                 if fov_text and fov_text.strip() else None))
             elif kind == "classification":
@@ -132,7 +130,7 @@ def read_dataset(path: Path) -> Dataset:
                 rows.append(Row(line, image, value=value))
     if not rows:
         raise DatasetError(f"{path}: no rows")
-    if kind == "segmentation" and all(row.negative for row in rows):
+    if kind == "segmentation" and all(row.truth is None for row in rows):
         raise DatasetError(f"{path}: every row's truth is '{NO_TRUTH}': there is nothing to "
                            "find, so no figure")
     logger.info("dataset %s: %d %s rows", path, len(rows), kind)

@@ -171,8 +171,8 @@ def test_the_idrid_csvs_say_none_where_an_image_has_no_such_lesion(tmp_path: Pat
     make_idrid_segmentation_csv.write_csvs(IDRID_TEST.parents[1], tmp_path, ("test",))
     soft = read_dataset(tmp_path / "idrid-seg-test-SE.csv")
     assert len(soft.rows) == 27
-    negatives = [r.image.stem for r in soft.rows if r.negative]
+    negatives = [r.image.stem for r in soft.rows if r.truth is None]
     assert len(negatives) == 13
     assert all(not (IDRID_TEST / "SE" / f"{name}_SE.png").exists() for name in negatives)
-    assert all(r.truth is not None and r.truth.is_file() for r in soft.rows if not r.negative)
-    assert not any(r.negative for r in read_dataset(tmp_path / "idrid-seg-test-EX.csv").rows)
+    assert all(r.truth.is_file() for r in soft.rows if r.truth is not None)
+    assert all(r.truth is not None for r in read_dataset(tmp_path / "idrid-seg-test-EX.csv").rows)
