@@ -21,18 +21,20 @@ Steps (each resumable, all on CPU, fixed seeds, deterministic algorithms):
           figures on the 10 held-out training images (the ship decision is made on these
           only); with --test also train_idrid_seg's test-split figures into metrics.json.
           --tta 4|8 exports the context branch averaged over that many flips / quarter turns
-          (ContextNet.image; about 1.6x the time of --tta 1 at 8, measured on one thread).
+          (ContextNet.image; about 1.6x the time of --tta 1 at 8, measured on one thread;
+          no held-out gain, see lesion-seg 1.1.0's CARD.md).
 
 --version names the registry version that `export` writes (default 1.1.0, so 1.1.0's card's
 commands reproduce it unchanged; its card gives the commands that made it).
 
-Planned 1.2.0 (issue #11; decision rule fixed before any 1.2.0 training, not yet run): more
-cached variants (3-4) and many more steps (6000-8000, --budget-minutes, a checkpoint every few
-minutes), checkpoints exported with --version 1.2.0 --out outside the registry and compared on
-the 10 held-out training images only. Ship only if held-out hard-exudate AND haemorrhage AUPR
-both beat 1.1.0's held-out 0.637 / 0.408; between candidates, the higher mean held-out EX + HE
-AUPR; microaneurysms only if held-out AUPR >= 0.25 (--ma-min-aupr); thresholds by the held-out
-Dice rule below; the test split measured once (--test), after that choice.
+1.2.0 (issue #11; decision rule fixed before any 1.2.0 training): more cached variants and
+many more steps (run: --variants 3 --steps 6000 --every 4), checkpoints exported with
+--version 1.2.0 --out outside the registry and compared on the 10 held-out training images
+only. Ship only if held-out hard-exudate AND haemorrhage AUPR both beat 1.1.0's held-out
+0.637 / 0.408; between candidates, the higher mean held-out EX + HE AUPR; microaneurysms only
+if held-out AUPR >= 0.25 (--ma-min-aupr); thresholds by the held-out Dice rule below; the test
+split measured once (--test), after that choice. Tried 2026-12-02 and NOT shipped: no
+checkpoint beat 1.1.0 on both (figures in lesion-seg 1.1.0's CARD.md).
 
 Usage: .venv/bin/python scripts/train_idrid_lesion_context.py cache|train|export [options]
 """
@@ -56,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_idrid_seg as base
 
-VERSIONS = ("1.1.0", "1.2.0")  # shipped (the default --version); planned (see the docstring)
+VERSIONS = ("1.1.0", "1.2.0")  # shipped (the default --version); tried, not shipped (docstring)
 CODES = base.LESIONS  # HE, EX, SE, MA: network output channels
 SHIPPED = ("HE", "EX", "SE")  # microaneurysms: only if held-out AUPR >= --ma-min-aupr
 SIZE = base.TASKS["lesions"].size
@@ -417,15 +419,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fresh", action="store_true", help="train: ignore last.pt")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tta", type=int, choices=[1, 4, 8], default=1,
-                        help="export: mean logits over this many dihedral transforms")
+                        help="export: the context branch averaged over this many flips and "
+                             "quarter turns")
     parser.add_argument("--ma-min-aupr", type=float, default=0.25,
                         help="ship microaneurysms only if held-out AUPR reaches this (fixed "
                              "before training, as for 1.0.0)")
     parser.add_argument("--test", action="store_true",
                         help="export: also measure the test split (once, after the decision)")
     args = parser.parse_args(argv)
+    registry = base.REPO / "model_registry" / "lesion-seg"
     if args.out is None:
-        args.out = base.REPO / "model_registry" / "lesion-seg" / args.version
+        args.out = registry / args.version
+    if (args.step == "export" and args.version != VERSIONS[0]
+            and args.out.resolve().is_relative_to(registry.resolve())):
+        parser.error(f"--version {args.version} was tried and not shipped: export it with "
+                     f"--out outside {registry}")
     return args
 
 

@@ -65,10 +65,12 @@ def test_version_picks_the_export_folder_and_defaults_to_the_shipped_one() -> No
     registry = ctx.base.REPO / "model_registry" / "lesion-seg"
     shipped = ctx.parse_args(["export"])
     assert (shipped.version, shipped.out) == ("1.1.0", registry / "1.1.0")
-    candidate = ctx.parse_args(["export", "--version", "1.2.0"])
-    assert (candidate.version, candidate.out) == ("1.2.0", registry / "1.2.0")
+    with pytest.raises(SystemExit):  # tried, not shipped: never into the registry
+        ctx.parse_args(["export", "--version", "1.2.0"])
+    with pytest.raises(SystemExit):
+        ctx.parse_args(["export", "--version", "1.2.0", "--out", str(registry / "x")])
     elsewhere = ctx.parse_args(["export", "--version", "1.2.0", "--out", "/tmp/x"])
-    assert elsewhere.out == Path("/tmp/x")
+    assert (elsewhere.version, elsewhere.out) == ("1.2.0", Path("/tmp/x"))
     with pytest.raises(SystemExit):
         ctx.parse_args(["export", "--version", "9.9.9"])
 
