@@ -54,16 +54,21 @@ def _updated(result: Any) -> bool:
     return int(getattr(result, "rowcount", 0) or 0) == 1
 
 
-def studies_to_plan(database: Database) -> list[tuple[str, str]]:
+def studies_to_plan(database: Database, *, late_quiet_seconds: float = 0.0
+                    ) -> list[tuple[str, str]]:
     """(study_uid, reason) of studies that need a job: complete ones nobody planned (missed
-    notification, crash), and finished ones that received late instances."""
+    notification, crash), and finished ones that received late instances, once none has come
+    for `late_quiet_seconds` (a camera re-sending several images makes one re-run, not one
+    per image and one new report in the PACS each)."""
+    quiet_since = utcnow() - timedelta(seconds=late_quiet_seconds)
     with database.transaction() as session:
         complete = session.scalars(
             select(Study.study_uid).where(Study.state == StudyState.COMPLETE).order_by(Study.id)
         ).all()
         late = session.scalars(
             select(Study.study_uid).where(
-                Study.needs_reprocess.is_(True), Study.state.in_(_FINAL_STUDY_STATES)
+                Study.needs_reprocess.is_(True), Study.state.in_(_FINAL_STUDY_STATES),
+                Study.last_instance_at <= quiet_since,
             ).order_by(Study.id)
         ).all()
     return [(uid, COMPLETE) for uid in complete] + [(uid, LATE) for uid in late]

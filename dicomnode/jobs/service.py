@@ -164,7 +164,8 @@ class ProcessingService:
         created = []
         # One planner per process at a time; across nodes `enqueue` decides.
         with self._plan_lock:
-            for study_uid, reason in queue.studies_to_plan(self.database):
+            for study_uid, reason in queue.studies_to_plan(
+                    self.database, late_quiet_seconds=self.settings.completeness.quiet_seconds):
                 try:
                     job_id = self.plan(study_uid, reason)
                 except Exception as exc:  # e.g. the database: this study waits, others go on

@@ -20,7 +20,7 @@ from dicomnode.receive.storage import relative_path
 from dicomnode.synthetic import op_dataset
 from tests.integration.test_dispatch import orthanc  # noqa: F401  (the module's Orthanc)
 from tests.integration.test_results_delivery import _drain, node  # noqa: F401
-from tests.support.executor_fixtures import add_study, disc_rgb
+from tests.support.executor_fixtures import add_study, disc_rgb, mark_late
 from tests.support.orthanc import Orthanc
 
 pytestmark = pytest.mark.integration
@@ -42,7 +42,7 @@ def add_late_image(database: Database, storage: Path, study_uid: str, green: int
             modality="OP", laterality="L", path=rel.as_posix(),
             size_bytes=(storage / rel).stat().st_size, calling_ae="CAM1", received_at=utcnow(),
             late=True))
-        study.needs_reprocess = True
+    mark_late(database, study_uid)  # a minute ago: past the late re-run's quiet period
     return str(ds.SOPInstanceUID)
 
 

@@ -201,3 +201,17 @@ def add_study(database: Any, storage: Path, greens: list[int], *, state: str = "
             ))
             sops.append(str(ds.SOPInstanceUID))
     return study_uid, sops
+
+
+def mark_late(database: Any, study_uid: str, *, seconds_ago: float = 60.0) -> None:
+    """Flag a finished study for re-processing as the receiver does for a late instance, the
+    last one `seconds_ago` (the late re-run waits for the quiet period after it)."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from dicomnode.db.models import Study, utcnow
+
+    with database.transaction() as session:
+        session.execute(update(Study).where(Study.study_uid == study_uid).values(
+            needs_reprocess=True, last_instance_at=utcnow() - timedelta(seconds=seconds_ago)))

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 
 from dicomnode.db import open_database
 from dicomnode.db.engine import Database
@@ -22,7 +22,7 @@ from dicomnode.jobs import ProcessingService, queue
 from dicomnode.registry import load_registry
 from dicomnode.routing import load_presets
 from dicomnode.settings import Settings
-from tests.support.executor_fixtures import add_study, write_diamond, write_preset
+from tests.support.executor_fixtures import add_study, mark_late, write_diamond, write_preset
 
 
 @pytest.fixture
@@ -138,9 +138,10 @@ def test_late_instances_make_a_new_job(env: tuple[Settings, Database, Path]) -> 
     uid, _ = add_study(database, storage, [200])
     service.on_study_complete(uid)
     first = service.run_once()
-    with database.transaction() as session:
-        session.execute(update(Study).where(Study.study_uid == uid)
-                        .values(needs_reprocess=True))
+    # A late instance a moment ago: the quiet period (5 s) runs first, as more may follow.
+    mark_late(database, uid, seconds_ago=1)
+    assert service.plan_pending() == []
+    mark_late(database, uid, seconds_ago=6)
     created = service.plan_pending()
     assert len(created) == 1 and created[0] != first
     assert queue.job_detail(database, created[0])["reason"] == "late-instances"

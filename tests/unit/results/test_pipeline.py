@@ -14,11 +14,11 @@ import highdicom as hd
 import numpy as np
 import pytest
 import yaml
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 
 from dicomnode.db import open_database
 from dicomnode.db.engine import Database
-from dicomnode.db.models import AuditEvent, Delivery, Result, ResultSet, Study
+from dicomnode.db.models import AuditEvent, Delivery, Result, ResultSet
 from dicomnode.inference.outputs import read_index, source_mask
 from dicomnode.jobs import ProcessingService, queue
 from dicomnode.registry import load_registry
@@ -26,7 +26,7 @@ from dicomnode.results.pipeline import ResultsPipeline
 from dicomnode.routing import load_catalog, load_presets
 from dicomnode.routing.preset import OutputOptions
 from dicomnode.settings import Settings
-from tests.support.executor_fixtures import add_study, write_diamond
+from tests.support.executor_fixtures import add_study, mark_late, write_diamond
 from tests.unit.results.sources import content_items
 
 PRESET = {
@@ -159,9 +159,7 @@ def test_reprocessed_study_report_names_the_previous_one(
     service.on_study_complete(uid)
     first = service.run_once()
     pipeline.run_once()
-    with database.transaction() as session:
-        session.execute(update(Study).where(Study.study_uid == uid)
-                        .values(needs_reprocess=True))
+    mark_late(database, uid)
     [second] = service.plan_pending()
     assert service.run_once() == second and first is not None
     [outcome] = pipeline.run_once()

@@ -11,13 +11,13 @@ import threading
 import time
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from dicomnode.db.engine import Database
-from dicomnode.db.models import Delivery, Result, ResultSet, Study
+from dicomnode.db.models import Delivery, Result, ResultSet
 from dicomnode.results.pipeline import EncodeOutcome, ResultsPipeline
 from dicomnode.settings import Settings
-from tests.support.executor_fixtures import add_study
+from tests.support.executor_fixtures import add_study, mark_late
 from tests.unit.results.test_pipeline import _parts, env  # noqa: F401 (the fixture)
 
 LONG_POLL = 300.0  # the pipeline must be woken, never wait for this
@@ -96,9 +96,7 @@ def test_jobs_of_one_study_are_encoded_in_order_and_reuse_what_did_not_change(
     uid, _ = add_study(database, storage, [200, 180])
     service.on_study_complete(uid)
     first = service.run_once()
-    with database.transaction() as session:
-        session.execute(update(Study).where(Study.study_uid == uid)
-                        .values(needs_reprocess=True))
+    mark_late(database, uid)
     [second] = service.plan_pending()
     assert service.run_once() == second and first is not None
     pipeline = _pipeline(settings, database, encoders=2)
