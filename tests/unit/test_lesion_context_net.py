@@ -63,16 +63,17 @@ def test_turned_and_flipped_coordinates_follow_the_maps() -> None:
 
 def test_version_picks_the_export_folder_and_defaults_to_the_shipped_one() -> None:
     registry = ctx.base.REPO / "model_registry" / "lesion-seg"
-    shipped = ctx.parse_args(["export"])
+    shipped = ctx.parse_args(["export", "--checkpoint", "a.pt"])
     assert (shipped.version, shipped.out) == ("1.1.0", registry / "1.1.0")
-    with pytest.raises(SystemExit):  # tried, not shipped: never into the registry
-        ctx.parse_args(["export", "--version", "1.2.0"])
-    with pytest.raises(SystemExit):
-        ctx.parse_args(["export", "--version", "1.2.0", "--out", str(registry / "x")])
-    elsewhere = ctx.parse_args(["export", "--version", "1.2.0", "--out", "/tmp/x"])
-    assert (elsewhere.version, elsewhere.out) == ("1.2.0", Path("/tmp/x"))
-    with pytest.raises(SystemExit):
-        ctx.parse_args(["export", "--version", "9.9.9"])
+    newer = ctx.parse_args(["export", "--version", "1.2.0", "--checkpoint", "a.pt",
+                            "--checkpoint", "b.pt"])
+    assert (newer.out, newer.checkpoint) == (registry / "1.2.0", [Path("a.pt"), Path("b.pt")])
+    elsewhere = ctx.parse_args(["export", "--version", "1.2.0", "--checkpoint", "a.pt",
+                                "--out", "/tmp/x"])
+    assert elsewhere.out == Path("/tmp/x")
+    for wrong in (["export", "--version", "9.9.9", "--checkpoint", "a.pt"], ["export"]):
+        with pytest.raises(SystemExit):
+            ctx.parse_args(wrong)
 
 
 def test_quarter_turns_are_rot90() -> None:
@@ -96,3 +97,14 @@ def test_eight_transform_averaging_makes_the_network_turn_with_the_image() -> No
         net.tta = 1
         turned = torch.rot90(net.image(torch.rot90(feats, 1, dims=(-2, -1))), -1, dims=(-2, -1))
     assert not torch.allclose(turned, plain, atol=1e-3)  # without averaging it is not
+
+
+def test_an_ensemble_outputs_the_mean_of_its_members_logits() -> None:
+    torch.manual_seed(7)
+    first, second = (ctx.build_context_net(ctx.FEATURES, 4).eval() for _ in range(2))
+    feats = torch.randn(1, ctx.FEATURES, 32, 32)
+    with torch.no_grad():
+        both = ctx.build_ensemble([first, second]).image(feats)
+        expected = (first.image(feats) + second.image(feats)) / 2
+        assert torch.allclose(both, expected, atol=1e-6)
+        assert not torch.allclose(both, first.image(feats), atol=1e-3)
