@@ -9,7 +9,6 @@ when some preset's rule differs from the node's.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 from dicomnode.db.engine import Database
@@ -19,8 +18,6 @@ from dicomnode.routing.catalog import Catalog
 from dicomnode.routing.preset import Preset
 from dicomnode.routing.router import route
 from dicomnode.settings import CompletenessSettings, Settings
-
-logger = logging.getLogger(__name__)
 
 
 def preset_rules(node: CompletenessSettings, preset: Preset) -> CompletenessSettings:
