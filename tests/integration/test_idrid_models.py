@@ -178,3 +178,24 @@ def test_the_idrid_csvs_say_none_where_an_image_has_no_such_lesion(tmp_path: Pat
     assert all(not (IDRID_TEST / "SE" / f"{name}_SE.png").exists() for name in negatives)
     assert all(r.truth.is_file() for r in soft.rows if r.truth is not None)
     assert all(r.truth is not None for r in read_dataset(tmp_path / "idrid-seg-test-EX.csv").rows)
+
+
+def test_on_healthy_eyes_of_another_camera_the_latest_marks_little() -> None:
+    """scripts/measure_lesion_false_positives.py on two healthy CHASE_DB1 eyes (Nidek): every
+    marked pixel is a false positive. Its card: at most 1.3 % of the field of view on any of
+    the 28 eyes for any output (a model marking vessels or the disc would mark far more)."""
+    import sys
+
+    chase = ROOT.parent / "shared" / "data" / "CHASE_DB1" / "images"
+    images = [chase / "Image_01L.jpg", chase / "Image_07R.jpg"]
+    if not all(p.is_file() for p in images):
+        unavailable(f"{chase} not found (../shared/data)")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import measure_lesion_false_positives
+
+    found = measure_lesion_false_positives.marked_fractions(ROOT / "model_registry",
+                                                            "1.2.0", images)
+    assert found["images"] == 2 and not found["skipped"]
+    assert set(found["outputs"]) == set(LESION_OUTPUTS)
+    for figures in found["outputs"].values():
+        assert figures["max_percent"] < 2.0, found
