@@ -13,15 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from pydicom import dcmread
 from sqlalchemy import select
 
 from dicomnode.db.engine import Database
 from dicomnode.db.models import Job, Study
 from dicomnode.synthetic import demo_study
-from tests.support.node import NODE_AE, NodeProcess, write_config
-from tests.support.onnx_models import RegistryWriter, classifier_manifest
+from tests.support.node import NODE_AE, NodeProcess, classifier_node_config
 from tests.support.peers import require_tool
 
 pytestmark = pytest.mark.integration
@@ -46,19 +44,8 @@ def _wait(database: Database, want: list[tuple[str, str]], node: NodeProcess) ->
 
 def test_two_late_images_make_one_rerun_after_the_quiet_period(tmp_path: Path) -> None:
     storescu = require_tool("storescu", "dcmtk")
-    writer = RegistryWriter(tmp_path / "registry")
-    writer.add(classifier_manifest("image-quality", gate=False, modalities=("OP",)))
-    presets = tmp_path / "presets"
-    presets.mkdir()
-    (presets / "screening.yaml").write_text(yaml.safe_dump({
-        "id": "screening", "name": "Screening", "audience": "tests", "description": "late",
-        "models": ["image-quality"], "outputs": {"sr": True, "seg": False, "overlay": False},
-        "routing": {"modality": "OP"},
-    }), encoding="utf-8")
-    db_url = f"sqlite:///{tmp_path / 'node.db'}"
-    config = write_config(
-        tmp_path, db_url, registry={"path": str(tmp_path / "registry")},
-        presets={"path": str(presets)},
+    config, db_url = classifier_node_config(
+        tmp_path, {"screening": {"routing": {"modality": "OP"}}},
         completeness={"quiet_seconds": QUIET, "sweep_seconds": 0.5,
                       "expected_laterality": ["L", "R"]},
         inference={"providers": ["CPUExecutionProvider"], "poll_seconds": 0.2})

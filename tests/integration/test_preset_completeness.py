@@ -14,32 +14,19 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from pydicom import dcmread
 from sqlalchemy import select
 
 from dicomnode.db.engine import Database
 from dicomnode.db.models import Study
 from dicomnode.synthetic import demo_study
-from tests.support.node import NODE_AE, NodeProcess, write_config
-from tests.support.onnx_models import RegistryWriter, classifier_manifest
+from tests.support.node import NODE_AE, NodeProcess, classifier_node_config
 from tests.support.peers import require_tool
 
 pytestmark = pytest.mark.integration
 
 NODE_WAIT = 300.0
 DEADLINE = 30.0  # far below NODE_WAIT: only a preset's rule can complete a study in time
-
-
-def _preset(directory: Path, preset_id: str, caller: str, completeness: dict[str, object]) -> None:
-    body: dict[str, object] = {
-        "id": preset_id, "name": preset_id, "audience": "tests", "description": "completeness",
-        "models": ["image-quality"], "outputs": {"sr": True, "seg": False, "overlay": False},
-        "routing": {"calling_ae": caller},
-    }
-    if completeness:
-        body["completeness"] = completeness
-    (directory / f"{preset_id}.yaml").write_text(yaml.safe_dump(body), encoding="utf-8")
 
 
 def _state(database: Database, study_uid: str) -> tuple[str, str | None] | None:
@@ -50,19 +37,14 @@ def _state(database: Database, study_uid: str) -> tuple[str, str | None] | None:
 
 def test_each_study_completes_by_its_presets_rule(tmp_path: Path) -> None:
     storescu = require_tool("storescu", "dcmtk")
-    writer = RegistryWriter(tmp_path / "registry")
-    writer.add(classifier_manifest("image-quality", gate=False, modalities=("OP",)))
-    presets = tmp_path / "presets"
-    presets.mkdir()
-    _preset(presets, "right-eye", "CAM1", {"expected_laterality": ["R"]})
-    _preset(presets, "quick", "CAM2", {"quiet_seconds": 1, "expected_laterality": []})
-    _preset(presets, "as-node", "CAM3", {})
-    db_url = f"sqlite:///{tmp_path / 'node.db'}"
-    config = write_config(
-        tmp_path, db_url, registry={"path": str(tmp_path / "registry")},
-        presets={"path": str(presets)},
-        completeness={"quiet_seconds": NODE_WAIT, "sweep_seconds": 0.5,
-                      "expected_laterality": ["L", "R"]},
+    config, db_url = classifier_node_config(tmp_path, {
+        "right-eye": {"routing": {"calling_ae": "CAM1"},
+                      "completeness": {"expected_laterality": ["R"]}},
+        "quick": {"routing": {"calling_ae": "CAM2"},
+                  "completeness": {"quiet_seconds": 1, "expected_laterality": []}},
+        "as-node": {"routing": {"calling_ae": "CAM3"}},
+    }, completeness={"quiet_seconds": NODE_WAIT, "sweep_seconds": 0.5,
+                     "expected_laterality": ["L", "R"]},
         inference={"providers": ["CPUExecutionProvider"]})
     studies: dict[str, tuple[Path, str]] = {}
     for caller in ("CAM1", "CAM2", "CAM3"):

@@ -45,6 +45,27 @@ def write_config(directory: Path, db_url: str, **overrides: Any) -> Path:
     return path
 
 
+def classifier_node_config(directory: Path, presets: dict[str, dict[str, Any]],
+                           **overrides: Any) -> tuple[Path, str]:
+    """A SQLite node with one tiny fixture model (`image-quality`, a classifier on OP) and
+    these presets (id -> fields over an SR-only preset of that model); returns the settings
+    file and the database URL. `overrides` as for `write_config`."""
+    from tests.support.onnx_models import RegistryWriter, classifier_manifest
+
+    RegistryWriter(directory / "registry").add(
+        classifier_manifest("image-quality", gate=False, modalities=("OP",)))
+    folder = directory / "presets"
+    folder.mkdir()
+    for preset_id, fields in presets.items():
+        body = {"id": preset_id, "name": preset_id, "audience": "tests",
+                "description": preset_id, "models": ["image-quality"],
+                "outputs": {"sr": True, "seg": False, "overlay": False}, **fields}
+        (folder / f"{preset_id}.yaml").write_text(yaml.safe_dump(body), encoding="utf-8")
+    db_url = f"sqlite:///{directory / 'node.db'}"
+    return write_config(directory, db_url, registry={"path": str(directory / "registry")},
+                        presets={"path": str(folder)}, **overrides), db_url
+
+
 class NodeProcess:
     """One `dicomnode serve` process; its log goes to a file for failure messages."""
 
