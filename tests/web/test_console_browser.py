@@ -188,7 +188,8 @@ def test_admin_edits_a_preset_in_the_console(
                              last_error="association rejected"))
     page.goto(f"{base}/studies")
     shot(page, "09-studies")
-    page.click("text=1.2.826.0.1.3680043.8.498.1")
+    with page.expect_navigation():  # to the study page's load: its script binds the button
+        page.click("text=1.2.826.0.1.3680043.8.498.1")
     page.click("button.retry")
     page.wait_for_selector("#message:has-text('queued')")
     shot(page, "10-study")
