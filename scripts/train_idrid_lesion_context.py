@@ -422,7 +422,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=base.DEFAULT_DATA)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/lesion_ctx_cache"))
     parser.add_argument("--checkpoints", type=Path, default=Path("/tmp/lesion_ctx_ck"))
-    parser.add_argument("--checkpoint", type=Path, action="append", required=False,
+    parser.add_argument("--checkpoint", type=Path, action="append",
                         help="export: the checkpoint to export; given more than once, the "
                              "graph holds each and outputs the mean of their logits")
     parser.add_argument("--version", choices=VERSIONS, default=VERSIONS[0],

@@ -139,27 +139,26 @@ class Assembler:
 
     # -- jobs --------------------------------------------------------------------------------
 
-    def evaluate_expected(self, study_uids: list[str]) -> None:
-        for study_uid in study_uids:
-            if completeness.complete_if_expected(
-                self.database, study_uid, self.study_rules(study_uid).expected_laterality
-            ):
-                self._completed(study_uid, completeness.EXPECTED_CONTENT)
-
     def after_association(self, study_uids: list[str]) -> None:
         """Expected content first; a study whose quiet period ran out while its sender was
-        still connected completes now that the sender has finished."""
-        self.evaluate_expected(study_uids)
+        still connected completes now that the sender has finished. Each study's rules are
+        asked once for both (they may read its headers)."""
         for study_uid in study_uids:
-            self.quiet_timer(study_uid)
+            rules = self.study_rules(study_uid)
+            if completeness.complete_if_expected(
+                self.database, study_uid, rules.expected_laterality
+            ):
+                self._completed(study_uid, completeness.EXPECTED_CONTENT)
+            else:
+                self.quiet_timer(study_uid, rules)
 
-    def quiet_timer(self, study_uid: str) -> None:
+    def quiet_timer(self, study_uid: str, rules: CompletenessSettings | None = None) -> None:
         if self.receiving(study_uid):
             # Looked at again when the association ends; this timer is only a fallback.
             self._arm(study_uid, utcnow() + timedelta(
                 seconds=max(self.settings.quiet_seconds, _BUSY_RECHECK_SECONDS)))
             return
-        quiet = self.study_rules(study_uid).quiet_seconds
+        quiet = (rules or self.study_rules(study_uid)).quiet_seconds
         # The node's own period is the one the receiver wrote into `quiet_until`.
         check = completeness.complete_if_quiet(
             self.database, study_uid,
