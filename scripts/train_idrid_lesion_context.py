@@ -38,6 +38,16 @@ split measured once (--test), after that choice. Run 2026-12-02: no single check
 did and is 1.2.0, an ensemble formed after the per-checkpoint held-out figures were seen
 (lesion-seg 1.2.0's CARD.md).
 
+1.3.0 (issue #11; rule fixed 2026-12-02 before its run, with 1.2.0's test figures known): a
+seed ensemble. A second run of 1.2.0's recipe with another seed (--seed 20261202 --variants 3
+--steps 6000 --save-at 1532), and the candidate is the mean of four context networks: 1.2.0's
+two members (read back from its model.onnx, `export --members-of`) and the new run's steps
+1532 and 6000, the same two points 1.2.0 took, fixed here before the run. Ship only if its
+held-out hard-exudate AND haemorrhage AUPR both beat 1.2.0's held-out 0.651 / 0.438 (which are
+optimistic: 1.2.0's members were picked by them); microaneurysms and thresholds by the same
+rules; the test split measured once (--test), after that decision. No other candidate is
+compared.
+
 Usage: .venv/bin/python scripts/train_idrid_lesion_context.py cache|train|export [options]
 """
 
@@ -47,6 +57,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -60,7 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_idrid_seg as base
 
-VERSIONS = ("1.1.0", "1.2.0")  # both shipped; 1.1.0 the default, so its card's commands hold
+VERSIONS = ("1.1.0", "1.2.0", "1.3.0")  # 1.1.0 1.1.0 the default, so its card's commands hold
 CODES = base.LESIONS  # HE, EX, SE, MA: network output channels
 SHIPPED = ("HE", "EX", "SE")  # microaneurysms: only if held-out AUPR >= --ma-min-aupr
 SIZE = base.TASKS["lesions"].size
@@ -307,8 +318,8 @@ def train(args: argparse.Namespace) -> None:
     import torch
     from torch.nn import functional as F
 
-    torch.manual_seed(base.SEED)
-    rng = np.random.default_rng(base.SEED)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
     items = load_cache(args, rng)
     net = build_context_net(FEATURES, len(CODES))
     out_dir: Path = args.checkpoints
@@ -321,7 +332,7 @@ def train(args: argparse.Namespace) -> None:
         net.load_state_dict(state["net"])
         optimiser.load_state_dict(state["optimiser"])
         step = state["step"]
-        rng = np.random.default_rng([base.SEED, step])
+        rng = np.random.default_rng([args.seed, step])
         print(f"resumed at step {step}", flush=True)
     else:  # standardise by the random field-of-view pixels (the first --background of each)
         bg = np.concatenate([v.feats[:, :args.background] for v in items], axis=1)
@@ -352,7 +363,7 @@ def train(args: argparse.Namespace) -> None:
                   f"{(now - started) / step:.2f} s/step", flush=True)
         done = (step >= (args.stop_step or args.steps)
                 or (now - started) / 60 >= args.budget_minutes)
-        if done or now - saved >= args.every * 60:
+        if done or now - saved >= args.every * 60 or step in args.save_at:
             state = {"net": net.state_dict(), "optimiser": optimiser.state_dict(), "step": step,
                      "args": {k: str(v) for k, v in vars(args).items()},
                      "wall_minutes": round((now - started) / 60, 2),
@@ -367,6 +378,35 @@ def train(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------- export
+
+
+def members_of(graph: Path) -> list[dict[str, Any]]:
+    """The context networks' weights inside an exported graph (`net.` for one network,
+    `net.members.<i>.` for an ensemble), as state dicts. The exporter keeps one copy of an
+    initializer that several members share (their identical mean / std buffers), so a member
+    missing one takes the first member's."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    weights = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy())
+               for i in onnx.load(str(graph)).graph.initializer if i.name.startswith("net.")}
+    keys = list(build_context_net(FEATURES, len(CODES)).state_dict())
+    found_members = {int(m.group(1)) for name in weights
+                     if (m := re.match(r"net\.members\.(\d+)\.", name))}
+    prefixes = [f"net.members.{i}." for i in sorted(found_members)]
+    if not prefixes:
+        prefixes = ["net."]
+    states = []
+    for prefix in prefixes:
+        state = {}
+        for key in keys:
+            found = weights.get(prefix + key, weights.get(prefixes[0] + key))
+            if found is None:
+                raise SystemExit(f"{graph}: no initializer {prefix + key}")
+            state[key] = found
+        states.append(state)
+    return states
 
 
 def export(args: argparse.Namespace) -> None:
@@ -384,6 +424,12 @@ def export(args: argparse.Namespace) -> None:
         net.tta = args.tta
         nets.append(net.eval())
         states.append(state)
+    for graph in args.members_of:
+        for state in members_of(graph):
+            net = build_context_net(FEATURES, len(CODES))
+            net.load_state_dict(state)
+            net.tta = args.tta
+            nets.append(net.eval())
     net = nets[0] if len(nets) == 1 else build_ensemble(nets)
     pre.eval()
     base.TASKS["lesions"] = base.TaskSpec(SIZE, CODES, args.version, "lesion-seg")
@@ -403,6 +449,7 @@ def export(args: argparse.Namespace) -> None:
                          "wall_minutes": state.get("wall_minutes"),
                          "cpu_minutes": state.get("cpu_minutes"), "args": state.get("args")}
                         for path, state in zip(args.checkpoint, states, strict=True)],
+        "members_of": [str(path) for path in args.members_of],
         "seed": base.SEED, "torch": torch.__version__, "codes": list(codes), "tta": args.tta}
     print(json.dumps(held["figures"], indent=2), flush=True)
     if args.test:
@@ -422,7 +469,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=base.DEFAULT_DATA)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/lesion_ctx_cache"))
     parser.add_argument("--checkpoints", type=Path, default=Path("/tmp/lesion_ctx_ck"))
-    parser.add_argument("--checkpoint", type=Path, action="append",
+    parser.add_argument("--checkpoint", type=Path, action="append", default=[],
                         help="export: the checkpoint to export; given more than once, the "
                              "graph holds each and outputs the mean of their logits")
     parser.add_argument("--version", choices=VERSIONS, default=VERSIONS[0],
@@ -444,6 +491,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="stop at this step (to reproduce a run the budget stopped)")
     parser.add_argument("--every", type=float, default=4.0, help="checkpoint every N minutes")
     parser.add_argument("--fresh", action="store_true", help="train: ignore last.pt")
+    parser.add_argument("--seed", type=int, default=base.SEED,
+                        help="train: initialisation and sampling seed (1.3.0's second run: "
+                             "20261202)")
+    parser.add_argument("--save-at", type=int, nargs="*", default=[],
+                        help="train: also checkpoint at exactly these steps")
+    parser.add_argument("--members-of", type=Path, action="append", default=[],
+                        help="export: also hold the context networks of this exported graph "
+                             "(e.g. a shipped model.onnx)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tta", type=int, choices=[1, 4, 8], default=1,
                         help="export: the context branch averaged over this many flips and "
@@ -456,7 +511,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = base.REPO / "model_registry" / "lesion-seg" / args.version
-    if args.step == "export" and not args.checkpoint:
+    if args.step == "export" and not args.checkpoint and not args.members_of:
         parser.error("export needs --checkpoint")
     return args
 
