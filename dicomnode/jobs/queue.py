@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -24,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from dicomnode.db import audit, wakeups
 from dicomnode.db.engine import Database
-from dicomnode.db.models import Job, JobState, ModelRun, Study, StudyState, utcnow
+from dicomnode.db.models import Job, JobState, ModelRun, Study, StudyState, as_utc, utcnow
 from dicomnode.errors import JobNotFoundError
 from dicomnode.inference.executor import GraphResult
 from dicomnode.jobs.planning import Plan
@@ -54,23 +55,29 @@ def _updated(result: Any) -> bool:
     return int(getattr(result, "rowcount", 0) or 0) == 1
 
 
-def studies_to_plan(database: Database, *, late_quiet_seconds: float = 0.0
+def studies_to_plan(database: Database, *,
+                    late_quiet_seconds: Callable[[str | None], float] = lambda _preset: 0.0
                     ) -> list[tuple[str, str]]:
     """(study_uid, reason) of studies that need a job: complete ones nobody planned (missed
     notification, crash), and finished ones that received late instances, once none has come
-    for `late_quiet_seconds` (a camera re-sending several images makes one re-run, not one
-    per image and one new report in the PACS each)."""
-    quiet_since = utcnow() - timedelta(seconds=late_quiet_seconds)
+    for `late_quiet_seconds(preset)` (a camera re-sending several images makes one re-run, not
+    one per image and one new report in the PACS each); `preset` is the one the study's latest
+    job ran (None: never routed), so a preset's own quiet period holds for its late images."""
+    now = utcnow()
     with database.transaction() as session:
         complete = session.scalars(
             select(Study.study_uid).where(Study.state == StudyState.COMPLETE).order_by(Study.id)
         ).all()
-        late = session.scalars(
-            select(Study.study_uid).where(
+        latest_job = (select(Job.preset).where(Job.study_id == Study.id)
+                      .order_by(Job.id.desc()).limit(1).correlate(Study).scalar_subquery())
+        candidates = session.execute(
+            select(Study.study_uid, Study.last_instance_at, latest_job).where(
                 Study.needs_reprocess.is_(True), Study.state.in_(_FINAL_STUDY_STATES),
-                Study.last_instance_at <= quiet_since,
+                Study.last_instance_at <= now,
             ).order_by(Study.id)
         ).all()
+    late = [uid for uid, last, preset in candidates
+            if as_utc(last) <= now - timedelta(seconds=late_quiet_seconds(preset))]
     return [(uid, COMPLETE) for uid in complete] + [(uid, LATE) for uid in late]
 
 

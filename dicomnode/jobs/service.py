@@ -29,6 +29,7 @@ from dicomnode.errors import DatabaseError, InferenceUnavailableError, StudyNotF
 from dicomnode.inference.executor import GraphExecutor
 from dicomnode.inference.sessions import SessionPool
 from dicomnode.jobs import queue
+from dicomnode.jobs.completeness_rules import preset_rules
 from dicomnode.jobs.health import health_report
 from dicomnode.jobs.planning import plan_study, study_facts
 from dicomnode.jobs.runner import run_job
@@ -165,7 +166,7 @@ class ProcessingService:
         # One planner per process at a time; across nodes `enqueue` decides.
         with self._plan_lock:
             for study_uid, reason in queue.studies_to_plan(
-                    self.database, late_quiet_seconds=self.settings.completeness.quiet_seconds):
+                    self.database, late_quiet_seconds=self._late_quiet_seconds):
                 try:
                     job_id = self.plan(study_uid, reason)
                 except Exception as exc:  # e.g. the database: this study waits, others go on
@@ -175,6 +176,13 @@ class ProcessingService:
                 if job_id is not None:
                     created.append(job_id)
         return created
+
+    def _late_quiet_seconds(self, preset_id: str | None) -> float:
+        """How long late images of a study must stop coming before its re-run: the quiet
+        period of the preset its latest job ran (as for its first images), else the node's."""
+        node = self.settings.completeness
+        preset = None if preset_id is None else self.presets.presets.get(preset_id)
+        return (node if preset is None else preset_rules(node, preset)).quiet_seconds
 
     def run_once(self, worker: str | None = None) -> int | None:
         """Claim and run one job; return its id, or None when the queue is empty."""

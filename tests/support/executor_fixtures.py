@@ -131,7 +131,8 @@ def disc_rgb(size: int = 96, green: int = 200) -> np.ndarray[Any, Any]:
 
 
 def write_preset(folder: Path, preset_id: str, models: list[str],
-                 routing: dict[str, Any] | None = None) -> Path:
+                 routing: dict[str, Any] | None = None, **extra: Any) -> Path:
+    """A preset file; `extra` adds top-level keys (e.g. completeness={"quiet_seconds": 30})."""
     import yaml
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -139,7 +140,7 @@ def write_preset(folder: Path, preset_id: str, models: list[str],
     path.write_text(yaml.safe_dump({
         "id": preset_id, "name": preset_id, "audience": "tests",
         "description": "test preset", "models": models,
-        "routing": routing or {"modality": ["OP"]},
+        "routing": routing or {"modality": ["OP"]}, **extra,
     }), encoding="utf-8")
     return path
 

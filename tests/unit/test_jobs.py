@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from dicomnode.db import open_database
 from dicomnode.db.engine import Database
@@ -149,6 +149,32 @@ def test_late_instances_make_a_new_job(env: tuple[Settings, Database, Path]) -> 
     assert study_state(database, uid) == "done"
     second = queue.job_detail(database, created[0])
     assert read_index(storage / second["output_path"])["supersedes"] == first
+
+
+def test_late_instances_wait_for_the_quiet_period_of_the_preset_that_ran(
+        env: tuple[Settings, Database, Path]) -> None:
+    settings, database, storage = env
+    # "screening" asks for 30 s of quiet (the node's is 5 s); "other" sets none of its own.
+    write_preset(settings.presets.path, "screening", ["gated-fraction", "total"],
+                 completeness={"quiet_seconds": 30})
+    write_preset(settings.presets.path, "other", ["total"],
+                 routing={"modality": ["OP"], "calling_ae": ["NOBODY"]})
+    service = service_for(settings, database)
+    uids = [add_study(database, storage, [200])[0] for _ in range(2)]
+    for uid in uids:
+        service.on_study_complete(uid)
+        service.run_once()
+    with database.transaction() as session:  # the second study's latest job ran "other"
+        session.execute(update(Job).where(Job.study_uid == uids[1]).values(preset="other"))
+    for uid in uids:
+        mark_late(database, uid, seconds_ago=10)
+
+    def planned() -> list[str]:
+        return [queue.job_detail(database, j)["study_uid"] for j in service.plan_pending()]
+
+    assert planned() == [uids[1]]  # 10 s: past the node's 5 s, inside screening's 30 s
+    mark_late(database, uids[0], seconds_ago=31)
+    assert planned() == [uids[0]]
 
 
 def test_concurrent_claims_never_share_a_job(env: tuple[Settings, Database, Path]) -> None:
