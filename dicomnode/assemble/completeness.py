@@ -109,7 +109,9 @@ def complete_if_quiet(database: Database, study_uid: str, *, announce: bool = Tr
                       quiet_seconds: float | None = None) -> QuietCheck:
     """Complete a receiving study whose quiet period has passed: `quiet_until` as the receiver
     set it (the node's quiet period), or `quiet_seconds` after the last instance (the
-    study's own rule, e.g. its preset's)."""
+    study's own rule, e.g. its preset's). A study not yet due by its own rule gets that due
+    time as its `quiet_until`, so the sweep (`due_studies`) leaves it until then rather than
+    asking its rules again at every pass."""
     with database.transaction() as session:
         study = _study(session, study_uid)
         if study is None or study.state != StudyState.RECEIVING:
@@ -125,7 +127,15 @@ def complete_if_quiet(database: Database, study_uid: str, *, announce: bool = Tr
         if study.state != StudyState.RECEIVING:
             return QuietCheck(False, None)
         if wait is not None:
-            return QuietCheck(False, as_utc(study.last_instance_at) + wait)
+            due = as_utc(study.last_instance_at) + wait
+            # Only if no instance came meanwhile: the receiver's newer `quiet_until` stands.
+            session.execute(
+                update(Study).where(Study.id == study.id,
+                                    Study.state == StudyState.RECEIVING,
+                                    Study.last_instance_at == study.last_instance_at)
+                .values(quiet_until=due),
+                execution_options={"synchronize_session": False})
+            return QuietCheck(False, due)
         if study.quiet_until is not None:
             return QuietCheck(False, as_utc(study.quiet_until))
         return QuietCheck(False, None)

@@ -286,6 +286,21 @@ def test_a_studys_own_quiet_period_counts_from_its_last_instance(database: Datab
     last = study(database, overdue).last_instance_at
     assert abs((check.recheck_at - as_utc(last)).total_seconds() - 600) < 1e-3
     assert study(database, overdue).state == StudyState.RECEIVING
+    # The sweep no longer finds it due (its rules are not asked again until then) ...
+    assert as_utc(study(database, overdue).quiet_until) == check.recheck_at
+    assert overdue not in completeness.due_studies(database)
+    # ... until another instance comes: the receiver's quiet period counts again.
+    arrive(database, overdue, quiet=0)
+    assert overdue in completeness.due_studies(database)
+
+
+def test_a_shorter_own_quiet_period_makes_the_sweep_find_the_study(database: Database) -> None:
+    uid = generate_uid()
+    arrive(database, uid, quiet=600)
+    check = completeness.complete_if_quiet(database, uid, quiet_seconds=0.3)
+    assert not check.completed  # looked at too early (e.g. at the association's end)
+    time.sleep(0.4)
+    assert uid in completeness.due_studies(database)  # not only after the node's 600 s
 
 
 class _Rules:
