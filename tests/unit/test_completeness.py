@@ -287,7 +287,8 @@ def test_a_studys_own_quiet_period_counts_from_its_last_instance(database: Datab
     assert abs((check.recheck_at - as_utc(last)).total_seconds() - 600) < 1e-3
     assert study(database, overdue).state == StudyState.RECEIVING
     # The sweep no longer finds it due (its rules are not asked again until then) ...
-    assert as_utc(study(database, overdue).quiet_until) == check.recheck_at
+    quiet_until = study(database, overdue).quiet_until
+    assert quiet_until is not None and as_utc(quiet_until) == check.recheck_at
     assert overdue not in completeness.due_studies(database)
     # ... until another instance comes: the receiver's quiet period counts again.
     arrive(database, overdue, quiet=0)
