@@ -87,7 +87,8 @@ class Receiver:
 
     def start(self) -> tuple[str, int]:
         self.settings.storage.path.mkdir(parents=True, exist_ok=True)
-        self._incoming = streamed.enable(self.settings.storage.path)
+        self._incoming = streamed.enable(
+            self.settings.storage.path, self.settings.storage.max_instance_mb * 1024 * 1024)
         tuning.apply()
         self._ae = build_ae(self.settings)
         self.handlers.admission.start()

@@ -248,6 +248,13 @@ class ReceiveHandlers:
             with event.request.DataSet.getbuffer() as data:
                 accepted = self._accept(event, log, data, None)
         else:
+            cut = streamed.cut_off(path)
+            if cut is not None:
+                limit_mb = self.settings.storage.max_instance_mb
+                raise Refused(statuses.OUT_OF_RESOURCES,
+                              f"data set of {cut / 1024 / 1024:.1f} MB is larger than "
+                              f"storage.max_instance_mb ({limit_mb} MB); writing stopped at "
+                              f"the limit and nothing was kept")
             with streamed.open_received(path) as received:
                 accepted = self._accept(event, log, received.data, received)
         if log.current != accepted.ids.study_uid:

@@ -12,6 +12,11 @@ folder's `.incoming/`: on the storage filesystem, so the handler's final step is
 and named like `write_atomic`'s temporaries (a dot first, `.tmp` last), so the start-up
 sweep removes those a kill left behind. The handler maps the file and checks the data set in
 place (`open_received`); only element headers are read, never the pixel data.
+
+With `storage.max_instance_mb` set, writing stops once a file passes that size (plus room for
+the File Meta): what came so far is truncated away and the rest of the transfer is counted,
+not written, so an oversized data set never fills the disk before it is refused. The handler
+asks `cut_off(path)` first and refuses the instance with the size that arrived.
 """
 
 from __future__ import annotations
@@ -36,23 +41,28 @@ INCOMING = ".incoming"  # under the storage root
 _PREAMBLE_END = 132  # 128-byte preamble + b"DICM"
 _GROUP_LENGTH = struct.Struct("<HH2sHI")  # (0002,0000) UL, explicit VR little endian
 
+_META_ROOM = 64 * 1024  # preamble and File Meta, over the data set limit
 _lock = threading.Lock()
-_folders: list[Path] = []  # receivers running in this process, latest last
+# Receivers running in this process, latest last: (folder, most bytes a file may hold; 0 = any)
+_folders: list[tuple[Path, int]] = []
+_cut: dict[str, int] = {}  # path of a file that passed its limit -> bytes received in all
 
 
 class NotPart10(ValueError):
     """The received file is not the Part-10 file pynetdicom writes (a changed pynetdicom)."""
 
 
-def enable(storage_root: Path) -> Path:
-    """Stream received data sets to files under `storage_root`; returns the folder used.
+def enable(storage_root: Path, max_data_set_bytes: int = 0) -> Path:
+    """Stream received data sets to files under `storage_root`, writing no file much past
+    `max_data_set_bytes` (0: no limit); returns the folder used.
 
     Process-wide, as pynetdicom's configuration is: every receiver in this process streams.
     """
     folder = storage_root / INCOMING
     folder.mkdir(parents=True, exist_ok=True)
+    limit = max_data_set_bytes + _META_ROOM if max_data_set_bytes > 0 else 0
     with _lock:
-        _folders.append(folder)
+        _folders.append((folder, limit))
         dimse_messages.NamedTemporaryFile = _incoming_file  # type: ignore[attr-defined,assignment]
         _config.STORE_RECV_CHUNKED_DATASET = True
     return folder
@@ -60,8 +70,11 @@ def enable(storage_root: Path) -> Path:
 
 def disable(folder: Path) -> None:
     """A receiver stopped: its folder takes no more files (streaming stays on)."""
-    with _lock, contextlib.suppress(ValueError):
-        _folders.remove(folder)
+    with _lock:
+        for index, (used, _limit) in enumerate(_folders):
+            if used == folder:
+                del _folders[index]
+                break
 
 
 def discard_unfinished(folder: Path, pid: int | None = None) -> int:
@@ -86,19 +99,63 @@ def _prefix(pid: int | None = None) -> str:
     return f".in-{os.getpid() if pid is None else pid}-"
 
 
-def _incoming_file(*, delete: bool = False, mode: str = "wb", suffix: str = "") -> IO[bytes]:
+def _incoming_file(*, delete: bool = False, mode: str = "wb", suffix: str = "") -> _LimitedFile:
     """`NamedTemporaryFile` as pynetdicom 2.x/3.x calls it, in the latest receiver's folder."""
     del suffix  # ours instead: named like write_atomic's temporaries, for the sweep
     with _lock:
         folders = list(reversed(_folders))
-    for folder in folders:
+    for folder, limit in folders:
         try:
-            return tempfile.NamedTemporaryFile(mode, delete=delete, dir=folder,
-                                               prefix=_prefix(), suffix=".tmp")
+            return _LimitedFile(tempfile.NamedTemporaryFile(
+                mode, delete=delete, dir=folder, prefix=_prefix(), suffix=".tmp"), limit)
         except FileNotFoundError:  # that storage folder went away (a test's, a remount)
             continue
     # Never fail a receive over where the temporary file lives: the handler copies then.
-    return tempfile.NamedTemporaryFile(mode, delete=delete, prefix=_prefix(), suffix=".tmp")
+    limit = folders[0][1] if folders else 0
+    return _LimitedFile(tempfile.NamedTemporaryFile(
+        mode, delete=delete, prefix=_prefix(), suffix=".tmp"), limit)
+
+
+class _LimitedFile:
+    """The temporary file as pynetdicom uses it (`write`, `file.flush()`, `name`, `close`),
+    holding at most `limit` bytes (0: any): past it, the file is emptied and further
+    fragments are only counted (`cut_off`)."""
+
+    def __init__(self, handle: IO[bytes], limit: int) -> None:
+        self._handle = handle
+        self.file = getattr(handle, "file", handle)
+        self.name = handle.name
+        self._limit = limit
+        self._received = 0
+
+    def write(self, data: bytes) -> int:
+        self._received += len(data)
+        if self._limit and self._received > self._limit:
+            with _lock:
+                first = self.name not in _cut
+                _cut[self.name] = self._received
+            if first:
+                self._handle.truncate(0)  # frees the disk now, not when the transfer ends
+            return len(data)
+        return self._handle.write(data)
+
+    def close(self) -> None:
+        with _lock:
+            _cut.pop(self.name, None)
+        self._handle.close()
+
+    def __enter__(self) -> _LimitedFile:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def cut_off(path: Path) -> int | None:
+    """Bytes received for a streamed file that passed its limit (and so holds nothing);
+    None for one within it."""
+    with _lock:
+        return _cut.get(str(path))
 
 
 @dataclass(frozen=True)

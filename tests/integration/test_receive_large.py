@@ -9,6 +9,7 @@ file must have lived in the storage folder (so storing it was a rename) and be g
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import struct
@@ -25,7 +26,7 @@ from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from sqlalchemy import select
 
 from dicomnode.db.engine import Database
-from dicomnode.db.models import Instance
+from dicomnode.db.models import AuditEvent, Instance
 from dicomnode.receive.streamed import INCOMING
 from tests.support.databases import database_url
 from tests.support.dicom_files import write_op
@@ -39,14 +40,14 @@ _SIDE = 8192  # 8192 x 8192 RGB: 192 MiB of pixel data
 _CHUNK = 1024 * 1024
 
 
-def _large_op(path: Path) -> Path:
-    """An OP image of _SIDE x _SIDE RGB written a chunk at a time (the test stays small)."""
+def _large_op(path: Path, side: int = _SIDE) -> Path:
+    """An OP image of side x side RGB written a chunk at a time (the test stays small)."""
     small = write_op(path.with_name("small.dcm"), size=64)
     ds = pydicom.dcmread(small)
     del ds.PixelData
-    ds.Rows = ds.Columns = _SIDE
+    ds.Rows = ds.Columns = side
     ds.save_as(path, enforce_file_format=True)
-    length = _SIDE * _SIDE * 3
+    length = side * side * 3
     with path.open("ab") as handle:  # Pixel Data is the last element: append it
         handle.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, length))
         for _ in range(length // _CHUNK):
@@ -74,10 +75,11 @@ def node(tmp_path: Path) -> Iterator[tuple[NodeProcess, Database]]:
                 database.dispose()
 
 
-def _storescu(node: NodeProcess, path: Path) -> subprocess.Popen[str]:
+def _storescu(node: NodeProcess, path: Path, *options: str) -> subprocess.Popen[str]:
     exe = require_tool("storescu", "dcmtk")
     return subprocess.Popen(
-        [exe, "-aet", CALLER, "-aec", NODE_AE, "127.0.0.1", str(node.port), str(path)],
+        [exe, *options, "-aet", CALLER, "-aec", NODE_AE, "127.0.0.1", str(node.port),
+         str(path)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -130,3 +132,43 @@ def _data_set_digest(path: Path) -> str:
         read_preamble(handle, False)
         _read_file_meta_info(handle)
         return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def test_a_data_set_over_the_size_limit_never_fills_the_disk(tmp_path: Path) -> None:
+    """storage.max_instance_mb = 2 and a 48 MiB image: the streamed file never holds more
+    than the limit (it is emptied as the limit passes), the instance is refused with Out of
+    Resources and a size the audit gives, and the node goes on storing."""
+    with database_url("sqlite", tmp_path) as url:
+        config = write_config(tmp_path, url, callers=[{"ae_title": CALLER}],
+                              storage={"max_instance_mb": 2},
+                              completeness={"quiet_seconds": 600})
+        with NodeProcess(config) as process:
+            database = Database(url)
+            try:
+                sent = _large_op(tmp_path / "large.dcm", side=4096)
+                incoming = process.storage / INCOMING
+                largest = 0
+                sender = _storescu(process, sent, "-v")
+                deadline = time.monotonic() + 120
+                while sender.poll() is None and time.monotonic() < deadline:
+                    for path in incoming.glob("*.tmp"):
+                        with contextlib.suppress(FileNotFoundError):
+                            largest = max(largest, path.stat().st_size)
+                    time.sleep(0.005)
+                out, err = sender.communicate(timeout=10)
+                assert "Refused: OutOfResources" in out + err, out + err  # 0xA7xx
+                assert 0 < largest <= 2 * 1024 * 1024 + 64 * 1024, largest
+                with database.transaction() as session:
+                    refused = session.scalars(select(AuditEvent.detail).where(
+                        AuditEvent.kind == "refused")).all()
+                    assert session.scalar(select(Instance.id)) is None
+                [detail] = refused
+                assert detail is not None and "storage.max_instance_mb (2 MB)" in detail, detail
+                assert "48.0 MB" in detail
+                assert not list(incoming.glob("*.tmp"))
+                small = _storescu(process, write_op(tmp_path / "small.dcm"))
+                assert small.wait(timeout=60) == 0, small.communicate()[1]
+                with database.transaction() as session:
+                    assert session.scalar(select(Instance.id)) is not None
+            finally:
+                database.dispose()

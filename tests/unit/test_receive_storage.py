@@ -139,3 +139,28 @@ def test_a_stopped_receiver_discards_only_its_own_cut_off_transfers(tmp_path: Pa
     assert streamed.discard_unfinished(folder) == 1
     assert not Path(cut_off.name).exists()
     assert other_node.exists()
+
+
+def test_a_streamed_file_past_the_limit_is_emptied_and_only_counted(tmp_path: Path) -> None:
+    folder = streamed.enable(tmp_path, max_data_set_bytes=1000)
+    try:
+        with streamed._incoming_file() as within:
+            within.write(b"x" * 1000)
+            within.file.flush()
+        assert Path(within.name).stat().st_size == 1000
+        assert streamed.cut_off(Path(within.name)) is None
+        with streamed._incoming_file() as over:
+            limit = 1000 + 64 * 1024  # the File Meta's room on top
+            over.write(b"x" * limit)
+            over.file.flush()
+            assert Path(over.name).stat().st_size == limit
+            over.write(b"y" * 10)  # one fragment past it: the file is emptied
+            over.write(b"z" * 5000)  # the rest is counted, not written
+            over.file.flush()
+            assert Path(over.name).stat().st_size == 0
+            assert streamed.cut_off(Path(over.name)) == limit + 5010
+        assert streamed.cut_off(Path(over.name)) is None  # forgotten once pynetdicom closes it
+    finally:
+        streamed.disable(folder)
+        for path in folder.iterdir():
+            path.unlink()
