@@ -296,6 +296,10 @@ def _v12_model_runs_not_analysed(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE model_runs ADD COLUMN not_analysed_json TEXT"))
 
 
+def _v13_result_sets_objects(conn: Connection) -> None:
+    conn.execute(text("ALTER TABLE result_sets ADD COLUMN objects_json TEXT"))
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "studies, series, instances", _v1_studies_series_instances),
     Migration(2, "audit trail", _v2_audit_events),
@@ -313,6 +317,8 @@ MIGRATIONS: list[Migration] = [
               _v11_study_date_station),
     Migration(12, "model_runs.not_analysed_json (coded reason per image not analysed)",
               _v12_model_runs_not_analysed),
+    Migration(13, "result_sets.objects_json (every object of an encoded set, kept ones too)",
+              _v13_result_sets_objects),
 ]
 
 HEAD = MIGRATIONS[-1].version

@@ -265,6 +265,9 @@ class ResultSet(Base):
     folder: Mapped[str | None] = mapped_column(Text)  # relative to the storage root
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Once encoded (migration 13): SOP Instance UIDs of every object of the set, those made
+    # and those an earlier job's kept (reused objects get no Result row of this job).
+    objects_json: Mapped[str | None] = mapped_column(Text)
 
 
 class Result(Base):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import shutil
 import threading
@@ -579,6 +580,7 @@ class ResultsPipeline:
             result_set.folder = relative_folder
             result_set.started_at = started
             result_set.finished_at = now
+            result_set.objects_json = json.dumps([o.sop_instance_uid for o in objects])
             queued = self._record(session, info, objects[recorded:], paths[recorded:],
                                   destinations, now)
             kinds = ", ".join(f"{sum(o.kind == k and not o.reused for o in objects)} {k}"

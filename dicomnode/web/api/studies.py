@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from datetime import datetime
@@ -20,6 +21,8 @@ from dicomnode.db.models import (
     Instance,
     Job,
     Result,
+    ResultSet,
+    ResultSetState,
     Study,
     StudyState,
 )
@@ -118,7 +121,12 @@ def get_study(study_uid: str, state: State, _: Viewer) -> dict[str, Any]:
              "size_bytes": i.size_bytes}
             for i in instances
         ]
-        current = _current(results)
+        latest_set = session.scalar(
+            select(ResultSet.objects_json).where(
+                ResultSet.study_uid == study_uid, ResultSet.state == ResultSetState.ENCODED,
+                ResultSet.objects_json.is_not(None))
+            .order_by(ResultSet.job_id.desc()).limit(1))
+        current = _current(results, None if latest_set is None else json.loads(latest_set))
         data["results"] = [
             {"id": r.id, "job_id": r.job_id, "kind": r.kind,
              "sop_instance_uid": r.sop_instance_uid, "source_uid": r.source_uid,
@@ -159,9 +167,15 @@ def get_study(study_uid: str, state: State, _: Viewer) -> dict[str, Any]:
     return data
 
 
-def _current(results: Sequence[Result]) -> set[int]:
-    """The result rows a PACS user should look at: the latest SR, and per source image the
-    latest SEG and overlay (a re-run that kept an unchanged object made no new row for it)."""
+def _current(results: Sequence[Result], latest_set: list[str] | None) -> set[int]:
+    """The result rows a PACS user should look at: the objects of the latest encoded result
+    set (`latest_set`, its SOP Instance UIDs: those it made and those of an earlier job it
+    kept), so a SEG the latest run no longer makes (its model switched off, the image now
+    ungradable) is not current. Without that record (sets encoded before migration 13): the
+    latest SR, and per source image the latest SEG and overlay."""
+    if latest_set is not None:
+        members = set(latest_set)
+        return {r.id for r in results if r.sop_instance_uid in members}
     latest: dict[tuple[str, str | None], Result] = {}
     for r in results:
         key = (r.kind, r.source_uid)

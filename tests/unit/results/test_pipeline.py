@@ -6,6 +6,7 @@ Runs on SQLite and PostgreSQL (`db_url`), with a real executor over tiny fixture
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,21 @@ def test_reprocessed_study_report_names_the_previous_one(
             for ref in series.ReferencedSOPSequence]
     assert refs == [old.sop_instance_uid]
     assert (storage / old.path).is_file()  # both versions stay traceable
+    # The new set is its new SR and the first job's unchanged SEGs and overlays, which it
+    # kept (no new rows): all on record as the set's objects, the SEGs the report's evidence.
+    with database.transaction() as session:
+        members = session.scalar(select(ResultSet.objects_json)
+                                 .where(ResultSet.job_id == second))
+    assert members is not None
+    kept = {r.sop_instance_uid for r in _rows(database, first) if r.kind != "sr"}
+    assert [r.kind for r in _rows(database, second)] == ["sr"] and kept
+    assert set(json.loads(members)) == kept | {new.sop_instance_uid}
+    evidence = {ref.ReferencedSOPInstanceUID
+                for study in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence
+                for ref in series.ReferencedSOPSequence}
+    segs = {r.sop_instance_uid for r in _rows(database, first) if r.kind == "seg"}
+    assert segs and segs <= evidence
 
 
 def test_encoding_failure_is_recorded_and_retried_not_raised(
