@@ -108,3 +108,31 @@ def test_an_ensemble_outputs_the_mean_of_its_members_logits() -> None:
         expected = (first.image(feats) + second.image(feats)) / 2
         assert torch.allclose(both, expected, atol=1e-6)
         assert not torch.allclose(both, first.image(feats), atol=1e-3)
+
+
+def test_members_read_back_from_the_shipped_graph_rebuild_it() -> None:
+    """`export --members-of` holds lesion-seg 1.2.0's two context networks again: read from
+    its model.onnx and put back into a graph, they give its outputs."""
+    import onnxruntime as ort
+    import train_idrid_seg as base
+
+    graph = Path(__file__).resolve().parents[2] / "model_registry/lesion-seg/1.2.0/model.onnx"
+    states = ctx.members_of(graph)
+    assert len(states) == 2
+    assert not torch.equal(states[0]["q1.weight"], states[1]["q1.weight"])
+    assert torch.equal(states[0]["mean"], states[1]["mean"])  # one stored copy, shared
+    nets = []
+    for state in states:
+        net = ctx.build_context_net(ctx.FEATURES, len(ctx.CODES))
+        net.load_state_dict(state)
+        nets.append(net.eval())
+    pre, _ = base.build_modules("lesions")
+    module = base.exported_module("lesions", pre.eval(), ctx.build_ensemble(nets)).eval()
+    image = np.random.default_rng(0).random((1, 3, ctx.SIZE, ctx.SIZE), dtype=np.float32)
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    shipped = session.run(None, {"image": image})
+    with torch.no_grad():
+        rebuilt = module(torch.from_numpy(image))
+    assert len(rebuilt) == len(shipped) == 4
+    for ours, theirs in zip(rebuilt, shipped, strict=True):
+        assert np.abs(ours.numpy() - theirs).max() < 1e-5
