@@ -46,7 +46,8 @@ two members (read back from its model.onnx, `export --members-of`) and the new r
 held-out hard-exudate AND haemorrhage AUPR both beat 1.2.0's held-out 0.651 / 0.438 (which are
 optimistic: 1.2.0's members were picked by them); microaneurysms and thresholds by the same
 rules; the test split measured once (--test), after that decision. No other candidate is
-compared.
+compared. Run 2026-12-02: held-out EX 0.6495 (not above 0.651), HE 0.442; not shipped, the
+test split not scored (lesion-seg 1.2.0's CARD.md).
 
 Usage: .venv/bin/python scripts/train_idrid_lesion_context.py cache|train|export [options]
 """
