@@ -73,7 +73,6 @@ def studies_to_plan(database: Database, *,
         candidates = session.execute(
             select(Study.study_uid, Study.last_instance_at, latest_job).where(
                 Study.needs_reprocess.is_(True), Study.state.in_(_FINAL_STUDY_STATES),
-                Study.last_instance_at <= now,
             ).order_by(Study.id)
         ).all()
     late = [uid for uid, last, preset in candidates

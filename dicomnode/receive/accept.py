@@ -64,6 +64,13 @@ class Accepted:
     outcome: ingest.Outcome
 
 
+def too_large(size_bytes: int, limit_mb: int, detail: str = "") -> Refused:
+    """The refusal of a data set over `storage.max_instance_mb` (`detail` appended)."""
+    return Refused(statuses.OUT_OF_RESOURCES,
+                   f"data set of {size_bytes / _BYTES_PER_MB:.1f} MB is larger than "
+                   f"storage.max_instance_mb ({limit_mb} MB){detail}")
+
+
 class Acceptor:
     def __init__(self, settings: Settings, database: Database,
                  listener: ReceiveListener | None) -> None:
@@ -82,9 +89,7 @@ class Acceptor:
                           f"storage below the {self.settings.storage.min_free_mb} MB watermark")
         limit_mb = self.settings.storage.max_instance_mb
         if limit_mb and len(offer.data) > limit_mb * _BYTES_PER_MB:
-            raise Refused(statuses.OUT_OF_RESOURCES,
-                          f"data set of {len(offer.data) / _BYTES_PER_MB:.1f} MB is larger than "
-                          f"storage.max_instance_mb ({limit_mb} MB)")
+            raise too_large(len(offer.data), limit_mb)
         ids = read_identifiers(
             offer.data,
             implicit_vr=is_implicit_vr(offer.transfer_syntax),

@@ -22,7 +22,7 @@ from pynetdicom.dsutils import encode_file_meta
 
 from dicomnode.db.engine import Database
 from dicomnode.receive import ingest, statuses, streamed
-from dicomnode.receive.accept import Accepted, Acceptor, Offer, ReceiveListener
+from dicomnode.receive.accept import Accepted, Acceptor, Offer, ReceiveListener, too_large
 from dicomnode.receive.admission import Admission
 from dicomnode.receive.identifiers import Refused
 from dicomnode.receive.policy import CallerPolicy
@@ -250,11 +250,8 @@ class ReceiveHandlers:
         else:
             cut = streamed.cut_off(path)
             if cut is not None:
-                limit_mb = self.settings.storage.max_instance_mb
-                raise Refused(statuses.OUT_OF_RESOURCES,
-                              f"data set of {cut / 1024 / 1024:.1f} MB is larger than "
-                              f"storage.max_instance_mb ({limit_mb} MB); writing stopped at "
-                              f"the limit and nothing was kept")
+                raise too_large(cut, self.settings.storage.max_instance_mb,
+                                "; writing stopped at the limit and nothing was kept")
             with streamed.open_received(path) as received:
                 accepted = self._accept(event, log, received.data, received)
         if log.current != accepted.ids.study_uid:
