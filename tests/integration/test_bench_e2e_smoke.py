@@ -29,7 +29,9 @@ def test_bench_e2e_quick_run_prints_the_split_throughput_and_memory() -> None:
     [row] = [line for line in out.splitlines() if line.strip().startswith("fixture ")]
     values = [float(v) for v in re.findall(r"(-?\d+\.\d+)s", row)]
     assert len(values) == 7 and all(v >= 0 for v in values[:5]), row  # five parts, total, overhead
-    assert abs(sum(values[:5]) - values[5]) < 0.02, row
+    # Each figure is printed rounded to 0.01 s, so the five parts and the total can each be off
+    # by 0.005 s: their sum may miss the total by up to 0.03 s without any part being lost.
+    assert abs(sum(values[:5]) - values[5]) <= 0.03 + 1e-9, row
     assert re.search(r"batch of 2 studies .* = \d+\.\d studies/min", out), out
     assert re.search(r"node RSS over the batch \(\d+ samples\): first \d+ MB, last \d+ MB, "
                      r"max \d+ MB", out), out
