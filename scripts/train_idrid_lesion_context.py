@@ -49,6 +49,18 @@ rules; the test split measured once (--test), after that decision. No other cand
 compared. Run 2026-12-02: held-out EX 0.6495 (not above 0.651), HE 0.442; not shipped, the
 test split not scored (lesion-seg 1.2.0's CARD.md).
 
+1.4.0 (issue #11; rule fixed 2026-12-02 before its run, with 1.2.0's test figures known):
+capacity. One run of 1.2.0's recipe with every context-network layer twice as wide (--width 2:
+103 k parameters against 27 k; --variants 3, the default seed, --steps 4800 --threads 2: a
+40-step timing gave 0.83 s/step, and 4800 steps are what fit the session; fixed by that, not by
+any figure). Two candidates, fixed here:
+(a) the run's last step alone; (b) the mean of (a) and 1.2.0's two members (`export
+--checkpoint LAST --members-of <1.2.0 model.onnx>`). A candidate qualifies only if its held-out
+hard-exudate AND haemorrhage AUPR both beat 1.2.0's held-out 0.651 / 0.438; of those that
+qualify, the higher mean held-out EX + HE AUPR ships; none: not shipped and the test split not
+scored. Microaneurysms and thresholds by the same rules; the test split measured once
+(--test), after that decision.
+
 Usage: .venv/bin/python scripts/train_idrid_lesion_context.py cache|train|export [options]
 """
 
@@ -72,7 +84,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_idrid_seg as base
 
-VERSIONS = ("1.1.0", "1.2.0", "1.3.0")  # 1.1.0 1.1.0 the default, so its card's commands hold
+VERSIONS = ("1.1.0", "1.2.0", "1.3.0", "1.4.0")  # 1.1.0 the default, so its card's commands hold
 CODES = base.LESIONS  # HE, EX, SE, MA: network output channels
 SHIPPED = ("HE", "EX", "SE")  # microaneurysms: only if held-out AUPR >= --ma-min-aupr
 SIZE = base.TASKS["lesions"].size
@@ -95,7 +107,7 @@ def quarter_turns(maps: Any, turns: int) -> Any:
     return maps
 
 
-def build_context_net(features: int, outputs: int) -> Any:
+def build_context_net(features: int, outputs: int, width: int = 1) -> Any:
     import torch
     from torch import nn
     from torch.nn import functional as F
@@ -118,16 +130,16 @@ def build_context_net(features: int, outputs: int) -> Any:
             super().__init__()
             self.register_buffer("mean", torch.zeros(1, features, 1, 1))
             self.register_buffer("std", torch.ones(1, features, 1, 1))
-            c = 24
-            self.pixel = nn.Conv2d(features, 48, 1)
+            c = 24 * width  # --width: every layer's channels times this (1.4.0: 2)
+            self.pixel = nn.Conv2d(features, 48 * width, 1)
             self.q1 = nn.Conv2d(features, c, 1)
             self.q2 = nn.Conv2d(c, c, 3, padding=1)
             self.e1 = nn.Conv2d(c, c, 3, padding=2, dilation=2)
             self.e2 = nn.Conv2d(c, c, 3, padding=4, dilation=4)
             self.e3 = nn.Conv2d(c, c, 3, padding=8, dilation=8)
             self.join = nn.Conv2d(2 * c, c, 1)
-            self.fuse = nn.Conv2d(48 + c, 32, 1)
-            self.out = nn.Conv2d(32, outputs, 1)
+            self.fuse = nn.Conv2d(48 * width + c, 32 * width, 1)
+            self.out = nn.Conv2d(32 * width, outputs, 1)
 
         def context(self, pooled: torch.Tensor) -> torch.Tensor:
             """(N, F, H/4, W/4) 4x4-averaged raw responses -> (N, 24, H/4, W/4)."""
@@ -322,7 +334,7 @@ def train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     items = load_cache(args, rng)
-    net = build_context_net(FEATURES, len(CODES))
+    net = build_context_net(FEATURES, len(CODES), args.width)
     out_dir: Path = args.checkpoints
     out_dir.mkdir(parents=True, exist_ok=True)
     last = out_dir / "last.pt"
@@ -410,6 +422,11 @@ def members_of(graph: Path) -> list[dict[str, Any]]:
     return states
 
 
+def width_of(state: dict[str, Any]) -> int:
+    """A context network's --width, from its per-pixel branch (48 channels per unit)."""
+    return int(state["pixel.weight"].shape[0]) // 48
+
+
 def export(args: argparse.Namespace) -> None:
     import torch
 
@@ -420,14 +437,14 @@ def export(args: argparse.Namespace) -> None:
     nets, states = [], []
     for checkpoint in args.checkpoint:
         state = torch.load(checkpoint, weights_only=False)
-        net = build_context_net(FEATURES, len(CODES))
+        net = build_context_net(FEATURES, len(CODES), int(state["args"].get("width", "1")))
         net.load_state_dict(state["net"])
         net.tta = args.tta
         nets.append(net.eval())
         states.append(state)
     for graph in args.members_of:
         for state in members_of(graph):
-            net = build_context_net(FEATURES, len(CODES))
+            net = build_context_net(FEATURES, len(CODES), width_of(state))
             net.load_state_dict(state)
             net.tta = args.tta
             nets.append(net.eval())
@@ -501,6 +518,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="export: also hold the context networks of this exported graph "
                              "(e.g. a shipped model.onnx)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--width", type=int, default=1,
+                        help="train: channels of every context-network layer times this")
     parser.add_argument("--tta", type=int, choices=[1, 4, 8], default=1,
                         help="export: the context branch averaged over this many flips and "
                              "quarter turns")

@@ -25,11 +25,13 @@ import train_idrid_lesion_context
 ctx: Any = train_idrid_lesion_context
 
 
-def test_sampled_pixels_match_the_dense_network() -> None:
+@pytest.mark.parametrize("width", [1, 2])
+def test_sampled_pixels_match_the_dense_network(width: int) -> None:
     from torch.nn import functional as F
 
     torch.manual_seed(3)
-    net = ctx.build_context_net(ctx.FEATURES, 4).eval()
+    net = ctx.build_context_net(ctx.FEATURES, 4, width).eval()
+    assert ctx.width_of(net.state_dict()) == width  # what export rebuilds a member with
     size = 128
     feats = torch.randn(2, ctx.FEATURES, size, size)
     rows = torch.randint(0, size, (2, 40))
@@ -100,8 +102,9 @@ def test_eight_transform_averaging_makes_the_network_turn_with_the_image() -> No
 
 
 def test_an_ensemble_outputs_the_mean_of_its_members_logits() -> None:
+    """Members of different widths too (1.4.0's candidate b: one wide and 1.2.0's two)."""
     torch.manual_seed(7)
-    first, second = (ctx.build_context_net(ctx.FEATURES, 4).eval() for _ in range(2))
+    first, second = (ctx.build_context_net(ctx.FEATURES, 4, w).eval() for w in (1, 2))
     feats = torch.randn(1, ctx.FEATURES, 32, 32)
     with torch.no_grad():
         both = ctx.build_ensemble([first, second]).image(feats)
